@@ -1,0 +1,1 @@
+"""Keyframe feature maps + person boxes -> actions (AVA-style actor-context relation heads)."""

@@ -1,0 +1,1 @@
+"""Video -> features: decoding, clip sampling, preprocessing, backbones, checkpoint loading."""

@@ -1,0 +1,1 @@
+"""Features -> temporal detections: the ActionFormer family, training, inference, ActivityNet-style mAP."""

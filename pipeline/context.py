@@ -1,0 +1,121 @@
+"""What a stage function receives: its resolved params, its dataset, where to write, what it reads.
+
+Every stage entry in stages.yaml is ``module:function`` with the signature
+``def fn(ctx: StageContext) -> dict | None``. The returned dict (JSON-able) is stored in the stage
+manifest under ``result``; its ``summary`` string, if any, is printed after the run and again when
+the stage is found cached (so ``pipeline run eval`` always shows the table).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of per-item work (a video): its id (file stem), path and content fingerprint."""
+
+    id: str
+    path: Path
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Command-line options that change how a stage runs, never what it outputs."""
+
+    workers: int = 1
+    backend: str = "local"  # local | ray | dask (joblib back-ends)
+    fail_fast: bool = False
+    force: bool = False
+    debug: bool = False
+    json: bool = False
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class StageContext:
+    """Everything a stage function may use. Built by the runner; tests may build one by hand.
+
+    - ``params``: the resolved stage params (stages.yaml defaults <- manifest ``params`` <- ``--set``),
+      plain nested dicts/lists; ``runtime`` holds the params that do not enter the key
+      (batch size, device, loader workers).
+    - ``out_dir``: where the stage writes. Whole stages get a ``<key>.partial`` directory that survives a
+      crash (so training can resume from it) and is renamed to ``<key>`` on success. Per-item stages
+      get their persistent ``<key>`` directory, which accumulates items over runs.
+    - ``upstream``: name -> output directory of each stage in ``needs`` (complete).
+    - ``items`` / ``all_items``: per-item stages only: the items to (re)process now, and every item.
+    """
+
+    name: str
+    key: str
+    params: Mapping[str, Any]
+    runtime: Mapping[str, Any]
+    dataset: Any  # pipeline.datasets.Dataset
+    out_dir: Path
+    upstream: Mapping[str, Path] = field(default_factory=dict)
+    items: list[Item] = field(default_factory=list)
+    all_items: list[Item] = field(default_factory=list)
+    options: RunOptions = field(default_factory=RunOptions)
+    failures: list[dict] = field(default_factory=list)
+    done_count: int = 0
+
+    @property
+    def records_dir(self) -> Path:
+        return self.out_dir / "items"
+
+    @property
+    def failures_path(self) -> Path:
+        return self.out_dir / "failures.jsonl"
+
+    def item_done(self, item: Item, record: Mapping[str, Any] | None = None) -> None:
+        """Mark one item complete. Call only after its data is durably written: this record is the
+        completion mark the planner reads, and it carries the source fingerprint."""
+        rec = dict(record or {})
+        rec["id"] = item.id
+        rec["source_fingerprint"] = item.fingerprint
+        write_json_atomic(self.records_dir / f"{item.id}.json", rec)
+        self.done_count += 1
+
+    def item_failed(self, item: Item, kind: str, message: str) -> None:
+        """Record a per-item failure (the run goes on, and exits 1 at the end)."""
+        entry = {"id": item.id, "stage": self.name, "kind": kind, "message": str(message).strip()[:2000],
+                 "path": str(item.path), "time": time.time()}
+        self.failures.append(entry)
+        self.failures_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.failures_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if self.options.fail_fast:
+            from pipeline.errors import WorkFailed
+
+            raise WorkFailed(f"{item.path}: {kind}: {entry['message']}")
+
+    def log(self, message: str) -> None:
+        if not self.options.json:
+            print(message, file=sys.stderr, flush=True)
+
+    def progress(self, iterable: Iterable | None = None, total: int | None = None, desc: str = "",
+                 unit: str = "it") -> Any:
+        from pipeline.progress import progress
+
+        return progress(iterable, total=total, desc=desc or self.name, unit=unit)
+
+    def upstream_manifest(self, name: str) -> dict:
+        with open(self.upstream[name] / "manifest.json") as f:
+            return json.load(f)
