@@ -1,0 +1,140 @@
+"""Feature store round trips, slices, attributes, completion marks, verify, and the time mapping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.store import create_store, open_stage_store, open_store
+from pipeline.timemap import TimeGrid
+
+BACKENDS = ["zarr"]
+ATTRS = {"backbone": "i3d", "fps_policy": "native", "clip_len": 16, "stride": 4, "frame_interval": 1,
+         "offset_frames": None, "feature_dim": 32}
+
+
+def _feats(seed: int, t: int, c: int = 32) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(t, c)).astype(np.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_round_trip(tmp_path, backend, dtype):
+    store = create_store(tmp_path, backend=backend, dtype=dtype, attrs=ATTRS)
+    arrays = {f"vid{i}": _feats(i, 20 + 7 * i) for i in range(4)}
+    for vid, arr in arrays.items():
+        store.write(vid, arr, {"sampled_fps": 30.0, "n_frames": 123, "source_fingerprint": "abc"})
+    store.close()
+    store = open_stage_store(tmp_path)
+    assert store.videos() == sorted(arrays)
+    assert store.attrs["dtype"] == dtype and store.attrs["stride"] == 4
+    for vid, arr in arrays.items():
+        expected = arr.astype(dtype)
+        got = store.read(vid)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, expected.astype(np.float32))
+        assert store.read(vid, raw=True).dtype == np.dtype(dtype)
+        assert store.shape(vid) == arr.shape
+        assert store.video_attrs(vid) == {"sampled_fps": 30.0, "n_frames": 123, "source_fingerprint": "abc",
+                                          "complete": True}
+    assert "vid1" in store and "nope" not in store
+    with pytest.raises(KeyError):
+        store.read("nope")
+    store.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_time_slice_reads(tmp_path, backend):
+    store = create_store(tmp_path, backend=backend, attrs=ATTRS)
+    arr = _feats(0, 100).astype(np.float16)
+    store.write("v", arr, {})
+    for start, stop in [(0, 10), (37, 64), (90, None), (None, 5), (-10, None), (50, 50), (95, 500)]:
+        np.testing.assert_array_equal(store.read("v", start, stop, raw=True), arr[start:stop])
+    store.close()
+
+
+def test_zarr_slice_reads_only_the_rows_asked_for(tmp_path, monkeypatch):
+    import pipeline.store.zarr_store as zs
+
+    monkeypatch.setattr(zs, "CHUNK_BYTES", 10 * 32 * 2)  # 10 rows per chunk
+    store = create_store(tmp_path, attrs=ATTRS)
+    arr = _feats(1, 95).astype(np.float16)
+    store.write("v", arr, {})
+    chunks = sorted((tmp_path / "features.zarr" / "v" / "c").iterdir(), key=lambda p: int(p.name))
+    assert len(chunks) == 10
+    calls = []
+    real = np.fromfile
+
+    def spy(path, dtype, count, offset):
+        calls.append((path.parent.name, count, offset))
+        return real(path, dtype=dtype, count=count, offset=offset)
+
+    monkeypatch.setattr(zs.np, "fromfile", spy)
+    np.testing.assert_array_equal(store.read("v", 25, 41, raw=True), arr[25:41])
+    assert calls == [("2", 5 * 32, 5 * 32 * 2), ("3", 10 * 32, 0), ("4", 1 * 32, 0)]
+    np.testing.assert_array_equal(store.read("v", raw=True), arr)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_written_video_is_invisible_and_rewritten(tmp_path, backend):
+    store = create_store(tmp_path, backend=backend, attrs=ATTRS)
+    store.write("done", _feats(0, 10), {})
+    store._write_data("half", _feats(1, 12).astype(np.float16), {})  # crash before the completion mark
+    assert store.videos() == ["done"] and "half" not in store
+    with pytest.raises(KeyError):
+        store.read("half")
+    problems = store.verify()
+    assert len(problems) == 1 and "half" in problems[0] and "incomplete" in problems[0]
+    assert store.verify(repair=True) == problems
+    assert store.verify() == []
+    store.write("half", _feats(2, 8), {})
+    assert store.videos() == ["done", "half"]
+    np.testing.assert_array_equal(store.read("half"), _feats(2, 8).astype(np.float16).astype(np.float32))
+    store.delete("done")
+    assert store.videos() == ["half"]
+    store.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_rejects_bad_arrays(tmp_path, backend):
+    store = create_store(tmp_path, backend=backend, attrs=ATTRS)
+    bad = _feats(0, 5)
+    bad[2, 3] = np.nan
+    for arr, msg in [(bad, "NaN"), (np.full((3, 32), 1e6), "float16 range"), (np.zeros((3, 7)), "feature dimension"),
+                     (np.zeros(5), "shape"), (np.array([["a"] * 32]), "numeric")]:
+        with pytest.raises(ValueError, match=msg):
+            store.write("v", arr, {})
+    with pytest.raises(ValueError, match="invalid video id"):
+        store.write("../x", _feats(0, 3), {})
+    assert store.videos() == []
+    store.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reopen_needs_same_attrs_and_readonly_refuses_writes(tmp_path, backend):
+    create_store(tmp_path, backend=backend, attrs=ATTRS).close()
+    create_store(tmp_path, backend=backend, attrs=ATTRS).close()
+    with pytest.raises(ValueError, match="stride"):
+        create_store(tmp_path, backend=backend, attrs={**ATTRS, "stride": 8})
+    store = open_stage_store(tmp_path)
+    with pytest.raises(PermissionError):
+        store.write("v", _feats(0, 3), {})
+    store.close()
+
+
+def test_open_errors_name_the_path(tmp_path):
+    with pytest.raises(ConfigError, match="no feature store"):
+        open_stage_store(tmp_path)
+    with pytest.raises(ConfigError, match="not a feature store"):
+        open_store(tmp_path / "x.npy")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grid_uses_video_fps_else_store_fps(tmp_path, backend):
+    store = create_store(tmp_path, backend=backend, attrs={**ATTRS, "fps": 15.0})
+    store.write("own", _feats(0, 4), {"sampled_fps": 30.0})
+    store.write("fixed", _feats(0, 4), {})
+    assert store.grid("own") == TimeGrid(30.0, 4, 16)
+    assert store.grid("fixed") == TimeGrid(15.0, 4, 16)
+    store.close()
