@@ -1,0 +1,124 @@
+"""The cache layout: ``<root>/<stage>/<key>/`` with ``manifest.json``.
+
+- Whole stages run in ``<key>.partial/`` and are renamed to ``<key>/`` when they succeed, so a
+  directory named by its key is complete by construction; the partial directory survives a crash
+  (training resumes from it).
+- Per-item stages keep one persistent ``<key>/`` holding ``items/<id>.json`` completion records; an
+  item is done iff its record exists and carries the current source fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from pipeline.context import write_json_atomic
+
+MANIFEST = "manifest.json"
+RESERVED = frozenset({"datasets", "imports", ".locks", "fingerprints.sqlite", "fingerprints.sqlite-wal",
+                      "fingerprints.sqlite-shm"})
+
+
+class Cache:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / "fingerprints.sqlite"
+
+    def stage_dir(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def partial_dir(self, stage: str, key: str) -> Path:
+        return self.root / stage / f"{key}.partial"
+
+    def read_manifest(self, directory: Path) -> dict | None:
+        try:
+            with open(directory / MANIFEST) as f:
+                return json.load(f)
+        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+            return None
+
+    def is_complete(self, stage: str, key: str) -> bool:
+        return (self.stage_dir(stage, key) / MANIFEST).is_file()
+
+    def begin_whole(self, stage: str, key: str, force: bool) -> Path:
+        partial = self.partial_dir(stage, key)
+        if force and partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        return partial
+
+    def commit_whole(self, stage: str, key: str, manifest: dict) -> Path:
+        """Write the manifest last, then rename the partial directory into place (atomic)."""
+        partial, final = self.partial_dir(stage, key), self.stage_dir(stage, key)
+        write_json_atomic(partial / MANIFEST, manifest)
+        _fsync_dir(partial)
+        if final.exists():  # --force over a complete output: swap, then drop the old one
+            old = final.with_name(f"{key}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(partial, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(partial, final)
+        _fsync_dir(final.parent)
+        return final
+
+    def write_manifest(self, directory: Path, manifest: dict) -> None:
+        write_json_atomic(directory / MANIFEST, manifest)
+
+    def read_records(self, directory: Path) -> dict[str, dict]:
+        """id -> record of every completion record in ``directory/items``."""
+        records = {}
+        try:
+            entries = os.scandir(directory / "items")
+        except (FileNotFoundError, NotADirectoryError):
+            return records
+        with entries:
+            for e in entries:
+                if e.name.endswith(".json") and not e.name.startswith("."):
+                    try:
+                        with open(e.path) as f:
+                            rec = json.load(f)
+                    except (OSError, json.JSONDecodeError):
+                        continue  # unreadable record: the item counts as not done
+                    records[e.name[:-5]] = rec
+        return records
+
+    def stage_outputs(self, stage: str) -> list[Path]:
+        """Every directory of a stage in the cache (complete, per-item and partial)."""
+        d = self.root / stage
+        return sorted(p for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+
+    def latest_manifest(self, stage: str, dataset: str) -> dict | None:
+        """The most recently written manifest of ``stage`` for ``dataset`` (for explaining staleness)."""
+        best, best_time = None, -1.0
+        for d in self.stage_outputs(stage):
+            if d.name.endswith(".partial"):
+                continue
+            m = self.read_manifest(d)
+            if m and m.get("dataset") == dataset and m.get("finished", 0) > best_time:
+                best, best_time = m, m.get("finished", 0)
+        return best
+
+
+def dir_size(path: Path) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for fn in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, fn)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

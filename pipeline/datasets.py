@@ -1,0 +1,163 @@
+"""Dataset manifests (data/<name>.yaml or any path) -> a frozen ``Dataset``, validated once.
+
+Environment variables in path fields are expanded (``${THUMOS_VIDEOS}``; an unset one is an error
+naming it); relative paths are relative to the manifest. A manifest with a ``generate:`` block gets
+its videos and annotations from the demo generator under ``<cache>/datasets/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+MANIFEST_FIELDS = ("name", "task", "description", "videos", "annotations", "splits", "params", "generate",
+                   "features")
+TASKS = ("localize", "detect")
+VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".avi", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
+                              ".ogv"})
+_VAR = re.compile(r"\$\{([^}]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    task: str
+    path: Path  # the manifest file
+    root: Path  # its directory
+    videos: Path | None
+    annotations: Path | None
+    splits: dict
+    params: dict  # stage -> overrides
+    generate: dict | None = None
+    features: dict | None = None
+
+    def check_paths(self, need_videos: bool) -> None:
+        """For ``run``: the videos directory and the annotation file must exist."""
+        if need_videos:
+            if self.videos is None:
+                raise ConfigError(f"{self.path}: videos: not set (a directory of <video_id>.<ext> files)")
+            if not self.videos.is_dir():
+                raise ConfigError(f"{self.path}: videos: directory not found: {self.videos}")
+        if self.annotations is not None and not self.annotations.exists():
+            raise ConfigError(f"{self.path}: annotations: not found: {self.annotations}")
+
+
+def manifest_dir(project_root: Path) -> Path:
+    return project_root / "data"
+
+
+def known_manifests(project_root: Path) -> list[Path]:
+    d = manifest_dir(project_root)
+    return sorted(p for p in d.glob("*.y*ml") if p.suffix in (".yaml", ".yml")) if d.is_dir() else []
+
+
+def find_manifest(name_or_path: str | Path, project_root: Path) -> Path:
+    candidate = Path(name_or_path).expanduser()
+    if candidate.suffix in (".yaml", ".yml") or os.sep in str(name_or_path):
+        if not candidate.is_file():
+            raise ConfigError(f"{candidate}: dataset manifest not found")
+        return candidate.resolve()
+    for suffix in (".yaml", ".yml"):
+        p = manifest_dir(project_root) / f"{name_or_path}{suffix}"
+        if p.is_file():
+            return p
+    known = ", ".join(p.stem for p in known_manifests(project_root)) or "none"
+    raise ConfigError(f"--dataset {name_or_path}: no manifest {manifest_dir(project_root)}/{name_or_path}.yaml;"
+                      f" known: {known} (or give a path to a manifest)")
+
+
+def load_dataset(name_or_path: str | Path, project_root: Path, cache_dir: Path) -> Dataset:
+    import yaml
+
+    path = find_manifest(name_or_path, project_root)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of fields ({', '.join(MANIFEST_FIELDS)})")
+    for key in raw:
+        if key not in MANIFEST_FIELDS:
+            raise ConfigError(f"{path}: {key}: unknown field; known: {', '.join(MANIFEST_FIELDS)}")
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ConfigError(f"{path}: name: expected a plain name (letters, digits, _ . -), got {name!r}")
+    task = raw.get("task", "localize")
+    if task not in TASKS:
+        raise ConfigError(f"{path}: task: expected one of {', '.join(TASKS)}, got {task!r}")
+
+    def mapping(key: str) -> dict | None:
+        value = raw.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{path}: {key}: expected a mapping, got {value!r}")
+        return value
+
+    splits = mapping("splits") or {}
+    for role, subset in splits.items():
+        if not isinstance(subset, str):
+            raise ConfigError(f"{path}: splits.{role}: expected a subset name, got {subset!r}")
+    params = mapping("params") or {}
+    for stage, overrides in params.items():
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{path}: params.{stage}: expected a mapping of param -> value")
+    generate = mapping("generate")
+    videos = _path_field(path, raw, "videos")
+    annotations = _path_field(path, raw, "annotations")
+    if generate is not None:
+        out = generated_dir(cache_dir, name, generate)
+        videos = videos or out / "videos"
+        annotations = annotations or out / "annotations.json"
+    return Dataset(name=name, task=task, path=path, root=path.parent, videos=videos, annotations=annotations,
+                   splits=splits, params=params, generate=generate, features=mapping("features"))
+
+
+def generated_dir(cache_dir: Path, name: str, generate: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(generate, sort_keys=True, default=str).encode()).hexdigest()
+    return cache_dir / "datasets" / f"{name}-{digest[:12]}"
+
+
+def ensure_generated(dataset: Dataset, cache_dir: Path) -> None:
+    """Generate the demo data of a manifest with a ``generate:`` block (no-op when already complete)."""
+    if dataset.generate is None:
+        return
+    from pipeline.demo_data import ensure_generated as generate
+
+    generate(dataset.generate, generated_dir(cache_dir, dataset.name, dataset.generate))
+
+
+def _path_field(path: Path, raw: dict, key: str) -> Path | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{path}: {key}: expected a path, got {value!r}")
+
+    def expand(m: re.Match) -> str:
+        var = m.group(1) if m.group(1) is not None else m.group(2)
+        if var not in os.environ:
+            raise ConfigError(f"{path}: {key}: environment variable {var} is not set")
+        return os.environ[var]
+
+    p = Path(os.path.expanduser(_VAR.sub(expand, value)))
+    return p if p.is_absolute() else (path.parent / p).resolve()
+
+
+def list_items(dataset: Dataset) -> list[tuple[str, Path]]:
+    """(video id, path) of every file with a video extension in the videos directory, sorted by id."""
+    found: dict[str, Path] = {}
+    with os.scandir(dataset.videos) as entries:
+        for e in entries:
+            stem, ext = os.path.splitext(e.name)
+            if ext.lower() in VIDEO_EXTENSIONS and not e.name.startswith(".") and e.is_file():
+                if stem in found:
+                    raise ConfigError(f"{dataset.path}: videos: two files with id {stem!r}: "
+                                      f"{found[stem].name} and {e.name} (video ids are file stems)")
+                found[stem] = Path(e.path)
+    return sorted(found.items())

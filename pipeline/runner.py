@@ -1,0 +1,473 @@
+"""Resolve params, plan stages in topological order and run the ones with work to do.
+
+Planning reads only stages.yaml, the manifest, ``stat`` of the inputs (through the fingerprint index)
+and the completion records; it never imports a stage's module. A stage's entry is imported only when
+that stage has work.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.cache import Cache
+from pipeline.context import Item, RunOptions, StageContext
+from pipeline.datasets import Dataset, list_items, load_dataset
+from pipeline.errors import ConfigError, PipelineError, WorkFailed
+from pipeline.fingerprints import FingerprintIndex
+from pipeline.keys import KEY_FORMAT, code_files, records_digest, stage_key
+from pipeline.stage_graph import StageGraph, StageSpec, load_stage_graph, locate_module
+
+DONE_STATES = ("done", "imported")
+
+
+@dataclass
+class Workspace:
+    """The stage graph, the cache and the fingerprint index one command works with."""
+
+    graph: StageGraph
+    cache: Cache
+    index: FingerprintIndex
+
+    @classmethod
+    def open(cls, stages_path: Path, cache_dir: Path) -> "Workspace":
+        cache = Cache(cache_dir)
+        return cls(graph=load_stage_graph(stages_path), cache=cache, index=FingerprintIndex(cache.index_path))
+
+    @property
+    def project_root(self) -> Path:
+        return self.graph.root
+
+    def load_dataset(self, name_or_path: str | Path) -> Dataset:
+        return load_dataset(name_or_path, self.project_root, self.cache.root)
+
+
+# ---------------------------------------------------------------- params
+
+
+@dataclass(frozen=True)
+class Override:
+    stage: str
+    path: tuple[str, ...]
+    value: Any
+    source: str  # what to name in an error: "--set x.y=z" or the manifest file
+
+
+def parse_sets(sets: list[str]) -> list[Override]:
+    import yaml
+
+    out = []
+    for text in sets:
+        lhs, eq, rhs = text.partition("=")
+        parts = tuple(lhs.strip().split("."))
+        if not eq or len(parts) < 2 or not all(parts):
+            raise ConfigError(f"--set {text}: expected stage.param=value")
+        try:
+            value = yaml.safe_load(rhs) if rhs.strip() else ""
+        except yaml.YAMLError:
+            value = rhs
+        out.append(Override(parts[0], parts[1:], value, f"--set {text}"))
+    return out
+
+
+def resolve_params(graph: StageGraph, dataset: Dataset | None, sets: list[Override]
+                   ) -> dict[str, tuple[dict, dict]]:
+    """stage -> (params, runtime): stages.yaml defaults <- manifest ``params`` <- ``--set``."""
+    resolved = {n: (copy.deepcopy(dict(s.params)), copy.deepcopy(dict(s.runtime))) for n, s in graph.stages.items()}
+    overrides: list[Override] = []
+    if dataset is not None:
+        for stage, values in dataset.params.items():
+            if stage not in graph.stages:
+                raise ConfigError(f"{dataset.path}: params.{stage}: unknown stage; known: {', '.join(graph.order)}")
+            overrides += [Override(stage, (k,), v, f"{dataset.path}: params.{stage}.{k}") for k, v in values.items()]
+    for o in overrides + list(sets):
+        if o.stage not in graph.stages:
+            raise ConfigError(f"{o.source}: unknown stage {o.stage!r}; known: {', '.join(graph.order)}")
+        spec = graph.stages[o.stage]
+        params, runtime = resolved[o.stage]
+        top = o.path[0]
+        target = params if top in spec.params else runtime if top in spec.runtime else None
+        if target is None:
+            known = ", ".join(list(spec.params) + list(spec.runtime)) or "none"
+            raise ConfigError(f"{o.source}: unknown param {o.stage}.{top}; known: {known}")
+        for i, part in enumerate(o.path[:-1]):
+            if not isinstance(target.get(part), dict):
+                if i == 0:
+                    raise ConfigError(f"{o.source}: {o.stage}.{part} is not a mapping (its default is "
+                                      f"{target.get(part)!r}); set it whole")
+                target[part] = {}
+            target = target[part]
+        last = o.path[-1]
+        if isinstance(o.value, dict) and isinstance(target.get(last), dict):
+            _deep_merge(target[last], o.value)
+        else:
+            target[last] = copy.deepcopy(o.value)
+    return resolved
+
+
+def _deep_merge(base: dict, extra: dict) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+
+
+# ---------------------------------------------------------------- planning
+
+
+@dataclass
+class StageState:
+    """What planning knows about one stage for one dataset."""
+
+    name: str
+    state: str  # done | incomplete | missing | imported | blocked | unknown
+    key: str | None = None
+    dir: Path | None = None
+    material: dict = field(default_factory=dict)
+    code_files: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+    runtime: dict = field(default_factory=dict)
+    items: list[Item] = field(default_factory=list)  # per-item: every current item
+    todo: list[Item] = field(default_factory=list)   # per-item: items missing or changed
+    records: dict = field(default_factory=dict)      # per-item: id -> record of current, complete items
+    reasons: list[str] = field(default_factory=list)
+    imported_from: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in DONE_STATES
+
+    def upstream_material(self) -> dict:
+        return {"key": self.key, "records": records_digest(self.records)}
+
+
+class Planner:
+    """Computes keys and states of the stages of one dataset, with params resolved once."""
+
+    def __init__(self, ws: Workspace, dataset: Dataset, sets: list[Override] = ()):
+        self.ws = ws
+        self.dataset = dataset
+        self.resolved = resolve_params(ws.graph, dataset, list(sets))
+        self._items: list[Item] | None = None
+        self._imports: dict | None | bool = False  # False: not looked up yet
+        self._annotations_fp: str | None | bool = False
+
+    def items(self) -> list[Item]:
+        if self._items is None:
+            pairs = list_items(self.dataset)
+            fps = self.ws.index.fingerprints(p for _, p in pairs)
+            self._items = [Item(vid, p, fps[os.path.abspath(p)]) for vid, p in pairs]
+        return self._items
+
+    def imported(self) -> dict | None:
+        if self._imports is False:
+            self._imports = lookup_import(self.ws.cache.root, self.dataset.name)
+        return self._imports
+
+    def annotations_fingerprint(self) -> str | None:
+        if self._annotations_fp is False:
+            a = self.dataset.annotations
+            if a is None or not a.exists():
+                self._annotations_fp = None
+            elif a.is_dir():
+                files = sorted(p for p in a.rglob("*") if p.is_file())
+                fps = self.ws.index.fingerprints(files)
+                self._annotations_fp = records_digest({str(p.relative_to(a)): fps[os.path.abspath(p)]
+                                                       for p in files})
+            else:
+                self._annotations_fp = self.ws.index.fingerprint(a)
+        return self._annotations_fp
+
+    def plan(self, name: str, upstream: dict[str, StageState]) -> StageState:
+        spec = self.ws.graph[name]
+        params, runtime = self.resolved[name]
+        if name == "extract" and (reg := self.imported()) is not None:
+            d = Path(reg["dir"])
+            records = self.ws.cache.read_records(d)
+            return StageState(name, "imported", key=reg["key"], dir=d, params=params, runtime=runtime,
+                              records=records, imported_from=str(reg.get("source", d)),
+                              reasons=[f"imported from {reg.get('source', d)}"])
+        for need in spec.needs:
+            up = upstream[need]
+            if not up.done and not (up.state == "incomplete" and up.records):
+                return StageState(name, "blocked", params=params, runtime=runtime,
+                                  reasons=[f"needs {need} ({up.state})"])
+        files = self._code_files(spec)
+        material = {
+            "format": KEY_FORMAT,
+            "stage": name,
+            "dataset": self._dataset_material(spec),
+            "params": self._key_params(spec, params),
+            "code": {"version": spec.version} if spec.version is not None else {"source": records_digest(files)},
+            "upstream": {need: upstream[need].upstream_material() for need in spec.needs},
+        }
+        key = stage_key(material)
+        st = StageState(name, "missing", key=key, dir=self.ws.cache.stage_dir(name, key), material=material,
+                        code_files=files, params=self._run_params(spec, params), runtime=runtime)
+        if spec.per_item:
+            self._plan_items(st)
+        elif self.ws.cache.is_complete(name, key):
+            st.state = "done"
+        return st
+
+    def _plan_items(self, st: StageState) -> None:
+        if self.dataset.videos is None or not self.dataset.videos.is_dir():
+            st.state = "unknown"
+            st.reasons.append(f"videos directory not found: {self.dataset.videos}")
+            return
+        st.items = self.items()
+        records = self.ws.cache.read_records(st.dir)
+        st.todo = [it for it in st.items if records.get(it.id, {}).get("source_fingerprint") != it.fingerprint]
+        todo_ids = {it.id for it in st.todo}
+        st.records = {it.id: records[it.id] for it in st.items if it.id not in todo_ids}
+        has_manifest = self.ws.cache.read_manifest(st.dir) is not None
+        if not st.todo and has_manifest:
+            st.state = "done"
+        elif st.records or has_manifest:
+            st.state = "incomplete"
+
+    def _dataset_material(self, spec: StageSpec) -> dict:
+        if spec.per_item:
+            return {"name": self.dataset.name}
+        return {"name": self.dataset.name, "splits": self.dataset.splits,
+                "annotations": self.annotations_fingerprint()}
+
+    def _code_files(self, spec: StageSpec) -> dict[str, str]:
+        paths = [self.ws.graph.locate_package(spec.name, pkg) for pkg in spec.code]
+        files = code_files(paths, self.ws.index)
+        module = spec.entry.split(":")[0]
+        origin = locate_module(module, self.ws.graph.search_path())
+        if origin is not None and origin.is_file():
+            rel = module.replace(".", "/") + ("/__init__.py" if origin.name == "__init__.py" else ".py")
+            files.setdefault(rel, self.ws.index.fingerprint(origin))
+        return dict(sorted(files.items()))
+
+    def _file_param(self, spec: StageSpec, p: str, value: Any) -> Path | None:
+        if value in (None, ""):
+            return None
+        path = Path(str(value)).expanduser()
+        candidates = [path] if path.is_absolute() else [Path.cwd() / path, self.ws.project_root / path]
+        for c in candidates:
+            if c.is_file():
+                return c.resolve()
+        raise ConfigError(f"{spec.name}.{p}: file not found: {value}")
+
+    def _key_params(self, spec: StageSpec, params: dict) -> dict:
+        """Params as they enter the key: file params by content, so moving a checkpoint keeps the key."""
+        out = dict(params)
+        for p in spec.file_params:
+            f = self._file_param(spec, p, params.get(p))
+            out[p] = None if f is None else {"file_fingerprint": self.ws.index.fingerprint(f)}
+        return out
+
+    def _run_params(self, spec: StageSpec, params: dict) -> dict:
+        """Params as the stage sees them: file params as absolute paths."""
+        out = copy.deepcopy(params)
+        for p in spec.file_params:
+            f = self._file_param(spec, p, params.get(p))
+            out[p] = None if f is None else str(f)
+        return out
+
+    def plan_all(self, names: list[str]) -> dict[str, StageState]:
+        states: dict[str, StageState] = {}
+        for name in self.ws.graph.closure(names):
+            states[name] = self.plan(name, states)
+        return states
+
+
+def lookup_import(cache_root: Path, dataset_name: str) -> dict | None:
+    try:
+        from pipeline.store.imports import lookup
+    except ModuleNotFoundError as exc:
+        if exc.name in ("pipeline.store", "pipeline.store.imports"):
+            return None  # the stores package is not built: nothing can have been imported
+        raise
+    return lookup(cache_root, dataset_name)
+
+
+# ---------------------------------------------------------------- running
+
+
+@dataclass
+class StageReport:
+    name: str
+    status: str  # ran | cached | imported | failed | skipped
+    key: str | None = None
+    dir: str | None = None
+    seconds: float = 0.0
+    items: dict = field(default_factory=dict)
+    summary: str | None = None
+    message: str | None = None
+    failures: list = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def targets_for(graph: StageGraph, dataset: Dataset, what: str, stage: str | None) -> list[str]:
+    """``run <stage>`` / ``run train --stage S`` / ``run eval --stage S`` / ``run all`` -> stage names."""
+    if what == "all":
+        names = [n for n in graph.order if dataset.task in graph.stages[n].tasks]
+        if not names:
+            raise ConfigError(f"{graph.path}: no stage lists task {dataset.task!r} of dataset {dataset.name} "
+                              f"in its tasks")
+        return names
+    if what in ("train", "eval"):
+        if not stage:
+            trainable = [n for n in graph.order if f"{n}_eval" in graph.stages]
+            raise ConfigError(f"run {what}: --stage is required; one of: {', '.join(trainable)}")
+        name = stage if what == "train" else f"{stage}_eval"
+        if name not in graph.stages:
+            raise ConfigError(f"run {what} --stage {stage}: no stage {name!r} in {graph.path}; "
+                              f"known: {', '.join(graph.order)}")
+        return [name]
+    if stage:
+        raise ConfigError(f"run {what}: --stage goes with 'run train' or 'run eval' only")
+    if what not in graph.stages:
+        raise ConfigError(f"run {what}: unknown stage; known: {', '.join(graph.order)}, train, eval, all")
+    return [what]
+
+
+def run(ws: Workspace, dataset: Dataset, targets: list[str], sets: list[Override], options: RunOptions,
+        wait: bool = True) -> list[StageReport]:
+    planner = Planner(ws, dataset, sets)
+    names = ws.graph.closure(targets)
+    imported = planner.imported() is not None
+    for name in names:
+        if not (name == "extract" and imported):
+            ws.graph.check_entry(name)
+    dataset.check_paths(need_videos=any(ws.graph[n].per_item and not (n == "extract" and imported)
+                                        for n in names))
+    states: dict[str, StageState] = {}
+    reports: list[StageReport] = []
+    failed: set[str] = set()
+    for name in names:
+        spec = ws.graph[name]
+        bad = [n for n in spec.needs if n in failed]
+        if bad:
+            failed.add(name)
+            reports.append(StageReport(name, "skipped", message=f"needs {', '.join(bad)}, which failed"))
+            continue
+        force = options.force and name in targets
+        st = planner.plan(name, states)
+        states[name] = st
+        if st.state == "imported":
+            reports.append(_cached_report(ws, st, "imported"))
+            continue
+        if st.done and not force:
+            reports.append(_cached_report(ws, st, "cached"))
+            continue
+        from pipeline.locking import stage_lock
+
+        with stage_lock(ws.cache.root, name, st.key, wait=wait, quiet=options.json):
+            st = planner.plan(name, states)  # another run may have finished it while we waited
+            states[name] = st
+            if st.done and not force:
+                reports.append(_cached_report(ws, st, "cached"))
+                continue
+            report = _execute(ws, planner, spec, st, states, options, force)
+        reports.append(report)
+        if report.status == "failed":
+            failed.add(name)
+            if options.fail_fast:
+                break
+        elif spec.per_item:
+            states[name] = planner.plan(name, states)
+    return reports
+
+
+def _cached_report(ws: Workspace, st: StageState, status: str) -> StageReport:
+    manifest = ws.cache.read_manifest(st.dir) or {}
+    n = len(st.items) or len(st.records)
+    items = {"total": n, "done": 0, "skipped": n, "failed": 0} if n else {}
+    return StageReport(st.name, status, key=st.key, dir=str(st.dir), items=items,
+                       summary=(manifest.get("result") or {}).get("summary"))
+
+
+def _load_entry(graph: StageGraph, spec: StageSpec):
+    module, fn = spec.entry.split(":")
+    root = str(graph.root)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        return getattr(importlib.import_module(module), fn)
+    except PipelineError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{graph.path}: stages.{spec.name}.entry: cannot import {spec.entry}: "
+                          f"{type(exc).__name__}: {exc}") from exc
+
+
+def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, states: dict[str, StageState],
+             options: RunOptions, force: bool) -> StageReport:
+    fn = _load_entry(ws.graph, spec)
+    if spec.per_item:
+        out_dir = st.dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        items = list(st.items) if force else st.todo
+    else:
+        out_dir = ws.cache.begin_whole(spec.name, st.key, force)
+        items = []
+    ctx = StageContext(name=spec.name, key=st.key, params=st.params, runtime=st.runtime, dataset=planner.dataset,
+                       out_dir=out_dir, upstream={n: states[n].dir for n in spec.needs}, items=items,
+                       all_items=list(st.items), options=options)
+    started = time.time()
+    report = StageReport(spec.name, "ran", key=st.key, dir=str(st.dir))
+    try:
+        result = fn(ctx)
+        if result is not None and not isinstance(result, dict):
+            raise TypeError(f"stage entry {spec.entry} returned {type(result).__name__}, expected a dict or None")
+        result = json.loads(json.dumps(result or {}, default=str))
+    except WorkFailed as exc:  # --fail-fast on an item failure
+        report.status, report.message, report.failures = "failed", str(exc), ctx.failures
+        report.seconds = time.time() - started
+        return report
+    except PipelineError:
+        raise
+    except Exception as exc:
+        if options.debug:
+            traceback.print_exc()
+        report.status = "failed"
+        report.message = f"{type(exc).__name__}: {exc}"
+        report.failures = ctx.failures
+        report.seconds = time.time() - started
+        return report
+    finished = time.time()
+    report.seconds = finished - started
+    report.summary = result.get("summary")
+    report.failures = list(ctx.failures)
+    manifest = {
+        "stage": spec.name, "key": st.key, "dataset": planner.dataset.name, "params": st.params,
+        "runtime": st.runtime, "inputs": st.material, "code_files": st.code_files, "result": result,
+        "timings": {"started": started, "finished": finished, "seconds": round(finished - started, 3)},
+        "finished": finished, "upstream": {n: str(states[n].dir) for n in spec.needs},
+    }
+    if spec.per_item:
+        records = ws.cache.read_records(out_dir)
+        failed_ids = {f["id"] for f in ctx.failures}
+        for it in items:
+            if records.get(it.id, {}).get("source_fingerprint") != it.fingerprint and it.id not in failed_ids:
+                report.failures.append({"id": it.id, "stage": spec.name, "kind": "not-recorded",
+                                        "message": "the stage returned without recording this item",
+                                        "path": str(it.path)})
+        n_failed = len({f["id"] for f in report.failures})
+        report.items = {"total": len(st.items), "done": len(items) - n_failed,
+                        "skipped": len(st.items) - len(items), "failed": n_failed}
+        manifest["items"] = report.items
+        ws.cache.write_manifest(out_dir, manifest)
+    elif ctx.failures:
+        report.message = f"{len(ctx.failures)} item(s) failed; output kept in {out_dir} (not marked done)"
+    else:
+        ws.cache.commit_whole(spec.name, st.key, manifest)
+    if ctx.failures and not spec.per_item:
+        report.status = "failed"
+    return report
