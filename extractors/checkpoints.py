@@ -83,16 +83,17 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[st
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
 
 
+def rename_key(key: str, rules: Sequence[tuple[str, str]]) -> str:
+    """Apply ordered regex substitutions ``(pattern, replacement)`` to one key."""
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
 def apply_key_map(state_dict: Mapping[str, torch.Tensor],
                   rules: Sequence[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """Rename keys by ordered regex substitutions ``(pattern, replacement)``, each applied to every key."""
-    compiled = [(re.compile(p), r) for p, r in rules]
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, repl in compiled:
-            key = pattern.sub(repl, key)
-        out[key] = value
-    return out
+    """Rename every key of a state dict with ``rename_key``."""
+    return {rename_key(k, rules): v for k, v in state_dict.items()}
 
 
 @dataclass(frozen=True)
@@ -109,14 +110,20 @@ class KeyFormat:
     prefixes: tuple[str, ...] = ()
     rename: tuple[tuple[str, str], ...] = ()
 
-    def convert(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    def model_key(self, key: str) -> str:
+        for prefix in self.prefixes:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        return rename_key(key, self.rename)
+
+    def convert(self, state_dict: Mapping[str, torch.Tensor]):
+        """(converted state dict, dropped keys, model key -> key as stored in the file)."""
         if state_dict and all(k.startswith("module.") for k in state_dict):
             state_dict = strip_prefix(state_dict, "module.")
         dropped = [k for k in state_dict if any(re.match(p, k) for p in self.drop)]
-        kept = {k: v for k, v in state_dict.items() if k not in set(dropped)}
-        for prefix in self.prefixes:
-            kept = strip_prefix(kept, prefix)
-        return apply_key_map(kept, self.rename), dropped
+        skip = set(dropped)
+        origin = {self.model_key(k): k for k in state_dict if k not in skip}
+        return {new: state_dict[old] for new, old in origin.items()}, dropped, origin
 
 
 @dataclass(frozen=True)
@@ -142,22 +149,31 @@ def _score(converted: Mapping[str, torch.Tensor], expected: Mapping[str, torch.S
 
 def nearest_format(state_dict: Mapping[str, torch.Tensor], formats: Sequence[KeyFormat],
                    expected: Mapping[str, torch.Size]):
-    """The format whose converted key set overlaps the model's most: (format, converted, dropped, overlap)."""
+    """The format whose converted key set overlaps the model's most:
+    (format, converted, dropped, origin, (keys in common, of those with equal shapes))."""
     best = None
     for fmt in formats:
-        converted, dropped = fmt.convert(state_dict)
+        converted, dropped, origin = fmt.convert(state_dict)
         score = _score(converted, expected)
-        if best is None or score > best[3]:
-            best = (fmt, converted, dropped, score)
+        if best is None or score > best[-1]:
+            best = (fmt, converted, dropped, origin, score)
     return best
 
 
-def mismatch_report(converted: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size]):
-    """(missing, unexpected, shape mismatches as 'key checkpoint [..] vs model [..]'), each sorted."""
+def mismatch_report(converted: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size],
+                    origin: Mapping[str, str] | None = None):
+    """(missing, unexpected, shape mismatches), each sorted. Missing keys carry the model's names;
+    unexpected and mis-shaped ones the names in the file, with the model name when it differs."""
+    origin = origin or {}
+
+    def stored(key: str) -> str:
+        old = origin.get(key, key)
+        return old if old == key else f"{old} (as {key})"
+
     missing = sorted(k for k in expected if k not in converted and not _optional(k))
-    unexpected = sorted(k for k in converted if k not in expected and not _optional(k))
+    unexpected = sorted(stored(k) for k in converted if k not in expected and not _optional(k))
     shapes = sorted(
-        f"{k} checkpoint {list(converted[k].shape)} vs model {list(expected[k])}"
+        f"{stored(k)} checkpoint {list(converted[k].shape)} vs model {list(expected[k])}"
         for k in converted if k in expected and tuple(converted[k].shape) != tuple(expected[k])
     )
     return missing, unexpected, shapes
@@ -183,14 +199,14 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: Mapping[str, tor
     Returns (format name, dropped head keys, skipped keys).
     """
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    fmt, converted, dropped, (n_common, n_same) = nearest_format(state_dict, formats, expected)
-    missing, unexpected, shapes = mismatch_report(converted, expected)
+    fmt, converted, dropped, origin, (_, n_same) = nearest_format(state_dict, formats, expected)
+    missing, unexpected, shapes = mismatch_report(converted, expected, origin)
     n_required = sum(not _optional(k) for k in expected)
     if strict and (missing or unexpected or shapes):
         known = ", ".join(f.name for f in formats)
         raise ConfigError(
             f"{source}: does not fit {target} "
-            f"(nearest known layout: {fmt.name}, {n_same} of {n_required} keys match; known: {known}): "
+            f"(nearest known layout: {fmt.name}, {n_same} of {n_required} model keys match; known: {known}): "
             + _describe(missing, unexpected, shapes))
     loadable = {k: v for k, v in converted.items()
                 if k in expected and tuple(v.shape) == tuple(expected[k])}
