@@ -1,0 +1,107 @@
+"""Per-class 1-D non-maximum suppression (Gaussian soft-NMS and hard NMS) and score voting, in torch.
+
+All classes run at once: candidates are laid out as a padded (classes, candidates) matrix and each
+step selects, in every class row, the highest-scoring candidate still alive and suppresses (hard) or
+decays (soft) the rest of its row. Selected scores never increase within a class, so a class never
+needs more than `max_num` steps, and the loop stops as soon as no row has a live candidate.
+No compiled extension.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def segment_iou_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """tIoU of every segment of `a` (N, 2) with every segment of `b` (M, 2); 0 where both are empty."""
+    inter = (torch.minimum(a[:, None, 1], b[None, :, 1]) - torch.maximum(a[:, None, 0], b[None, :, 0])).clamp(min=0)
+    union = (a[:, 1] - a[:, 0])[:, None] + (b[:, 1] - b[:, 0])[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(union))
+
+
+@torch.no_grad()
+def batched_nms(
+    segments: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    iou_threshold: float,
+    sigma: float,
+    method: str = "soft",
+    min_score: float = 0.0,
+    max_num: int = 200,
+    voting_thresh: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Suppress overlapping segments of the same label; return at most `max_num` (segments, scores,
+    labels) sorted by descending score.
+
+    method="soft": Gaussian soft-NMS as ActionFormer's (weight exp(-tIoU^2 / sigma); `iou_threshold`
+    unused), candidates whose decayed score falls below `min_score` are dropped.
+    method="hard": candidates with tIoU > `iou_threshold` to a kept one of the same label are removed;
+    `sigma` unused. Candidates scoring below `min_score` are dropped in both cases.
+    voting_thresh: when set, each kept segment is replaced by the score-weighted mean of the input
+    segments of its label whose tIoU with it is >= voting_thresh (its own input among them).
+    """
+    if method not in ("soft", "hard"):
+        raise ValueError(f"batched_nms: method must be 'soft' or 'hard', got {method!r}")
+    n = segments.shape[0]
+    empty = (segments.new_zeros((0, 2)), scores.new_zeros((0,)), labels.new_zeros((0,)))
+    if n == 0 or max_num <= 0:
+        return empty
+
+    classes, row_of, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    order = torch.argsort(row_of, stable=True)
+    rows = row_of[order]
+    starts = torch.cumsum(counts, 0) - counts
+    cols = torch.arange(n, device=segments.device) - starts[rows]
+    shape = (classes.numel(), int(counts.max()))
+
+    neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
+    live = scores.new_full(shape, float("-inf"))
+    live[rows, cols] = scores[order]
+    start = segments.new_zeros(shape)
+    end = segments.new_zeros(shape)
+    start[rows, cols] = segments[order, 0]
+    end[rows, cols] = segments[order, 1]
+    source = torch.full(shape, -1, dtype=torch.long, device=segments.device)
+    source[rows, cols] = order
+    live = torch.where(live >= min_score, live, neg_inf)
+
+    row_ids = torch.arange(shape[0], device=segments.device)
+    picked_src, picked_score = [], []
+    for _ in range(min(shape[1], max_num)):
+        best_score, best = live.max(dim=1)
+        has = best_score > neg_inf
+        if not bool(has.any()):
+            break
+        picked_src.append(source[row_ids[has], best[has]])
+        picked_score.append(best_score[has])
+        live[row_ids[has], best[has]] = neg_inf
+
+        b_start, b_end = start[row_ids, best][:, None], end[row_ids, best][:, None]
+        inter = (torch.minimum(b_end, end) - torch.maximum(b_start, start)).clamp(min=0)
+        union = (b_end - b_start) + (end - start) - inter
+        iou = torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(union))
+        if method == "soft":
+            decayed = live * torch.exp(-(iou * iou) / sigma)
+            decayed = torch.where(decayed >= min_score, decayed, neg_inf)
+            live = torch.where(has[:, None], decayed, live)
+        else:
+            live = torch.where(has[:, None] & (iou > iou_threshold), neg_inf, live)
+
+    src = torch.cat(picked_src)
+    out_scores = torch.cat(picked_score)
+    top = torch.argsort(out_scores, descending=True, stable=True)[:max_num]
+    src, out_scores = src[top], out_scores[top]
+    out_segments = segments[src]
+    out_labels = labels[src]
+    if voting_thresh is not None:
+        out_segments = _vote(out_segments, out_labels, segments, scores, labels, voting_thresh)
+    return out_segments, out_scores, out_labels
+
+
+def _vote(kept, kept_labels, segments, scores, labels, thresh: float) -> torch.Tensor:
+    weights = (segment_iou_matrix(kept, segments) >= thresh) & (kept_labels[:, None] == labels[None, :])
+    weights = weights.to(scores.dtype) * scores[None, :]
+    total = weights.sum(dim=1, keepdim=True)
+    # `total` is 0 only for an empty kept segment or zero scores: that segment stays as it is
+    return torch.where(total > 0, (weights @ segments) / total.clamp(min=torch.finfo(total.dtype).tiny), kept)
