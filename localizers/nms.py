@@ -36,7 +36,7 @@ def batched_nms(
 
     method="soft": Gaussian soft-NMS as ActionFormer's (weight exp(-tIoU^2 / sigma); `iou_threshold`
     unused), candidates whose decayed score falls below `min_score` are dropped.
-    method="hard": candidates with tIoU > `iou_threshold` to a kept one of the same label are removed;
+    method="hard": candidates with tIoU >= `iou_threshold` to a kept one of the same label are removed;
     `sigma` unused. Candidates scoring below `min_score` are dropped in both cases.
     voting_thresh: when set, each kept segment is replaced by the score-weighted mean of the input
     segments of its label whose tIoU with it is >= voting_thresh (its own input among them).
@@ -86,7 +86,7 @@ def batched_nms(
             decayed = torch.where(decayed >= min_score, decayed, neg_inf)
             live = torch.where(has[:, None], decayed, live)
         else:
-            live = torch.where(has[:, None] & (iou > iou_threshold), neg_inf, live)
+            live = torch.where(has[:, None] & (iou >= iou_threshold), neg_inf, live)
 
     src = torch.cat(picked_src)
     out_scores = torch.cat(picked_score)

@@ -29,7 +29,7 @@ def _reference(segments, scores, labels, iou_threshold, sigma, method, min_score
                     s = s * math.exp(-iou * iou / sigma)
                     if s >= min_score:
                         survivors.append([s, j])
-                elif iou <= iou_threshold:
+                elif iou < iou_threshold:
                     survivors.append([s, j])
             pool = survivors
     kept.sort(key=lambda t: -t[0])
