@@ -1,0 +1,166 @@
+"""Extraction presets: everything that decides what a feature means, bound under one name.
+
+Each preset follows a public feature set (see shared/reference/extraction.md §1-2) so that a store
+made with it lines up, frame for frame, with the features a localizer config expects. Every field is
+written into the store attributes; any field can be overridden from ``extract`` params
+(``--set extract.stride=8``), which also changes the stage key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from pipeline.errors import ConfigError
+
+TAILS = ("drop", "pad")
+RESIZE_MODES = ("short_side", "squash")
+CHANNEL_ORDERS = ("RGB", "BGR")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How one feature set is made.
+
+    - ``fps``: ``None`` keeps the native rate (VFR input is still resampled by timestamp to its mean
+      rate, so every feature maps to the right seconds); a number resamples to that rate.
+    - ``resize``: ``short_side`` scales the short side to ``size`` keeping the aspect ratio;
+      ``squash`` scales to ``size`` = (height, width) exactly. Resizing happens at decode time.
+    - ``crop``: centre crop (height, width) after the resize, or ``None``.
+    - ``value_range``: what uint8 [0, 255] maps to before ``(x - mean) / std``.
+    - ``feature_dim``: the dimension of the full-size backbone; a ``tiny`` backbone reports its own.
+    - ``offset_frames``: the centre of feature 0 in sampled frames (``None``: clip span / 2).
+    """
+
+    name: str
+    backbone: str
+    backbone_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    fps: float | None = None
+    clip_len: int = 16
+    frame_interval: int = 1
+    stride: int = 4
+    tail: str = "drop"
+    resize: str = "short_side"
+    size: tuple[int, ...] = (256,)
+    crop: tuple[int, int] | None = (224, 224)
+    value_range: tuple[float, float] = (0.0, 1.0)
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    channel_order: str = "RGB"
+    feature_dim: int = 1024
+    offset_frames: float | None = None
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        where = f"extract preset {self.name!r}"
+        for name in ("clip_len", "frame_interval", "stride", "feature_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{where}: {name} must be a positive integer, got {value!r}")
+        if self.fps is not None and (not isinstance(self.fps, (int, float)) or self.fps <= 0):
+            raise ConfigError(f"{where}: fps must be null (native) or a positive number, got {self.fps!r}")
+        if self.tail not in TAILS:
+            raise ConfigError(f"{where}: tail must be one of {TAILS}, got {self.tail!r}")
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"{where}: resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        want = 1 if self.resize == "short_side" else 2
+        if len(self.size) != want or not all(isinstance(s, int) and s > 0 for s in self.size):
+            raise ConfigError(f"{where}: size must be {want} positive integer(s) for resize "
+                              f"{self.resize!r}, got {list(self.size)}")
+        if self.crop is not None and (len(self.crop) != 2 or not all(isinstance(c, int) and c > 0
+                                                                    for c in self.crop)):
+            raise ConfigError(f"{where}: crop must be null or [height, width], got {self.crop!r}")
+        if len(self.value_range) != 2 or self.value_range[0] >= self.value_range[1]:
+            raise ConfigError(f"{where}: value_range must be [low, high], got {self.value_range!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError(f"{where}: mean and std need 3 values each, std > 0")
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise ConfigError(f"{where}: channel_order must be one of {CHANNEL_ORDERS}")
+
+    @property
+    def span_frames(self) -> int:
+        return self.clip_len * self.frame_interval
+
+    @property
+    def offset(self) -> float:
+        return self.span_frames / 2 if self.offset_frames is None else float(self.offset_frames)
+
+    @property
+    def fps_policy(self) -> str:
+        return "native" if self.fps is None else "resample"
+
+    def attrs(self) -> dict:
+        """The store attributes that describe these features (JSON-able)."""
+        out = dataclasses.asdict(self)
+        out["preset"] = out.pop("name")
+        out["backbone_kwargs"] = dict(self.backbone_kwargs)
+        out["offset_frames"] = self.offset
+        out["fps_policy"] = self.fps_policy
+        return out
+
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
+_KINETICS_STD = (0.22803, 0.22145, 0.216989)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    # ActionFormer/CMCS THUMOS14 I3D: 16-frame clips every 4 native frames, [-1, 1], crop 224 of
+    # short side 256. The released features are two-stream (rgb 1024 | flow 1024 = 2048); optical
+    # flow is not built yet, so this preset extracts the RGB stream only (1024-d).
+    Preset(name="thumos_i3d", backbone="i3d", fps=None, clip_len=16, stride=4, tail="drop",
+           resize="short_side", size=(256,), crop=(224, 224), value_range=(-1.0, 1.0),
+           feature_dim=1024, offset_frames=8,
+           note="RGB stream only (1024-d); the released THUMOS features are rgb|flow 2048-d and need "
+                "optical flow, which is not extracted yet"),
+    # TSP R(2+1)D-34 on ActivityNet: 15 fps, 16-frame non-overlapping clips, resize to 128x171,
+    # Kinetics mean/std on [0, 1], centre crop 112.
+    Preset(name="anet_tsp", backbone="r2plus1d_34", fps=15.0, clip_len=16, stride=16, tail="drop",
+           resize="squash", size=(128, 171), crop=(112, 112), value_range=(0.0, 1.0),
+           mean=_KINETICS_MEAN, std=_KINETICS_STD, feature_dim=512, offset_frames=8),
+    # EPIC-Kitchens-100 SlowFast R50 8x8: 30 fps, 32-frame clips every 16 frames, 256x256 input,
+    # mean 0.45 / std 0.225.
+    Preset(name="epic_slowfast", backbone="slowfast", fps=30.0, clip_len=32, stride=16, tail="drop",
+           resize="short_side", size=(256,), crop=(256, 256), value_range=(0.0, 1.0),
+           mean=(0.45, 0.45, 0.45), std=(0.225, 0.225, 0.225), feature_dim=2304, offset_frames=16),
+    # VideoMAEv2-g extract_tad_feature.py on THUMOS: native fps, 16 frames every 4, squash to
+    # 224x224, no crop, [0, 1] with no mean/std.
+    Preset(name="thumos_videomae_v2", backbone="videomae", fps=None, clip_len=16, stride=4,
+           tail="drop", resize="squash", size=(224, 224), crop=None, value_range=(0.0, 1.0),
+           feature_dim=1408, offset_frames=8),
+    # The demo: tiny seeded I3D on 64-pixel frames of the generated 12-fps videos (one feature
+    # every 1/3 s over 4/3 s clips); fast on CPU.
+    Preset(name="demo", backbone="i3d", backbone_kwargs={"tiny": True}, fps=None, clip_len=16,
+           stride=4, tail="pad", resize="short_side", size=(64,), crop=(64, 64),
+           value_range=(-1.0, 1.0), feature_dim=1024, offset_frames=8,
+           note="tiny random-init I3D for demos and tests"),
+)}
+
+_TUPLE_FIELDS = ("size", "crop", "value_range", "mean", "std")
+# Keys of extract params that are not preset fields.
+STAGE_PARAMS = ("preset", "weights", "store", "dtype")
+
+
+def resolve_preset(params: Mapping[str, Any]) -> Preset:
+    """The preset named by ``params['preset']`` with every other preset field in ``params`` applied."""
+    name = params.get("preset")
+    if name not in PRESETS:
+        raise ConfigError(f"extract.preset: unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    fields = {f.name for f in dataclasses.fields(Preset)} - {"name"}
+    overrides = {k: v for k, v in params.items() if k not in STAGE_PARAMS}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(f"extract.{unknown[0]}: unknown parameter; preset fields: {', '.join(sorted(fields))}")
+    base = PRESETS[name]
+    for key in _TUPLE_FIELDS:
+        value = overrides.get(key)
+        if isinstance(value, (int, float)):
+            single = key == "size" and overrides.get("resize", base.resize) == "short_side"
+            overrides[key] = (value,) if single else (value,) * (3 if key in ("mean", "std") else 2)
+        elif isinstance(value, list):
+            overrides[key] = tuple(value)
+    if "backbone_kwargs" in overrides:
+        if not isinstance(overrides["backbone_kwargs"], Mapping):
+            raise ConfigError("extract.backbone_kwargs: must be a mapping")
+        overrides["backbone_kwargs"] = dict(overrides["backbone_kwargs"])
+    return dataclasses.replace(base, **overrides)
