@@ -1,0 +1,248 @@
+"""Decoding one video into the sampled frames its clips read: decord first, PyAV as the fallback.
+
+- Readers are opened per video inside the calling process (the engine's decode workers, after the
+  fork: decord #294) with few threads (decord #246: more than 2 breaks some files).
+- Frames are resized at decode time (swscale inside the decoder), so full-size frames never reach
+  Python.
+- The sampled frames are chosen by presentation timestamps (``frame_rate``), never ``i / avg_fps``.
+- Frames are read forward only, in chunks of consecutive indices: each native frame is decoded once,
+  however much the clips overlap (decord re-seeks from a keyframe on every backward ``get_batch``).
+- When decord cannot open or decode a file, PyAV starts it again from the beginning; the caller gets a
+  ``reset`` event and every event says which decoder served the video.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import numpy as np
+
+from extractors.clip_sampling import frames_needed
+from extractors.frame_rate import native_fps, resample_indices
+from extractors.preprocess import resize_shape
+from pipeline.timemap import TimeGrid
+
+# decord reads these once, when its library loads (decord #248): they must be set before the first
+# ``import decord``. The defaults retry a broken end of file 10240 times, which looks like a hang.
+os.environ.setdefault("DECORD_EOF_RETRY_MAX", "64")
+os.environ.setdefault("DECORD_REWIND_RETRY_MAX", "8")
+os.environ.setdefault("DECORD_DUPLICATE_WARNING_THRESHOLD", "1.0")
+
+DECODERS = ("decord", "pyav")
+
+
+class DecodeError(Exception):
+    """A video that cannot be turned into clips; ``kind`` goes to the failures file."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What to decode: frame-rate policy, clip grid, tail rule and the size frames leave the decoder."""
+
+    fps: float | None
+    clip_len: int
+    frame_interval: int
+    stride: int
+    tail: str
+    resize: str
+    size: tuple[int, ...]
+    decoders: tuple[str, ...] = DECODERS
+    num_threads: int = 1
+    chunk_frames: int = 32
+
+    @property
+    def grid(self) -> TimeGrid:
+        return TimeGrid(fps=self.fps or 1.0, stride=self.stride, clip_len=self.clip_len,
+                        frame_interval=self.frame_interval)
+
+
+@dataclass(frozen=True)
+class VideoMeta:
+    """What was found and decided about one video before its frames are read."""
+
+    decoder: str
+    decoder_version: str
+    native_fps: float
+    sampled_fps: float
+    n_frames: int          # native frames (by timestamp)
+    n_sampled: int         # frames on the sampled grid
+    n_decode: int          # leading sampled frames the clips read
+    n_native_decoded: int  # native frames the decoder goes through to produce them
+    n_clips: int
+    duration: float
+    start_time: float
+    width: int
+    height: int
+    frame_height: int      # after the decode-time resize
+    frame_width: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def decode_video(path: str, spec: DecodeSpec) -> Iterator[tuple]:
+    """Events for one video: ``("meta", VideoMeta)``, then ``("frames", first_sampled_index, uint8
+    array (n, H, W, 3) RGB)`` in order, then ``("done", n_frames_sent)``; ``("reset",)`` when a
+    decoder failed after it had sent something and the next one starts over. Raises ``DecodeError``
+    when every decoder failed (the last decoder's error, naming the others)."""
+    errors: list[str] = []
+    last: DecodeError | None = None
+    for name in spec.decoders:
+        started = False
+        reader = None
+        try:
+            reader = _READERS[name](path, spec)
+            meta, native = _plan(reader, spec)
+            yield ("meta", meta)
+            started = True
+            sent = 0
+            for chunk in reader.read(native, spec.chunk_frames):
+                yield ("frames", sent, chunk)
+                sent += len(chunk)
+            if sent < meta.n_decode:
+                raise DecodeError("truncated", f"only {sent} of {meta.n_decode} frames could be decoded")
+            yield ("done", sent)
+            return
+        except DecodeError as e:
+            last = e
+        except Exception as e:  # decoders raise their own types (DECORDError, av.error.*, RuntimeError)
+            last = DecodeError("decode_error", f"{type(e).__name__}: {e}")
+        finally:
+            if reader is not None:
+                reader.close()
+        errors.append(f"{name}: {last}")
+        if last.kind == "too_short":
+            break
+        if started:
+            yield ("reset",)
+    assert last is not None
+    raise DecodeError(last.kind, "; ".join(reversed(errors)))
+
+
+def _plan(reader, spec: DecodeSpec) -> tuple[VideoMeta, np.ndarray]:
+    ts = reader.timestamps
+    if len(ts) == 0:
+        raise DecodeError("zero_frames", "the video stream has no frames")
+    native = native_fps(ts, reader.nominal_fps)
+    fps = float(spec.fps or native)
+    sampled = resample_indices(ts, fps, native)
+    grid = spec.grid
+    n_clips = grid.count(len(sampled), spec.tail)
+    if n_clips == 0:
+        raise DecodeError("too_short", f"{len(sampled)} frames at {fps:.3f} fps, fewer than one clip "
+                                       f"of {grid.span_frames} (tail rule {spec.tail!r})")
+    n_decode = frames_needed(grid, len(sampled), spec.tail)
+    out_h, out_w = reader.out_shape
+    meta = VideoMeta(decoder=reader.name, decoder_version=reader.version, native_fps=native,
+                     sampled_fps=fps, n_frames=len(ts), n_sampled=len(sampled), n_decode=n_decode,
+                     n_native_decoded=int(sampled[n_decode - 1]) + 1,
+                     n_clips=n_clips, duration=float(ts[-1] - ts[0] + 1.0 / native),
+                     start_time=float(ts[0]), width=reader.width, height=reader.height,
+                     frame_height=out_h, frame_width=out_w)
+    return meta, sampled[:n_decode]
+
+
+def _probe(path: str, spec: DecodeSpec):
+    """Open with PyAV for the stream's size (header only) and a clear error for files without video."""
+    import av
+
+    try:
+        container = av.open(path)
+    except (av.error.FFmpegError, OSError) as e:
+        raise DecodeError("unreadable", f"cannot open: {e}") from None
+    if not container.streams.video:
+        container.close()
+        raise DecodeError("no_video_stream", "the file has no video stream")
+    return container
+
+
+class _PyAVReader:
+    name = "pyav"
+
+    def __init__(self, path: str, spec: DecodeSpec):
+        import av
+
+        self.version = av.__version__
+        self.container = _probe(path, spec)
+        stream = self.container.streams.video[0]
+        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = spec.num_threads
+        self.stream = stream
+        self.width, self.height = stream.codec_context.width, stream.codec_context.height
+        if not self.width or not self.height:
+            raise DecodeError("unreadable", "the video stream has no frame size")
+        self.out_shape = resize_shape(self.height, self.width, spec.resize, spec.size)
+        rate = stream.average_rate or stream.guessed_rate
+        self.nominal_fps = float(rate) if rate else None
+        pts = [p.pts for p in self.container.demux(stream) if p.pts is not None and p.size]
+        self.timestamps = np.sort(np.asarray(pts, dtype=np.float64)) * float(stream.time_base)
+        self.container.seek(0, stream=stream)
+
+    def read(self, native: np.ndarray, chunk: int) -> Iterator[np.ndarray]:
+        out_h, out_w = self.out_shape
+        counts = np.bincount(native, minlength=int(native[-1]) + 1) if len(native) else np.zeros(0, int)
+        buf: list[np.ndarray] = []
+        for i, frame in enumerate(self.container.decode(self.stream)):
+            if i >= len(counts):
+                break
+            if counts[i]:
+                rgb = frame.to_ndarray(format="rgb24", width=out_w, height=out_h, interpolation="BICUBIC")
+                buf.extend([rgb] * int(counts[i]))
+                if len(buf) >= chunk:
+                    yield np.stack(buf)
+                    buf = []
+        if buf:
+            yield np.stack(buf)
+
+    def close(self) -> None:
+        self.container.close()
+
+
+class _DecordReader:
+    name = "decord"
+
+    def __init__(self, path: str, spec: DecodeSpec):
+        import decord
+
+        self.version = decord.__version__
+        with _probe(path, spec) as container:
+            ctx = container.streams.video[0].codec_context
+            self.width, self.height = ctx.width, ctx.height
+        self.out_shape = resize_shape(self.height, self.width, spec.resize, spec.size)
+        out_h, out_w = self.out_shape
+        self.vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=spec.num_threads,
+                                     width=out_w, height=out_h)
+        n = len(self.vr)
+        self.nominal_fps = float(self.vr.get_avg_fps()) if n else None
+        self.timestamps = (self.vr.get_frame_timestamp(np.arange(n))[:, 0].astype(np.float64)
+                           if n else np.zeros(0))
+
+    def read(self, native: np.ndarray, chunk: int) -> Iterator[np.ndarray]:
+        for start in range(0, len(native), chunk):
+            yield self.vr.get_batch(native[start:start + chunk].tolist()).asnumpy()
+
+    def close(self) -> None:
+        # A fresh reader per video, dropped at once: decord's readers grow in memory (decord #197).
+        self.vr = None
+
+
+_READERS = {"decord": _DecordReader, "pyav": _PyAVReader}
+
+
+def decord_usable() -> bool:
+    """decord 0.6.0 predates numpy 2; it is used only when it imports here."""
+    try:
+        import decord  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def available_decoders(preferred: tuple[str, ...] = DECODERS) -> tuple[str, ...]:
+    return tuple(d for d in preferred if d != "decord" or decord_usable())
