@@ -1,0 +1,437 @@
+"""The extraction engine: decode workers feed batched inference; a writer thread stores results.
+
+- Decoding runs in ``workers`` processes (forked; each opens its own reader per video). Each sends
+  the sampled frames of its current video, in chunks, through one bounded queue (backpressure keeps
+  memory flat when inference is the bottleneck).
+- The main process preprocesses each frame once on the device, slices the overlapping clip windows
+  out of a per-video frame buffer (``ClipWindows``) and runs the model on batches that mix videos.
+  On CUDA: pinned host memory, non-blocking copies, bf16/fp16 autocast, and the batch halves when
+  it does not fit.
+- A finished video goes to a writer thread (``on_done``: store write, then the completion record),
+  off the critical path.
+- A worker that sends nothing for ``video_timeout_s`` (a decoder that hangs) or dies (decord aborts
+  the process on some corrupt H.264, decord #25) is replaced; its video fails with kind ``timeout``
+  or ``decoder_crash`` (a crash under decord is retried once with PyAV). Every other per-video
+  failure is reported through ``on_failed`` and the run goes on.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from extractors.clip_sampling import ClipWindows
+from extractors.decoding import DecodeError, DecodeSpec, VideoMeta, decode_video
+from extractors.preprocess import FramePreprocessor
+from extractors.presets import Preset
+from pipeline.context import Item
+from pipeline.timemap import TimeGrid
+
+# Frame chunks in flight between decode workers and the main process, per worker.
+_CHUNKS_PER_WORKER = 4
+_POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: torch.device
+    batch_size: int = 8
+    workers: int = 1              # decode processes; 0 decodes inline (no timeout protection)
+    video_timeout_s: float = 600.0
+    amp: bool = True              # autocast on CUDA (bf16 where supported, else fp16)
+
+
+@dataclass
+class EngineStats:
+    done: int = 0
+    failed: int = 0
+    clips: int = 0
+    native_frames: int = 0        # frames of the videos (native, by timestamp)
+    decoded_frames: int = 0       # native frames the decoders went through
+    decode_s: float = 0.0         # main process time spent waiting for frames
+    infer_s: float = 0.0
+    seconds: float = 0.0
+    decoders: dict = field(default_factory=dict)
+
+
+OnDone = Callable[[Item, np.ndarray, VideoMeta, float], None]
+OnFailed = Callable[[Item, str, str], None]
+
+
+class _Video:
+    """Main-process state of one video being extracted."""
+
+    def __init__(self, index: int, item: Item, meta: VideoMeta, grid: TimeGrid, tail: str, started: float):
+        self.index = index
+        self.item = item
+        self.meta = meta
+        self.windows = ClipWindows(grid, tail)
+        self.frames: torch.Tensor | None = None
+        self.base = 0
+        self.received = 0
+        self.feats: np.ndarray | None = None
+        self.filled = 0
+        self.decoded = False
+        self.dead = False
+        self.started = started
+
+
+class _Workers:
+    """Decode processes, one video at a time each, all answering on one bounded queue."""
+
+    def __init__(self, n: int, spec: DecodeSpec):
+        self.ctx = mp.get_context("fork")
+        self.spec = spec
+        self.results = self.ctx.Queue(maxsize=_CHUNKS_PER_WORKER * n)
+        self.procs: list = [None] * n
+        self.tasks: list = [None] * n
+        self.busy: list = [None] * n     # (video index, decoders) held by each worker
+        self.last_seen = [0.0] * n
+        for w in range(n):
+            self._start(w)
+
+    def _start(self, w: int) -> None:
+        self.tasks[w] = self.ctx.Queue()
+        self.procs[w] = self.ctx.Process(target=_decode_worker, args=(w, self.tasks[w], self.results, self.spec),
+                                         daemon=True, name=f"decode-{w}")
+        self.procs[w].start()
+        self.busy[w] = None
+
+    def idle(self) -> list[int]:
+        return [w for w, b in enumerate(self.busy) if b is None]
+
+    def submit(self, w: int, index: int, path: str, decoders: tuple[str, ...]) -> None:
+        self.busy[w] = (index, decoders)
+        self.last_seen[w] = time.monotonic()
+        self.tasks[w].put((index, path, decoders))
+
+    def replace(self, w: int) -> None:
+        """Kill a hung or dead worker and start a fresh one in its place."""
+        proc = self.procs[w]
+        if proc.is_alive():
+            proc.kill()
+        proc.join(timeout=5)
+        self._start(w)
+
+    def close(self) -> None:
+        for w, proc in enumerate(self.procs):
+            if proc.is_alive():
+                proc.kill()
+            proc.join(timeout=5)
+        self.results.cancel_join_thread()
+        self.results.close()
+
+
+def _decode_worker(w: int, tasks, results, spec: DecodeSpec) -> None:
+    import dataclasses
+
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        index, path, decoders = task
+        try:
+            for event in decode_video(path, dataclasses.replace(spec, decoders=decoders)):
+                results.put((w, index) + event)
+        except DecodeError as e:
+            results.put((w, index, "error", e.kind, str(e)))
+        except Exception as e:  # anything else in a decoder is this video's failure, not the run's
+            results.put((w, index, "error", "decode_error", f"{type(e).__name__}: {e}"))
+        results.put((w, index, "released"))
+
+
+class Engine:
+    """Runs one model over many videos; see the module docstring for the data flow."""
+
+    def __init__(self, model: torch.nn.Module, preset: Preset, spec: DecodeSpec, config: EngineConfig):
+        self.model = model.eval().to(config.device)
+        self.preset = preset
+        self.spec = spec
+        self.config = config
+        self.batch_size = max(1, int(config.batch_size))
+        dtype = torch.float16 if config.device.type == "cuda" else torch.float32
+        self.prep = FramePreprocessor(preset, config.device, dtype)
+        self.autocast = None
+        if config.device.type == "cuda" and config.amp:
+            amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            self.autocast = lambda: torch.autocast("cuda", dtype=amp)
+
+    # -- public ---------------------------------------------------------------------------------
+    def run(self, items: Sequence[Item], on_done: OnDone, on_failed: OnFailed, bar=None) -> EngineStats:
+        self.items = list(items)
+        self.on_failed_cb = on_failed
+        self.bar = bar
+        self.stats = EngineStats()
+        self.videos: dict[int, _Video] = {}
+        self.pending: list[tuple[_Video, int, torch.Tensor]] = []
+        self.n_pending = 0
+        self.finished = 0
+        self.failed_ids: set[int] = set()
+        self.writes: queue.Queue = queue.Queue(maxsize=4)
+        self.write_errors: queue.Queue = queue.Queue()
+        writer = threading.Thread(target=self._writer, args=(on_done,), daemon=True, name="feature-writer")
+        writer.start()
+        t0 = self.t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                if self.config.workers > 0:
+                    self._run_workers()
+                else:
+                    self._run_inline()
+        finally:
+            self.writes.put(None)
+            writer.join()
+        self._drain_write_errors()
+        self.stats.seconds = time.perf_counter() - t0
+        return self.stats
+
+    # -- drivers --------------------------------------------------------------------------------
+    def _run_inline(self) -> None:
+        for index, item in enumerate(self.items):
+            try:
+                for event in decode_video(str(item.path), self.spec):
+                    self._on_event(index, event)
+            except DecodeError as e:
+                self._fail(index, e.kind, str(e))
+            self._flush(force=True)
+            self._drain_write_errors()
+
+    def _run_workers(self) -> None:
+        n = min(self.config.workers, max(1, len(self.items)))
+        workers = _Workers(n, self.spec)
+        todo = list(range(len(self.items)))[::-1]
+        try:
+            while todo or any(b is not None for b in workers.busy):
+                for w in workers.idle():
+                    if todo:
+                        index = todo.pop()
+                        workers.submit(w, index, str(self.items[index].path), self.spec.decoders)
+                t_wait = time.perf_counter()
+                try:
+                    msg = workers.results.get(timeout=_POLL_S if not self.pending else 0.001)
+                except queue.Empty:
+                    msg = None
+                self.stats.decode_s += time.perf_counter() - t_wait
+                if msg is None:
+                    self._flush(force=True)      # nothing arriving: keep the model busy anyway
+                    self._check_workers(workers)
+                    continue
+                w, index, kind = msg[0], msg[1], msg[2]
+                workers.last_seen[w] = time.monotonic()
+                if kind == "released":
+                    if workers.busy[w] is not None and workers.busy[w][0] == index:
+                        workers.busy[w] = None
+                    continue
+                if kind == "error":
+                    self._fail(index, msg[3], msg[4])
+                else:
+                    self._on_event(index, msg[2:])
+                self._flush(force=False)
+                self._drain_write_errors()
+                self._check_workers(workers)
+            self._flush(force=True)
+        finally:
+            workers.close()
+
+    def _check_workers(self, workers: _Workers) -> None:
+        now = time.monotonic()
+        for w, held in enumerate(workers.busy):
+            if held is None:
+                continue
+            index, decoders = held
+            if not workers.procs[w].is_alive():
+                code = workers.procs[w].exitcode
+                workers.replace(w)
+                if decoders[0] == "decord" and "pyav" in decoders[1:] and index not in self.failed_ids:
+                    self._reset(index)          # decord aborted the process: start over with PyAV
+                    workers.submit(w, index, str(self.items[index].path), ("pyav",))
+                    continue
+                self._fail(index, "decoder_crash", f"the decoder process died (exit code {code})")
+            elif now - workers.last_seen[w] > self.config.video_timeout_s:
+                workers.replace(w)
+                self._fail(index, "timeout", f"the decoder made no progress for {self.config.video_timeout_s:g} s")
+
+    # -- events ---------------------------------------------------------------------------------
+    def _on_event(self, index: int, event: tuple) -> None:
+        kind = event[0]
+        if index in self.failed_ids:
+            return
+        if kind == "meta":
+            meta: VideoMeta = event[1]
+            grid = TimeGrid(fps=meta.sampled_fps, stride=self.spec.stride, clip_len=self.spec.clip_len,
+                            frame_interval=self.spec.frame_interval)
+            self.videos[index] = _Video(index, self.items[index], meta, grid, self.spec.tail, time.perf_counter())
+            if self.bar is not None:
+                self.bar.set_postfix_str(f"{self.items[index].id}", refresh=False)
+            return
+        video = self.videos.get(index)
+        if video is None:
+            return  # left over from a decoder attempt that was abandoned (reset / crash retry)
+        if kind == "frames":
+            self._on_frames(video, event[2])
+        elif kind == "done":
+            video.decoded = True
+            first, rows = video.windows.finish(event[1])
+            self._queue_clips(video, first, rows)
+            self._maybe_finish(video)
+        elif kind == "reset":
+            self._reset(index)
+
+    def _reset(self, index: int) -> None:
+        video = self.videos.pop(index, None)
+        if video is not None:
+            video.dead = True
+
+    def _on_frames(self, video: _Video, frames: np.ndarray) -> None:
+        x = self.prep(frames)
+        video.frames = x if video.frames is None else torch.cat([video.frames, x])
+        video.received += len(frames)
+        first, rows = video.windows.ready(video.received)
+        self._queue_clips(video, first, rows)
+        keep = video.windows.keep_from()
+        if keep > video.base:
+            video.frames = video.frames[keep - video.base:]
+            video.base = keep
+
+    def _queue_clips(self, video: _Video, first: int, rows: np.ndarray) -> None:
+        if len(rows) == 0:
+            return
+        local = torch.from_numpy(rows - video.base).to(video.frames.device)
+        clips = video.frames[local].permute(0, 2, 1, 3, 4)       # (k, C, T, H, W)
+        self.pending.append((video, first, clips))
+        self.n_pending += len(rows)
+
+    # -- inference ------------------------------------------------------------------------------
+    def _flush(self, force: bool) -> None:
+        while self.n_pending >= self.batch_size or (force and self.n_pending):
+            batch, self.pending, self.n_pending = self._take(self.batch_size)
+            self._infer(batch)
+
+    def _take(self, n: int):
+        taken, rest, count = [], [], 0
+        for video, first, clips in self.pending:
+            if count >= n:
+                rest.append((video, first, clips))
+                continue
+            k = min(n - count, len(clips))
+            taken.append((video, first, clips[:k]))
+            if k < len(clips):
+                rest.append((video, first + k, clips[k:]))
+            count += k
+        return taken, rest, sum(len(c) for _, _, c in rest)
+
+    def _infer(self, batch: list) -> None:
+        live = [(v, f, c) for v, f, c in batch if not v.dead]
+        if not live:
+            return
+        t0 = time.perf_counter()
+        try:
+            out = self._forward(torch.cat([c for _, _, c in live]))
+        except Exception as e:
+            if len({id(v) for v, _, _ in live}) > 1:
+                # Find the video that breaks the model; the others in the batch go on.
+                for group in _by_video(live):
+                    self._infer(group)
+                return
+            video = live[0][0]
+            self._fail(video.index, "model_error", f"{type(e).__name__}: {e}")
+            return
+        finally:
+            self.stats.infer_s += time.perf_counter() - t0
+        pos = 0
+        for video, first, clips in live:
+            k = len(clips)
+            if video.feats is None:
+                video.feats = np.empty((video.meta.n_clips, out.shape[1]), dtype=np.float32)
+            video.feats[first:first + k] = out[pos:pos + k]
+            video.filled += k
+            pos += k
+            self.stats.clips += k
+        for video in {id(v): v for v, _, _ in live}.values():
+            self._maybe_finish(video)
+
+    def _forward(self, clips: torch.Tensor) -> np.ndarray:
+        try:
+            if self.autocast is not None:
+                with self.autocast():
+                    out = self.model(clips)
+            else:
+                out = self.model(clips)
+        except torch.OutOfMemoryError:
+            if len(clips) == 1:
+                raise
+            # The batch did not fit: halve it for the rest of the run.
+            torch.cuda.empty_cache()
+            self.batch_size = max(1, len(clips) // 2)
+            return np.concatenate([self._forward(part) for part in clips.split(self.batch_size)])
+        if out.dim() != 2 or out.shape[0] != len(clips):
+            raise RuntimeError(f"backbone returned shape {tuple(out.shape)} for {len(clips)} clips")
+        return out.float().cpu().numpy()
+
+    # -- completion -----------------------------------------------------------------------------
+    def _maybe_finish(self, video: _Video) -> None:
+        if video.dead or not video.decoded or video.filled < video.meta.n_clips:
+            return
+        del self.videos[video.index]
+        meta = video.meta
+        self.stats.native_frames += meta.n_frames
+        self.stats.decoded_frames += meta.n_native_decoded
+        self.stats.decoders[meta.decoder] = self.stats.decoders.get(meta.decoder, 0) + 1
+        self.writes.put((video.item, video.feats, meta, time.perf_counter() - video.started))
+        self._advance(video.item.id)
+
+    def _writer(self, on_done: OnDone) -> None:
+        while True:
+            job = self.writes.get()
+            if job is None:
+                return
+            item, feats, meta, seconds = job
+            try:
+                on_done(item, feats, meta, seconds)
+            except Exception as e:
+                self.write_errors.put((item, f"{type(e).__name__}: {e}"))
+
+    def _drain_write_errors(self) -> None:
+        while True:
+            try:
+                item, message = self.write_errors.get_nowait()
+            except queue.Empty:
+                return
+            self.stats.done -= 1
+            self._report_failure(item, "write_error", message)
+
+    def _fail(self, index: int, kind: str, message: str) -> None:
+        if index in self.failed_ids:
+            return
+        video = self.videos.pop(index, None)
+        if video is not None:
+            video.dead = True
+        self.failed_ids.add(index)
+        self._report_failure(self.items[index], kind, message)
+
+    def _report_failure(self, item: Item, kind: str, message: str) -> None:
+        self.stats.failed += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        self.on_failed_cb(item, kind, message)
+
+    def _advance(self, video_id: str) -> None:
+        self.stats.done += 1
+        if self.bar is not None:
+            rate = self.stats.clips / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.set_postfix_str(f"{rate:.1f} clips/s {video_id}", refresh=False)
+            self.bar.update(1)
+
+
+def _by_video(batch: list) -> list[list]:
+    groups: dict[int, list] = {}
+    for entry in batch:
+        groups.setdefault(id(entry[0]), []).append(entry)
+    return list(groups.values())

@@ -1,0 +1,250 @@
+"""Stage entry ``extract``: the dataset's videos -> one feature store per stage key.
+
+Params (enter the key): ``preset`` plus any preset field as an override (``stride``, ``fps``,
+``clip_len``, ``crop`` ...; see ``extractors.presets``), ``weights`` (checkpoint file or null),
+``store`` (zarr | hdf5), ``dtype`` (float16 | float32).
+Runtime (never in the key): ``batch_size``, ``device`` (auto | cpu | cuda | cuda:N),
+``video_timeout_s``, ``decoders`` (order to try, default decord then pyav).
+Options: ``--workers N`` decode processes (local) or shards in flight (ray / dask),
+``--fail-fast``.
+
+Processes exactly ``ctx.items``; each video's features are written to the store, then its record
+(``ctx.item_done``); failures go to ``ctx.item_failed`` and the run goes on. torch is imported only
+when the stage runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from extractors.presets import Preset, resolve_preset
+from pipeline.context import Item, StageContext
+from pipeline.errors import ConfigError
+
+_STORE_BACKENDS = ("zarr", "hdf5")
+_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class ExtractJob:
+    """Everything a process needs to extract a list of videos into the stage's store (picklable,
+    so shards can run on Ray or Dask workers)."""
+
+    params: Mapping[str, Any]
+    runtime: Mapping[str, Any]
+    out_dir: Path
+    workers: int
+    device: str
+
+
+def extract(ctx: StageContext) -> dict:
+    started = time.perf_counter()
+    preset = resolve_preset(ctx.params)
+    _check_params(ctx.params)
+    device = _resolve_device(ctx.runtime.get("device", "auto"))
+    workers = max(0, int(ctx.options.workers))
+    job = ExtractJob(dict(ctx.params), dict(ctx.runtime), Path(ctx.out_dir), workers, device)
+    model, attrs = _model_and_attrs(preset, job)
+    # Created here, once, before any shard opens it: concurrent first writers would race.
+    from pipeline.store import create_store
+
+    create_store(job.out_dir, ctx.params.get("store", "zarr"), ctx.params.get("dtype", "float16"), attrs).close()
+    skipped = len(ctx.all_items) - len(ctx.items)
+    bar = ctx.progress(total=len(ctx.items), desc="extract", unit="video")
+    try:
+        if ctx.options.backend == "local" or not ctx.items:
+            stats = run_job(job, ctx.items, ctx.item_done, ctx.item_failed, bar=bar, model=model)
+            done, failed, decoders = stats.done, stats.failed, stats.decoders
+        else:
+            done, failed, decoders = _run_shards(ctx, job, bar)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - started
+    summary = summary_table(done=done, skipped=skipped, failed=failed, seconds=seconds)
+    return {"summary": summary, "done": done, "skipped": skipped, "failed": failed,
+            "seconds": round(seconds, 3), "decoders": decoders, "preset": preset.name,
+            "feature_dim": attrs["feature_dim"]}
+
+
+def run_job(job: ExtractJob, items: Sequence[Item], item_done: Callable, item_failed: Callable,
+            bar=None, model=None):
+    """Extract ``items`` into the job's store; returns the engine's stats."""
+    import torch
+
+    from extractors.decoding import DecodeSpec
+    from extractors.engine import Engine, EngineConfig
+    from pipeline.store import create_store
+
+    preset = resolve_preset(job.params)
+    if model is None:
+        model, attrs = _model_and_attrs(preset, job)
+    else:
+        attrs = _store_attrs(preset, job, model)
+    store = create_store(job.out_dir, job.params.get("store", "zarr"), job.params.get("dtype", "float16"), attrs)
+    decoders = _decoders(job.runtime)
+    spec = DecodeSpec(fps=preset.fps, clip_len=preset.clip_len, frame_interval=preset.frame_interval,
+                      stride=preset.stride, tail=preset.tail, resize=preset.resize, size=tuple(preset.size),
+                      decoders=decoders)
+    device = torch.device(job.device)
+    config = EngineConfig(device=device, batch_size=int(job.runtime.get("batch_size", 8)),
+                          workers=job.workers, video_timeout_s=float(job.runtime.get("video_timeout_s", 600)))
+
+    def on_done(item: Item, feats, meta, seconds: float) -> None:
+        store.write(item.id, feats, {
+            "source_fingerprint": item.fingerprint, "native_fps": meta.native_fps,
+            "sampled_fps": meta.sampled_fps, "n_frames": meta.n_frames, "duration": meta.duration,
+            "start_time": meta.start_time, "decoder": meta.decoder, "decoder_version": meta.decoder_version,
+            "width": meta.width, "height": meta.height})
+        item_done(item, {"shape": list(feats.shape), "decoder": meta.decoder, "fps": meta.sampled_fps,
+                         "native_fps": meta.native_fps, "n_frames": meta.n_frames, "seconds": round(seconds, 3)})
+
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and job.workers:
+        # Decode processes need cores too; inference takes what is left.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - job.workers))
+    try:
+        return Engine(model, preset, spec, config).run(items, on_done, item_failed, bar=bar)
+    finally:
+        torch.set_num_threads(threads)
+        store.close()
+
+
+def _run_shards(ctx: StageContext, job: ExtractJob, bar) -> tuple[int, int, dict]:
+    """Shards of videos as tasks of ``pipeline.executors`` (Ray / Dask); each writes its own videos
+    into the shared store, and the records are written here once their data is in."""
+    from pipeline.executors import parallel_map
+
+    if ctx.params.get("store", "zarr") == "hdf5":
+        raise ConfigError("extract.store: hdf5 takes one writer at a time; use zarr with --backend "
+                          f"{ctx.options.backend}")
+    n = max(1, job.workers)
+    shards = [list(ctx.items[i::n]) for i in range(n)]
+    tasks = [(job, shard, i) for i, shard in enumerate(shards) if shard]
+    done = failed = 0
+    decoders: dict[str, int] = {}
+    for records, failures in parallel_map(_extract_shard, tasks, backend=ctx.options.backend, workers=n):
+        by_id = {item.id: item for item in ctx.items}
+        for item_id, record in records:
+            ctx.item_done(by_id[item_id], record)
+            decoders[record["decoder"]] = decoders.get(record["decoder"], 0) + 1
+            done += 1
+            bar.update(1)
+        for item_id, kind, message in failures:
+            ctx.item_failed(by_id[item_id], kind, message)
+            failed += 1
+            bar.update(1)
+    return done, failed, decoders
+
+
+def _extract_shard(task) -> tuple[list, list]:
+    import multiprocessing
+
+    import torch
+
+    job, items, shard = task
+    device = job.device
+    if device.startswith("cuda") and torch.cuda.device_count() > 1:
+        device = f"cuda:{shard % torch.cuda.device_count()}"   # one GPU per shard
+    # Daemonic pool workers may not fork decode processes: decode inline there.
+    workers = 0 if multiprocessing.current_process().daemon else 1
+    job = ExtractJob(job.params, job.runtime, job.out_dir, workers, device)
+    records, failures = [], []
+    run_job(job, items, lambda item, record: records.append((item.id, record)),
+            lambda item, kind, message: failures.append((item.id, kind, message)))
+    return records, failures
+
+
+def _model_and_attrs(preset: Preset, job: ExtractJob):
+    from extractors.registry import build_backbone
+
+    kwargs = dict(preset.backbone_kwargs)
+    weights = job.params.get("weights")
+    if weights is not None:
+        kwargs["weights"] = weights
+    model = build_backbone(preset.backbone, **kwargs)
+    if weights is not None and model.feature_dim != preset.feature_dim:
+        raise ConfigError(f"extract.weights: {preset.backbone} gives {model.feature_dim}-d features, "
+                          f"preset {preset.name!r} expects {preset.feature_dim}")
+    return model, _store_attrs(preset, job, model)
+
+
+def _store_attrs(preset: Preset, job: ExtractJob, model) -> dict:
+    import av
+
+    from pipeline import __version__
+
+    decoders = _decoders(job.runtime)
+    versions = {"pyav": av.__version__}
+    if "decord" in decoders:
+        import decord
+
+        versions["decord"] = decord.__version__
+    attrs = preset.attrs()
+    attrs.update({
+        "fps": preset.fps,
+        "feature_dim": int(model.feature_dim),
+        "checkpoint_sha256": _weights_sha256(job.params.get("weights")),
+        "decoder": decoders[0],
+        "decoder_version": versions[decoders[0]],
+        "decoder_versions": versions,
+        "project_version": __version__,
+        "dtype": job.params.get("dtype", "float16"),
+        "resize_mode": preset.resize,
+    })
+    return attrs
+
+
+def _weights_sha256(weights) -> str | dict | None:
+    if weights is None:
+        return None
+    from extractors.checkpoints import sha256_file
+
+    if isinstance(weights, Mapping):
+        return {name: sha256_file(path) for name, path in weights.items()}
+    if isinstance(weights, (list, tuple)):
+        return [sha256_file(path) for path in weights]
+    return sha256_file(weights)
+
+
+def _decoders(runtime: Mapping[str, Any]) -> tuple[str, ...]:
+    from extractors.decoding import DECODERS, available_decoders
+
+    wanted = tuple(runtime.get("decoders") or DECODERS)
+    unknown = [d for d in wanted if d not in DECODERS]
+    if unknown:
+        raise ConfigError(f"extract.decoders: unknown decoder {unknown[0]!r}; known: {', '.join(DECODERS)}")
+    usable = available_decoders(wanted)
+    if not usable:
+        raise ConfigError(f"extract.decoders: none of {list(wanted)} can be imported here")
+    return usable
+
+
+def _check_params(params: Mapping[str, Any]) -> None:
+    if params.get("store", "zarr") not in _STORE_BACKENDS:
+        raise ConfigError(f"extract.store: must be one of {_STORE_BACKENDS}, got {params.get('store')!r}")
+    if params.get("dtype", "float16") not in _DTYPES:
+        raise ConfigError(f"extract.dtype: must be one of {_DTYPES}, got {params.get('dtype')!r}")
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"extract.device: {device!r} requested but CUDA is not available")
+    if not (device == "cpu" or str(device).startswith("cuda")):
+        raise ConfigError(f"extract.device: must be auto, cpu, cuda or cuda:N, got {device!r}")
+    return str(device)
+
+
+def summary_table(*, done: int, skipped: int, failed: int, seconds: float) -> str:
+    head = ("done", "skipped (cached)", "failed", "seconds")
+    row = (str(done), str(skipped), str(failed), f"{seconds:.1f}")
+    widths = [max(len(h), len(r)) for h, r in zip(head, row)]
+    return "\n".join(["extract: " + "  ".join(h.rjust(w) for h, w in zip(head, widths)),
+                      "         " + "  ".join(r.rjust(w) for r, w in zip(row, widths))])
