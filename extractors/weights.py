@@ -54,11 +54,12 @@ CATALOGUE = (
 )
 
 
-def needed_file(backbone: str, variant: str) -> str:
-    """What to tell a user whose checkpoint file is missing: the public file(s) and where they are."""
-    entries = [e for e in CATALOGUE if e.backbone == backbone and e.variant == variant]
+def needed_file(backbone: str, variant: str | None = None) -> str:
+    """What to tell a user whose checkpoint file is missing: the public file(s) and where they are
+    (every variant of the backbone when ``variant`` is None)."""
+    entries = [e for e in CATALOGUE if e.backbone == backbone and variant in (None, e.variant)]
     if not entries:
-        return f"a {backbone} ({variant}) checkpoint in a published layout"
+        return f"a {backbone} checkpoint in a published layout"
     return " or ".join(f"{e.filename} from {e.published}" for e in entries)
 
 
