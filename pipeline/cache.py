@@ -93,16 +93,14 @@ class Cache:
         d = self.root / stage
         return sorted(p for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
 
-    def latest_manifest(self, stage: str, dataset: str) -> dict | None:
-        """The most recently written manifest of ``stage`` for ``dataset`` (for explaining staleness)."""
-        best, best_time = None, -1.0
+    def manifests(self, stage: str, dataset: str) -> list[dict]:
+        """Every complete manifest of ``stage`` for ``dataset``, newest first."""
+        found = []
         for d in self.stage_outputs(stage):
-            if d.name.endswith(".partial"):
-                continue
-            m = self.read_manifest(d)
-            if m and m.get("dataset") == dataset and m.get("finished", 0) > best_time:
-                best, best_time = m, m.get("finished", 0)
-        return best
+            m = None if d.name.endswith(".partial") else self.read_manifest(d)
+            if m and m.get("dataset") == dataset:
+                found.append(m)
+        return sorted(found, key=lambda m: m.get("finished", 0), reverse=True)
 
 
 def dir_size(path: Path) -> int:

@@ -285,6 +285,8 @@ class Planner:
 
 
 def lookup_import(cache_root: Path, dataset_name: str) -> dict | None:
+    if not (cache_root / "imports" / f"{dataset_name}.json").exists():
+        return None  # no registration (CONTRACTS.md layout): skip importing the stores package
     try:
         from pipeline.store.imports import lookup
     except ModuleNotFoundError as exc:

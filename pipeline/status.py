@@ -47,11 +47,12 @@ def _describe(ws: Workspace, dataset: Dataset, st: StageState) -> dict:
         shown = ", ".join(ids[:_SHOW_IDS]) + (", ..." if len(ids) > _SHOW_IDS else "")
         out["reasons"].append(f"{len(ids)} of {len(st.items)} items missing or changed: {shown}")
         return out
-    previous = ws.cache.latest_manifest(st.name, dataset.name)
-    if previous is not None:
+    # explain against the closest earlier output: the one that differs in the fewest fields
+    explanations = [changes(m.get("inputs") or {}, m.get("code_files") or {}, st)
+                    for m in ws.cache.manifests(st.name, dataset.name)]
+    if explanations:
         out["state"] = "stale"
-        out["reasons"] += changes(previous.get("inputs") or {}, previous.get("code_files") or {}, st) or [
-            "inputs differ from the last output (no single field explains it)"]
+        out["reasons"] += min(explanations, key=len) or ["inputs differ from the last output"]
     elif ws.cache.partial_dir(st.name, st.key).exists():
         out["reasons"].append("interrupted: a partial output exists and will be resumed")
     return out

@@ -1,0 +1,200 @@
+"""Stage keys, per-item records and reuse, through the real CLI on the toy graph (see conftest)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+# a+b+c = 5+6+7 characters
+TOTAL = 18
+
+
+def statuses(out: dict) -> dict[str, str]:
+    return {name: s["status"] for name, s in out["by_stage"].items()}
+
+
+def test_first_run_does_the_work_and_rerun_does_none(toy):
+    first = toy.run()
+    assert statuses(first) == {"upper": "ran", "total": "ran"}
+    assert sorted(toy.work("upper")) == ["a", "b", "c"] and toy.work("total") == [str(TOTAL)]
+    assert first["by_stage"]["total"]["summary"] == f"total = {TOTAL}"
+    assert first["hashed"] >= 3
+
+    again = toy.run()
+    assert statuses(again) == {"upper": "cached", "total": "cached"}
+    assert again["hashed"] == 0  # nothing unchanged is ever reopened
+    assert again["by_stage"]["total"]["summary"] == f"total = {TOTAL}"  # shown when cached too
+    assert sorted(toy.work("upper")) == ["a", "b", "c"] and toy.work("total") == [str(TOTAL)]
+    assert {s["state"] for s in toy.status().values()} == {"done"}
+    key_dir = toy.cache / "total" / first["by_stage"]["total"]["key"]
+    assert (key_dir / "total.txt").read_text() == str(TOTAL)
+    assert not list((toy.cache / "total").glob("*.partial"))
+
+
+def test_human_output_prints_summaries(toy):
+    proc = toy.cli("run", "total", "--dataset", "toy")
+    assert "total = 18" in proc.stdout and "upper-cased 3 files" in proc.stdout
+    proc = toy.cli("run", "total", "--dataset", "toy")
+    assert "cached" in proc.stdout and "total = 18" in proc.stdout
+
+
+def test_param_change_reruns_that_stage_and_dependants_only(toy):
+    toy.run()
+    out = toy.run("--set", "total.scale=2")
+    assert statuses(out) == {"upper": "cached", "total": "ran"}
+    assert toy.work("total") == [str(TOTAL), str(2 * TOTAL)]
+
+    out = toy.run("--set", "upper.repeat=2")
+    assert statuses(out) == {"upper": "ran", "total": "ran"}
+    assert sorted(toy.work("upper")) == ["a", "a", "b", "b", "c", "c"]
+
+    # runtime values change how a stage runs, never its key
+    out = toy.run("--set", "upper.delay=0.01")
+    assert statuses(out) == {"upper": "cached", "total": "cached"}
+
+    # back to the defaults: both outputs are still in the cache
+    out = toy.run()
+    assert statuses(out) == {"upper": "cached", "total": "cached"}
+    status = toy.status("--set", "total.fmt.width=4")
+    assert status["upper"]["state"] == "done" and status["total"]["state"] == "stale"
+    assert status["total"]["reasons"] == ["param total.fmt.width: 0 -> 4"]
+
+
+def test_touch_without_change_rehashes_once_and_reruns_nothing(toy):
+    toy.run()
+    st = os.stat(toy.videos / "b.mp4")
+    os.utime(toy.videos / "b.mp4", ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    out = toy.run()
+    assert out["hashed"] == 1
+    assert statuses(out) == {"upper": "cached", "total": "cached"}
+    assert toy.run()["hashed"] == 0
+    assert sorted(toy.work("upper")) == ["a", "b", "c"] and len(toy.work("total")) == 1
+
+
+def test_changed_input_reprocesses_that_item_alone(toy):
+    toy.run()
+    toy.write("videos/b.mp4", "bravo, changed")
+    status = toy.status()
+    assert status["upper"]["state"] == "incomplete" and "b" in status["upper"]["reasons"][0]
+    out = toy.run()
+    assert out["by_stage"]["upper"]["items"] == {"total": 3, "done": 1, "skipped": 2, "failed": 0}
+    assert sorted(toy.work("upper")) == ["a", "b", "b", "c"]
+    assert toy.work("total") == [str(TOTAL), str(TOTAL - 6 + 14)]
+
+
+def test_added_item_is_processed_alone(toy):
+    toy.run()
+    toy.write("videos/d.webm", "delta")
+    out = toy.run()
+    assert out["by_stage"]["upper"]["items"] == {"total": 4, "done": 1, "skipped": 3, "failed": 0}
+    assert sorted(toy.work("upper")) == ["a", "b", "c", "d"]
+    assert toy.work("total")[-1] == str(TOTAL + 5)
+
+
+def test_code_edit_makes_stage_stale_and_status_names_the_file(toy):
+    toy.run()
+    toy.write("toytotal/fmt.py", "def render(value, width):\n    return f'{value:>{width}}'  # same output\n")
+    status = toy.status()
+    assert status["upper"]["state"] == "done"
+    assert status["total"]["state"] == "stale"
+    assert status["total"]["reasons"] == ["code file changed: toytotal/fmt.py"]
+    out = toy.run()
+    assert statuses(out) == {"upper": "cached", "total": "ran"}
+
+
+def test_version_pinned_stage_reports_source_drift_but_stays_done(toy):
+    toy.run()
+    path = toy.root / "toyupper" / "__init__.py"
+    path.write_text(path.read_text() + "\n# a comment does not throw away the outputs\n")
+    status = toy.status()
+    assert status["upper"]["state"] == "done"
+    assert "toyupper/__init__.py" in status["upper"]["reasons"][0]
+    assert "version 1 pinned" in status["upper"]["reasons"][0]
+    toy.write("stages.yaml", (toy.root / "stages.yaml").read_text().replace("version: 1", "version: 2"))
+    status = toy.status()
+    assert status["upper"]["state"] == "stale" and status["upper"]["reasons"] == ["version 1 -> 2"]
+
+
+def test_item_failures_are_listed_kept_and_retried(toy):
+    out = toy.run("--set", "upper.fail=b", check=1)
+    assert out["by_stage"]["upper"]["items"] == {"total": 3, "done": 2, "skipped": 0, "failed": 1}
+    assert [f["id"] for f in out["by_stage"]["upper"]["failures"]] == ["b"]
+    assert out["by_stage"]["total"]["status"] == "ran"  # keep going on the complete items
+    assert sorted(toy.work("upper")) == ["a", "c"]
+    out = toy.run()
+    assert out["by_stage"]["upper"]["items"]["done"] == 1
+    assert sorted(toy.work("upper")) == ["a", "b", "c"]
+    out = toy.run("--set", "upper.fail=a", "--force", "--fail-fast", stage="upper", check=1)
+    assert out["by_stage"]["upper"]["status"] == "failed"
+
+
+def test_sigkill_mid_stage_leaves_nothing_done_and_rerun_finishes_the_rest(toy):
+    for vid in "defgh":
+        toy.write(f"videos/{vid}.mp4", vid * 3)
+    proc = toy.popen("run", "total", "--dataset", "toy", "--set", "upper.delay=0.15")
+    deadline = time.time() + 20
+    while len(toy.work("upper")) < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = toy.work("upper")
+    assert 2 <= len(done_before) < 8
+    status = toy.status()
+    assert status["upper"]["state"] != "done" and status["total"]["state"] != "done"
+    out = toy.run()
+    processed = out["by_stage"]["upper"]["items"]
+    assert processed["done"] == 8 - len(done_before) and processed["skipped"] == len(done_before)
+    assert sorted(toy.work("upper")) == sorted("abcdefgh")  # every item exactly once over both runs
+    assert {s["state"] for s in toy.status().values()} == {"done"}
+
+
+def test_sigkill_in_whole_stage_keeps_partial_and_reports_not_done(toy):
+    toy.write("toytotal/fmt.py", "import time\n\ndef render(value, width):\n    time.sleep(30)\n")
+    toy.run(stage="upper")
+    proc = toy.popen("run", "total", "--dataset", "toy")
+    partial = None
+    deadline = time.time() + 20
+    while partial is None and time.time() < deadline:
+        found = list((toy.cache / "total").glob("*.partial")) if (toy.cache / "total").exists() else []
+        partial = found[0] if found else None
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    status = toy.status()
+    assert status["total"]["state"] == "missing"
+    assert "interrupted" in status["total"]["reasons"][0]
+    assert partial.exists() and not (toy.cache / "total" / partial.name.removesuffix(".partial")).exists()
+
+
+def test_gc_removes_what_no_current_key_refers_to(toy):
+    current = toy.run()
+    old = toy.run("--set", "total.scale=3")
+    old_dir = toy.cache / "total" / old["by_stage"]["total"]["key"]
+    dry = toy.cli("gc", "--dry-run")
+    assert str(old_dir) in dry.stdout and old_dir.exists()
+    proc = toy.cli("gc")
+    assert "reclaimed" in proc.stdout and not old_dir.exists()
+    for name in ("upper", "total"):
+        assert (toy.cache / name / current["by_stage"][name]["key"]).exists()
+    assert statuses(toy.run()) == {"upper": "cached", "total": "cached"}
+
+
+@pytest.mark.parametrize("what,stage,expected", [("train", "localize", "localize"),
+                                                 ("eval", "localize", "localize_eval"),
+                                                 ("extract", None, "extract")])
+def test_run_verbs_resolve_to_stages(what, stage, expected):
+    from pathlib import Path
+
+    from pipeline.datasets import Dataset
+    from pipeline.runner import targets_for
+    from pipeline.stage_graph import load_stage_graph
+
+    graph = load_stage_graph(Path(__file__).resolve().parent.parent / "stages.yaml")
+    ds = Dataset(name="x", task="localize", path=Path("x.yaml"), root=Path("."), videos=None, annotations=None,
+                 splits={}, params={})
+    assert targets_for(graph, ds, what, stage) == [expected]
+    assert targets_for(graph, ds, "all", None) == ["extract", "localize", "localize_eval"]
