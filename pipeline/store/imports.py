@@ -1,0 +1,204 @@
+"""Imported feature sets as first-class extract outputs, and their registration per dataset.
+
+``import_into_cache`` turns public feature files into ``<cache>/extract/<key>/`` exactly like an
+extraction would leave it (a store, ``items/<vid>.json`` records, ``manifest.json`` with
+``imported_from``) and registers it in ``<cache>/imports/<dataset>.json``. The key hashes the
+imported files' content fingerprints and the time-mapping parameters. The store is built in a hidden
+directory beside its final place and renamed in when every file has passed the checks, so a bad
+file leaves nothing behind. The core runner consults :func:`lookup` when planning ``extract``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.context import write_json_atomic
+from pipeline.errors import ConfigError
+
+IMPORT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TimeMapping:
+    """How imported features sit in time; ``fps`` None means each video's fps from the annotations."""
+
+    fps: float | None
+    stride: int
+    clip_len: int
+    frame_interval: int = 1
+    offset_frames: float | None = None
+    tail: str = "drop"
+    preset: str | None = None
+    backbone: str = "imported"
+    feature_dim: int | None = None  # expected dimension (presets), checked against every file
+
+    def __post_init__(self) -> None:
+        for name in ("stride", "clip_len", "frame_interval"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(self, name)!r}")
+        if self.fps is not None and not self.fps > 0:
+            raise ConfigError(f"--fps: expected a positive number, got {self.fps!r}")
+
+
+def registration_path(cache_dir: Path, dataset_name: str) -> Path:
+    return Path(cache_dir) / "imports" / f"{dataset_name}.json"
+
+
+def lookup(cache_dir: Path, dataset_name: str) -> dict | None:
+    """The registration of the features imported for ``dataset_name`` (``{"key", "dir", "source",
+    "format", ...}``), or None when nothing was imported for it."""
+    path = registration_path(cache_dir, dataset_name)
+    try:
+        with open(path) as f:
+            reg = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable import registration ({e}); delete it or import again") from None
+    if not (Path(reg.get("dir", "")) / "manifest.json").is_file():
+        raise ConfigError(f"{path}: imported features of {dataset_name} are gone ({reg.get('dir')}); import "
+                          f"again or remove the registration (pipeline import-features --unregister --dataset "
+                          f"{dataset_name})")
+    return reg
+
+
+def unregister(cache_dir: Path, dataset_name: str) -> bool:
+    path = registration_path(cache_dir, dataset_name)
+    if path.exists():
+        path.unlink()
+        return True
+    return False
+
+
+def annotation_index(path: Path | None) -> dict[str, dict]:
+    """Video id -> {"fps", "duration"} from the dataset's temporal annotations (empty if it has none)."""
+    if path is None:
+        return {}
+    from pipeline.annotations import load_temporal
+
+    return {vid: {"fps": v.fps, "duration": v.duration} for vid, v in load_temporal(path).videos.items()}
+
+
+def match_video(vid: str, known: dict[str, Any]) -> str | None:
+    """The annotation id of a feature file's stem; ActivityNet feature files carry a ``v_`` prefix
+    that the official annotation ids lack."""
+    if vid in known:
+        return vid
+    if vid.startswith("v_") and vid[2:] in known:
+        return vid[2:]
+    return None
+
+
+def import_into_cache(src: Path, fmt: str, dataset, cache_dir: Path, mapping: TimeMapping, *,
+                      dtype: str = "float16", backend: str = "zarr",
+                      fingerprints: Callable[[list[Path]], dict[str, str]],
+                      log: Callable[[str], None] = lambda msg: None) -> dict:
+    """Validate every file, build the store, rename it into the cache and register it. Returns the
+    registration."""
+    from pipeline.keys import stage_key
+    from pipeline.store import importers
+
+    src = Path(src).resolve()
+    sources = importers.list_sources(src, fmt)
+    annotations = annotation_index(dataset.annotations)
+    ids: dict[str, importers.Source] = {}
+    for s in sources:
+        vid = match_video(s.vid, annotations) if annotations else s.vid
+        if vid is None:
+            raise ConfigError(f"{s.where}: video {s.vid!r} is not in the annotations of {dataset.name} "
+                              f"({dataset.annotations})")
+        if vid in ids:
+            raise ConfigError(f"{s.where}: video {vid!r} also comes from {ids[vid].where}")
+        ids[vid] = s
+    fps_of = {vid: _video_fps(vid, ids[vid], mapping, annotations, dataset) for vid in ids}
+    file_fps = fingerprints(sorted({s.file for s in sources}))
+    source_fp = {vid: _source_fingerprint(s, file_fps) for vid, s in ids.items()}
+    key = stage_key({"format": IMPORT_FORMAT, "stage": "extract", "import": fmt, "dataset": dataset.name,
+                     "mapping": asdict(mapping), "fps": fps_of, "sources": source_fp, "dtype": dtype,
+                     "backend": backend})
+    final = Path(cache_dir) / "extract" / key
+    reg = {"key": key, "dir": str(final), "source": str(src), "format": fmt, "preset": mapping.preset,
+           "videos": len(ids), "dataset": dataset.name, "time": time.time()}
+    if (final / "manifest.json").is_file():
+        log(f"import-features: {src} already imported as extract/{key}")
+    else:
+        _build(final, src, fmt, ids, fps_of, source_fp, annotations, mapping, dtype, backend, key, log)
+    write_json_atomic(registration_path(cache_dir, dataset.name), reg)
+    return reg
+
+
+def _video_fps(vid: str, source, mapping: TimeMapping, annotations: dict, dataset) -> float:
+    if mapping.fps is not None:
+        return float(mapping.fps)
+    fps = annotations.get(vid, {}).get("fps")
+    if not fps:
+        where = f"the annotations ({dataset.annotations})" if dataset.annotations else "no annotation file"
+        raise ConfigError(f"{source.where}: no fps for video {vid!r} in {where}; give --fps")
+    return float(fps)
+
+
+def _source_fingerprint(source, file_fps: dict[str, str]) -> str:
+    fp = file_fps[os.path.abspath(source.file)]
+    return fp if source.key is None else f"{fp}:{source.key}"
+
+
+def _build(final: Path, src: Path, fmt: str, ids: dict, fps_of: dict, source_fp: dict, annotations: dict,
+           mapping: TimeMapping, dtype: str, backend: str, key: str, log: Callable[[str], None]) -> None:
+    from pipeline.store import create_store, importers
+
+    t0 = time.time()
+    tmp = final.parent / f".{key}.import-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (first_vid, first_src), *_ = ids.items()
+        first = importers.load(first_src, fmt)
+        dim = first.shape[1]
+        if mapping.feature_dim is not None and dim != mapping.feature_dim:
+            raise ConfigError(f"{first_src.where}: feature dimension {dim}, but preset {mapping.preset} "
+                              f"has {mapping.feature_dim}")
+        store = create_store(tmp, backend=backend, dtype=dtype, attrs=_store_attrs(mapping, dim, src, fmt))
+        with store:
+            for vid, source in ids.items():
+                arr = first if vid == first_vid else importers.load(source, fmt)
+                if arr.shape[1] != dim:
+                    raise ConfigError(f"{source.where}: feature dimension {arr.shape[1]} differs from "
+                                      f"{dim} of {first_src.where}")
+                try:
+                    store.write(vid, arr, _video_attrs(vid, source, source_fp, fps_of, annotations))
+                except ValueError as e:  # e.g. values beyond the float16 range
+                    raise ConfigError(f"{source.where}: {e}") from None
+                write_json_atomic(tmp / "items" / f"{vid}.json",
+                                  {"id": vid, "source_fingerprint": source_fp[vid], "shape": list(arr.shape),
+                                   "dtype": dtype, "sampled_fps": fps_of[vid], "imported_from": source.where})
+        manifest = {"stage": "extract", "key": key, "imported_from": str(src), "format": fmt,
+                    "params": asdict(mapping), "runtime": {}, "inputs": {"files": len(ids)},
+                    "result": {"videos": len(ids), "feature_dim": dim, "dtype": dtype, "backend": backend,
+                               "summary": f"imported {len(ids)} videos ({dim}-d) from {src}"},
+                    "timings": {"import_s": round(time.time() - t0, 3)}}
+        write_json_atomic(tmp / "manifest.json", manifest)
+        shutil.rmtree(final, ignore_errors=True)  # a leftover without manifest is never complete
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"import-features: {len(ids)} videos from {src} -> {final}")
+
+
+def _store_attrs(mapping: TimeMapping, dim: int, src: Path, fmt: str) -> dict:
+    return {"backbone": mapping.backbone, "checkpoint_sha256": None,
+            "fps_policy": "native" if mapping.fps is None else "fixed", "fps": mapping.fps,
+            "clip_len": mapping.clip_len, "stride": mapping.stride, "frame_interval": mapping.frame_interval,
+            "offset_frames": mapping.offset_frames, "tail": mapping.tail, "preset": mapping.preset,
+            "feature_dim": dim, "imported_from": str(src), "import_format": fmt}
+
+
+def _video_attrs(vid: str, source, source_fp: dict, fps_of: dict, annotations: dict) -> dict:
+    ann = annotations.get(vid, {})
+    return {"source_fingerprint": source_fp[vid], "source_file": source.where, "native_fps": ann.get("fps"),
+            "sampled_fps": fps_of[vid], "n_frames": None, "duration": ann.get("duration")}
