@@ -1,0 +1,136 @@
+"""Every bad input exits 2 with one line naming the file and the field; planning stays light."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def edit(rel: str, old: str, new: str):
+    def apply(toy):
+        p = toy.root / rel
+        text = p.read_text()
+        assert old in text
+        p.write_text(text.replace(old, new))
+    return apply
+
+
+def write(rel: str, text: str):
+    return lambda toy: toy.write(rel, text)
+
+
+def remove_videos(toy):
+    for p in toy.videos.iterdir():
+        p.unlink()
+    toy.videos.rmdir()
+
+
+CASES = {
+    "unknown stage field": (edit("stages.yaml", "per_item: true", "per_item: true\n    colour: red"),
+                            ["run", "upper"], ["stages.yaml: stages.upper.colour: unknown field"]),
+    "cycle": (edit("stages.yaml", "    per_item: true", "    needs: [total]\n    per_item: true"),
+              ["status"], ["stages.yaml: stages.", ".needs: cycle"]),
+    "unknown need": (edit("stages.yaml", "needs: [upper]", "needs: [uper]"),
+                     ["status"], ["stages.yaml: stages.total.needs: unknown stage 'uper'"]),
+    "entry function missing": (edit("stages.yaml", "toytotal.stage:total", "toytotal.stage:totl"),
+                               ["run", "total"], ["stages.yaml: stages.total.entry: ", "no top-level 'totl'"]),
+    "entry module missing": (edit("stages.yaml", "toyupper:upper", "toyupper.nope:upper"),
+                             ["run", "total"], ["stages.yaml: stages.upper.entry: module 'toyupper.nope'"]),
+    "entry fails on import": (write("toyupper/__init__.py", "import no_such_package_here\n\ndef upper(ctx):\n    pass\n"),
+                              ["run", "total"], ["stages.yaml: stages.upper.entry: cannot import", "no_such_package"]),
+    "unset variable": (write("data/toy.yaml", "name: toy\nvideos: ${TOY_UNSET_VIDEOS_DIR}/v\n"),
+                       ["run", "upper"], ["data/toy.yaml: videos: environment variable TOY_UNSET_VIDEOS_DIR"]),
+    "missing videos dir": (remove_videos, ["run", "upper"], ["data/toy.yaml: videos: directory not found: ",
+                                                             "/videos"]),
+    "missing annotations": (write("data/toy.yaml", "name: toy\nvideos: ../videos\nannotations: gt.json\n"),
+                            ["run", "upper"], ["data/toy.yaml: annotations: not found: ", "data/gt.json"]),
+    "unknown manifest field": (write("data/toy.yaml", "name: toy\nvidoes: ../videos\n"),
+                               ["run", "upper"], ["data/toy.yaml: vidoes: unknown field"]),
+    "bad task": (write("data/toy.yaml", "name: toy\ntask: segment\nvideos: ../videos\n"),
+                 ["status"], ["data/toy.yaml: task: expected one of localize, detect"]),
+    "manifest params of unknown stage": (write("data/toy.yaml", "name: toy\nvideos: ../videos\nparams: {up: {}}\n"),
+                                         ["run", "upper"], ["data/toy.yaml: params.up: unknown stage"]),
+    "duplicate video ids": (write("videos/a.mkv", "again"), ["run", "upper"],
+                            ["data/toy.yaml: videos: two files with id 'a'"]),
+    "unknown --set stage": (None, ["run", "upper", "--set", "uper.repeat=2"],
+                            ["--set uper.repeat=2: unknown stage 'uper'; known: upper, total"]),
+    "unknown --set param": (None, ["run", "upper", "--set", "upper.rep=2"],
+                            ["--set upper.rep=2: unknown param upper.rep; known: repeat, delay, fail"]),
+    "missing file param": (edit("stages.yaml", "params: {repeat: 1}",
+                                "params: {repeat: 1, weights: null}\n    file_params: [weights]"),
+                           ["run", "upper", "--set", "upper.weights=nope.pt"],
+                           ["upper.weights: file not found: nope.pt"]),
+    "unknown stage to run": (None, ["run", "uper"], ["run uper: unknown stage; known: upper, total"]),
+    "train without --stage": (None, ["run", "train"], ["run train: --stage is required"]),
+    "missing --dataset": (None, ["run", "upper", "--dataset"], ["--dataset: expected one argument"]),
+    "bad backend": (None, ["run", "upper", "--backend", "spark"], ["--backend: invalid choice: 'spark'"]),
+    "unknown command": (None, ["frobnicate"], ["unknown command 'frobnicate'"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exits_2_with_one_line(toy, case):
+    mutate, args, fragments = CASES[case]
+    if mutate:
+        mutate(toy)
+    if args[0] in ("run", "status") and "--dataset" not in args:
+        args = [*args, "--dataset", "toy"]
+    proc = toy.cli(*args, check=2)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("pipeline: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert toy.work("upper") == []
+
+
+def test_unknown_dataset_lists_the_known_manifests(toy):
+    proc = toy.cli("run", "upper", "--dataset", "toyy", check=2)
+    assert re.fullmatch(r"pipeline: error: --dataset toyy: no manifest .*/data/toyy\.yaml; known: toy .*\n",
+                        proc.stderr)
+
+
+def test_debug_shows_the_traceback(toy):
+    proc = toy.cli("--debug", "run", "upper", "--dataset", "toy", "--set", "uper.x=1", check=2)
+    assert "Traceback" in proc.stderr and proc.stderr.strip().endswith("known: upper, total")
+
+
+def test_json_is_one_object_on_stdout(toy):
+    proc = toy.cli("run", "total", "--dataset", "toy", "--json")
+    assert json.loads(proc.stdout)["exit_code"] == 0
+    proc = toy.cli("--json", "status", "--dataset", "toy")
+    assert [s["state"] for s in json.loads(proc.stdout)["datasets"][0]["stages"]] == ["done", "done"]
+
+
+HEAVY = ("torch", "zarr", "h5py", "decord", "numpy", "extractors", "localizers", "detectors")
+
+
+def imported_modules(argv: list[str], env: dict, cwd: Path) -> set[str]:
+    proc = subprocess.run([sys.executable, "-X", "importtime", *argv], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_planning_imports_no_heavy_or_domain_package(toy, tmp_path):
+    toy.run()
+    noop = imported_modules(toy.argv("run", "total", "--dataset", "toy")[1:], toy.env, toy.root)
+    status = imported_modules(toy.argv("status", "--dataset", "toy")[1:], toy.env, toy.root)
+    videos = tmp_path / "thumos_videos"
+    videos.mkdir()
+    (videos / "video_test_0000004.mp4").write_bytes(b"\0" * 64)
+    env = dict(toy.env, THUMOS_VIDEOS=str(videos))
+    project = imported_modules(["-m", "pipeline.cli", "--cache-dir", str(tmp_path / "cache"), "status"], env,
+                               PROJECT)
+    for mods in (noop, status, project):
+        heavy = sorted(m for m in mods if m.split(".")[0] in HEAVY)
+        assert not heavy, heavy
+    assert "toytotal" not in noop  # a cached stage's entry is never imported
