@@ -149,15 +149,16 @@ def _path_field(path: Path, raw: dict, key: str) -> Path | None:
     return p if p.is_absolute() else (path.parent / p).resolve()
 
 
-def list_items(dataset: Dataset) -> list[tuple[str, Path]]:
-    """(video id, path) of every file with a video extension in the videos directory, sorted by id."""
-    found: dict[str, Path] = {}
-    with os.scandir(dataset.videos) as entries:
+def list_items(dataset: Dataset) -> list[tuple[str, str]]:
+    """(video id, absolute path) of every file with a video extension in the videos directory, by id."""
+    found: dict[str, str] = {}
+    videos = os.path.abspath(dataset.videos)
+    with os.scandir(videos) as entries:
         for e in entries:
             stem, ext = os.path.splitext(e.name)
             if ext.lower() in VIDEO_EXTENSIONS and not e.name.startswith(".") and e.is_file():
                 if stem in found:
                     raise ConfigError(f"{dataset.path}: videos: two files with id {stem!r}: "
-                                      f"{found[stem].name} and {e.name} (video ids are file stems)")
-                found[stem] = Path(e.path)
+                                      f"{os.path.basename(found[stem])} and {e.name} (video ids are file stems)")
+                found[stem] = e.path
     return sorted(found.items())

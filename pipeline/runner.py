@@ -136,11 +136,14 @@ class StageState:
     code_files: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
     runtime: dict = field(default_factory=dict)
-    items: list[Item] = field(default_factory=list)  # per-item: every current item
-    todo: list[Item] = field(default_factory=list)   # per-item: items missing or changed
+    inputs: list[tuple[str, str, str]] = field(default_factory=list)  # per-item: (id, path, fingerprint)
+    todo: list[Item] = field(default_factory=list)  # per-item: items missing or changed
     records: dict = field(default_factory=dict)      # per-item: id -> record of current, complete items
     reasons: list[str] = field(default_factory=list)
     imported_from: str | None = None
+
+    def all_items(self) -> list[Item]:
+        return [Item(vid, Path(path), fp) for vid, path, fp in self.inputs]
 
     @property
     def done(self) -> bool:
@@ -157,16 +160,18 @@ class Planner:
         self.ws = ws
         self.dataset = dataset
         self.resolved = resolve_params(ws.graph, dataset, list(sets))
-        self._items: list[Item] | None = None
+        self._inputs: list[tuple[str, str, str]] | None = None
         self._imports: dict | None | bool = False  # False: not looked up yet
         self._annotations_fp: str | None | bool = False
 
-    def items(self) -> list[Item]:
-        if self._items is None:
+    def inputs(self) -> list[tuple[str, str, str]]:
+        """(id, absolute path, fingerprint) of every item of the dataset (Path objects are built only
+        for the items a stage processes: on a no-op rerun over thousands of videos they would dominate)."""
+        if self._inputs is None:
             pairs = list_items(self.dataset)
             fps = self.ws.index.fingerprints(p for _, p in pairs)
-            self._items = [Item(vid, p, fps[os.path.abspath(p)]) for vid, p in pairs]
-        return self._items
+            self._inputs = [(vid, p, fps[p]) for vid, p in pairs]
+        return self._inputs
 
     def imported(self) -> dict | None:
         if self._imports is False:
@@ -224,11 +229,12 @@ class Planner:
             st.state = "unknown"
             st.reasons.append(f"videos directory not found: {self.dataset.videos}")
             return
-        st.items = self.items()
+        st.inputs = self.inputs()
         records = self.ws.cache.read_records(st.dir)
-        st.todo = [it for it in st.items if records.get(it.id, {}).get("source_fingerprint") != it.fingerprint]
+        st.todo = [Item(vid, Path(path), fp) for vid, path, fp in st.inputs
+                   if records.get(vid, {}).get("source_fingerprint") != fp]
         todo_ids = {it.id for it in st.todo}
-        st.records = {it.id: records[it.id] for it in st.items if it.id not in todo_ids}
+        st.records = {vid: records[vid] for vid, _, _ in st.inputs if vid not in todo_ids}
         has_manifest = self.ws.cache.read_manifest(st.dir) is not None
         if not st.todo and has_manifest:
             st.state = "done"
@@ -389,7 +395,7 @@ def run(ws: Workspace, dataset: Dataset, targets: list[str], sets: list[Override
 
 def _cached_report(ws: Workspace, st: StageState, status: str) -> StageReport:
     manifest = ws.cache.read_manifest(st.dir) or {}
-    n = len(st.items) or len(st.records)
+    n = len(st.inputs) or len(st.records)
     items = {"total": n, "done": 0, "skipped": n, "failed": 0} if n else {}
     return StageReport(st.name, status, key=st.key, dir=str(st.dir), items=items,
                        summary=(manifest.get("result") or {}).get("summary"))
@@ -415,13 +421,13 @@ def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, s
     if spec.per_item:
         out_dir = st.dir
         out_dir.mkdir(parents=True, exist_ok=True)
-        items = list(st.items) if force else st.todo
+        items = st.all_items() if force else st.todo
     else:
         out_dir = ws.cache.begin_whole(spec.name, st.key, force)
         items = []
     ctx = StageContext(name=spec.name, key=st.key, params=st.params, runtime=st.runtime, dataset=planner.dataset,
                        out_dir=out_dir, upstream={n: states[n].dir for n in spec.needs}, items=items,
-                       all_items=list(st.items), options=options)
+                       all_items=st.all_items(), options=options)
     started = time.time()
     report = StageReport(spec.name, "ran", key=st.key, dir=str(st.dir))
     try:
@@ -462,8 +468,8 @@ def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, s
                                         "message": "the stage returned without recording this item",
                                         "path": str(it.path)})
         n_failed = len({f["id"] for f in report.failures})
-        report.items = {"total": len(st.items), "done": len(items) - n_failed,
-                        "skipped": len(st.items) - len(items), "failed": n_failed}
+        report.items = {"total": len(st.inputs), "done": len(items) - n_failed,
+                        "skipped": len(st.inputs) - len(items), "failed": n_failed}
         manifest["items"] = report.items
         ws.cache.write_manifest(out_dir, manifest)
     elif ctx.failures:

@@ -30,8 +30,8 @@ def explain(ws: Workspace, dataset: Dataset, sets: list[Override] = ()) -> list[
 def _describe(ws: Workspace, dataset: Dataset, st: StageState) -> dict:
     out: dict[str, Any] = {"stage": st.name, "state": st.state, "key": st.key,
                            "dir": str(st.dir) if st.dir else None, "reasons": list(st.reasons)}
-    if st.items or st.records:
-        out["items"] = {"total": len(st.items) or len(st.records), "done": len(st.records), "todo": len(st.todo)}
+    if st.inputs or st.records:
+        out["items"] = {"total": len(st.inputs) or len(st.records), "done": len(st.records), "todo": len(st.todo)}
     if st.state in ("blocked", "unknown", "imported"):
         return out
     if st.state == "done":
@@ -45,7 +45,7 @@ def _describe(ws: Workspace, dataset: Dataset, st: StageState) -> dict:
     if st.state == "incomplete":
         ids = [it.id for it in st.todo]
         shown = ", ".join(ids[:_SHOW_IDS]) + (", ..." if len(ids) > _SHOW_IDS else "")
-        out["reasons"].append(f"{len(ids)} of {len(st.items)} items missing or changed: {shown}")
+        out["reasons"].append(f"{len(ids)} of {len(st.inputs)} items missing or changed: {shown}")
         return out
     # explain against the closest earlier output: the one that differs in the fewest fields
     explanations = [changes(m.get("inputs") or {}, m.get("code_files") or {}, st)
