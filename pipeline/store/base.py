@@ -59,10 +59,20 @@ def prepare_array(vid: str, array: Any, dtype: str, feature_dim: int | None) -> 
         raise ValueError(f"{vid}: feature dimension {arr.shape[1]} != store feature_dim {feature_dim}")
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by name
         out = np.ascontiguousarray(arr, dtype=dtype)
-    if not np.isfinite(out).all():
+    if not all_finite(out):
         bad = "NaN/Inf" if not np.isfinite(arr).all() else f"values beyond the {dtype} range"
         raise ValueError(f"{vid}: features contain {bad}")
     return out
+
+
+_EXPONENT = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000)}
+
+
+def all_finite(arr: np.ndarray) -> bool:
+    """No NaN/Inf. Tests the exponent bits (all ones only for NaN/Inf): several times faster than
+    ``np.isfinite`` on float16, which matters on the write path of every video."""
+    uint, mask = _EXPONENT[arr.dtype]
+    return not np.any((arr.view(uint) & mask) == mask)
 
 
 def check_slice(vid: str, length: int, start: int | None, stop: int | None) -> tuple[int, int]:

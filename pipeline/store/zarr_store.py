@@ -180,20 +180,28 @@ class ZarrStore(FeatureStore):
         return zarr.open_array(store=str(self.path / vid), mode="r")[start:stop]
 
     def _read_chunks(self, vid: str, dtype: str, c: int, rows: int, start: int, stop: int) -> np.ndarray | None:
-        dt = np.dtype(dtype).newbyteorder("<")
-        out = np.empty((stop - start, c), dtype=dtype)
+        """Read rows straight into the output array, chunk by chunk (no intermediate copies)."""
+        out = np.empty((stop - start, c), dtype=np.dtype(dtype).newbyteorder("<"))
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        row_bytes = c * out.itemsize
         row = start
         while row < stop:
             k = row // rows
             end = min(stop, (k + 1) * rows)
             path = self.path / vid / "c" / str(k) / "0"
             try:
-                part = np.fromfile(path, dtype=dt, count=(end - row) * c, offset=(row - k * rows) * c * dt.itemsize)
+                f = open(path, "rb", buffering=0)
             except FileNotFoundError:
                 return None  # an unwritten (fill-value) chunk: let zarr fill it
-            if part.size != (end - row) * c:
-                raise OSError(f"{path}: chunk file truncated")
-            out[row - start:end - start] = part.reshape(end - row, c)
+            with f:
+                f.seek((row - k * rows) * row_bytes)
+                want = view[(row - start) * row_bytes:(end - start) * row_bytes]
+                got = f.readinto(want)
+                while got < len(want):
+                    more = f.readinto(want[got:])
+                    if not more:
+                        raise OSError(f"{path}: chunk file truncated")
+                    got += more
             row = end
         return out
 
