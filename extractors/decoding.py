@@ -26,7 +26,7 @@ from pipeline.timemap import TimeGrid
 
 # decord reads these once, when its library loads (decord #248): they must be set before the first
 # ``import decord``. The defaults retry a broken end of file 10240 times, which looks like a hang.
-os.environ.setdefault("DECORD_EOF_RETRY_MAX", "64")
+os.environ.setdefault("DECORD_EOF_RETRY_MAX", "2048")
 os.environ.setdefault("DECORD_REWIND_RETRY_MAX", "8")
 os.environ.setdefault("DECORD_DUPLICATE_WARNING_THRESHOLD", "1.0")
 
@@ -162,6 +162,12 @@ def _probe(path: str, spec: DecodeSpec):
     return container
 
 
+def _check_complete(declared: int, readable: int) -> None:
+    """A container index (mp4 moov) that lists more frames than can be read: the file was cut."""
+    if declared and readable < declared:
+        raise DecodeError("truncated", f"the stream declares {declared} frames, only {readable} can be read")
+
+
 class _PyAVReader:
     name = "pyav"
 
@@ -181,6 +187,9 @@ class _PyAVReader:
         rate = stream.average_rate or stream.guessed_rate
         self.nominal_fps = float(rate) if rate else None
         pts = [p.pts for p in self.container.demux(stream) if p.pts is not None and p.size]
+        if not pts:
+            raise DecodeError("zero_frames", "the video stream has no frames")
+        _check_complete(stream.frames, len(pts))
         self.timestamps = np.sort(np.asarray(pts, dtype=np.float64)) * float(stream.time_base)
         self.container.seek(0, stream=stream)
 
@@ -212,13 +221,15 @@ class _DecordReader:
 
         self.version = decord.__version__
         with _probe(path, spec) as container:
-            ctx = container.streams.video[0].codec_context
-            self.width, self.height = ctx.width, ctx.height
+            stream = container.streams.video[0]
+            self.width, self.height = stream.codec_context.width, stream.codec_context.height
+            declared = stream.frames
         self.out_shape = resize_shape(self.height, self.width, spec.resize, spec.size)
         out_h, out_w = self.out_shape
         self.vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=spec.num_threads,
                                      width=out_w, height=out_h)
         n = len(self.vr)
+        _check_complete(declared, n)
         self.nominal_fps = float(self.vr.get_avg_fps()) if n else None
         self.timestamps = (self.vr.get_frame_timestamp(np.arange(n))[:, 0].astype(np.float64)
                            if n else np.zeros(0))
