@@ -71,6 +71,9 @@ class Preset:
         if self.crop is not None and (len(self.crop) != 2 or not all(isinstance(c, int) and c > 0
                                                                     for c in self.crop)):
             raise ConfigError(f"{where}: crop must be null or [height, width], got {self.crop!r}")
+        if self.crop is not None and (min(self.crop) > self.size[0] if self.resize == "short_side"
+                                      else self.crop[0] > self.size[0] or self.crop[1] > self.size[1]):
+            raise ConfigError(f"{where}: crop {list(self.crop)} does not fit in frames resized to {list(self.size)}")
         if len(self.value_range) != 2 or self.value_range[0] >= self.value_range[1]:
             raise ConfigError(f"{where}: value_range must be [low, high], got {self.value_range!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -139,22 +142,32 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 _TUPLE_FIELDS = ("size", "crop", "value_range", "mean", "std")
 # Keys of extract params that are not preset fields.
 STAGE_PARAMS = ("preset", "weights", "store", "dtype")
+# Preset fields a user may override; stages.yaml lists each with null = "the preset's value".
+OVERRIDABLE = ("backbone", "backbone_kwargs", "fps", "clip_len", "frame_interval", "stride", "tail", "resize",
+               "size", "crop", "value_range", "mean", "std", "channel_order", "offset_frames")
 
 
 def resolve_preset(params: Mapping[str, Any]) -> Preset:
-    """The preset named by ``params['preset']`` with every other preset field in ``params`` applied."""
+    """The preset named by ``params['preset']`` with every non-null preset field in ``params`` applied.
+
+    ``fps: native`` asks for the native rate and ``crop: none`` for no crop (null keeps the preset's);
+    ``backbone_kwargs`` are merged onto the preset's.
+    """
     name = params.get("preset")
     if name not in PRESETS:
         raise ConfigError(f"extract.preset: unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
-    fields = {f.name for f in dataclasses.fields(Preset)} - {"name"}
-    overrides = {k: v for k, v in params.items() if k not in STAGE_PARAMS}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ConfigError(f"extract.{unknown[0]}: unknown parameter; preset fields: {', '.join(sorted(fields))}")
     base = PRESETS[name]
+    overrides = {k: v for k, v in params.items() if k not in STAGE_PARAMS and v is not None}
+    unknown = sorted(set(overrides) - set(OVERRIDABLE))
+    if unknown:
+        raise ConfigError(f"extract.{unknown[0]}: unknown parameter; preset fields: {', '.join(OVERRIDABLE)}")
+    if overrides.get("fps") == "native":
+        overrides["fps"] = None
+    if overrides.get("crop") == "none":
+        overrides["crop"] = None
     for key in _TUPLE_FIELDS:
         value = overrides.get(key)
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             single = key == "size" and overrides.get("resize", base.resize) == "short_side"
             overrides[key] = (value,) if single else (value,) * (3 if key in ("mean", "std") else 2)
         elif isinstance(value, list):
@@ -162,5 +175,5 @@ def resolve_preset(params: Mapping[str, Any]) -> Preset:
     if "backbone_kwargs" in overrides:
         if not isinstance(overrides["backbone_kwargs"], Mapping):
             raise ConfigError("extract.backbone_kwargs: must be a mapping")
-        overrides["backbone_kwargs"] = dict(overrides["backbone_kwargs"])
+        overrides["backbone_kwargs"] = {**base.backbone_kwargs, **overrides["backbone_kwargs"]}
     return dataclasses.replace(base, **overrides)
