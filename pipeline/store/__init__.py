@@ -2,7 +2,8 @@
 
 ``create_store`` / ``open_stage_store`` / ``open_store`` pick the back-end (zarr v3 by default, HDF5 on
 request); both behave the same through :class:`~pipeline.store.base.FeatureStore`. Importing this
-package is cheap: zarr and h5py load only when a store is written or opened.
+package is cheap (planning imports ``pipeline.store.imports``): numpy, zarr and h5py load only when a
+store is created or opened.
 """
 
 from __future__ import annotations
@@ -11,9 +12,18 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.errors import ConfigError
-from pipeline.store.base import BACKENDS, FeatureStore, store_attrs_for
+
+BACKENDS = {"zarr": "features.zarr", "hdf5": "features.h5"}
 
 __all__ = ["FeatureStore", "create_store", "open_stage_store", "open_store", "BACKENDS"]
+
+
+def __getattr__(name: str):
+    if name == "FeatureStore":
+        from pipeline.store.base import FeatureStore
+
+        return FeatureStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _backend_class(backend: str):
@@ -35,6 +45,8 @@ def create_store(stage_dir: Path, backend: str = "zarr", dtype: str = "float16",
     Reopening an existing store requires the same attributes (features made differently never mix).
     ``compression`` (zarr only: none | zstd | lz4) is a store attribute; uncompressed reads fastest.
     """
+    from pipeline.store.base import store_attrs_for
+
     cls = _backend_class(backend)
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)

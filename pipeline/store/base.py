@@ -17,7 +17,6 @@ import numpy as np
 from pipeline.timemap import TimeGrid
 
 DTYPES = ("float16", "float32")
-BACKENDS = {"zarr": "features.zarr", "hdf5": "features.h5"}
 COMPLETE = "complete"
 
 
