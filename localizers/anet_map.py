@@ -114,6 +114,7 @@ def evaluate_detections(
     detections: Mapping[str, Sequence[Mapping]],
     subset: str | None = None,
     tious: str | Sequence[float] = THUMOS_TIOUS,
+    source: str = "detections",
 ) -> MapResult:
     """mAP of `detections` (video -> [{"label", "score", "segment": [start, end]}], in file order)
     against the ground truth of `subset` (all videos when None).
@@ -121,7 +122,7 @@ def evaluate_detections(
     `gt` is the loaded annotations, or an already selected mapping video -> VideoAnnotation. A detection
     whose label is not a class of the annotations is an error; one whose class has no ground truth in
     the subset belongs to no evaluated class and is ignored; one on a video without ground truth of its
-    class is a false positive."""
+    class is a false positive. `source` names the detections in error messages (e.g. their file)."""
     tious = parse_tious(tious)
     if isinstance(gt, TemporalAnnotations):
         known = gt.classes
@@ -137,7 +138,7 @@ def evaluate_detections(
     video_code = {vid: i for i, vid in enumerate(videos)}
 
     g_video, g_class, g_seg = _ground_truth_arrays(videos, class_of, video_code)
-    p_video, p_class, p_seg, p_score = _detection_arrays(detections, set(known), class_of, video_code)
+    p_video, p_class, p_seg, p_score = _detection_arrays(detections, set(known), class_of, video_code, source)
     n_cls, n_thr = len(classes), len(tious)
     thresholds = np.asarray(tious)
 
@@ -189,11 +190,11 @@ def _ground_truth_arrays(videos, class_of, video_code):
     return g_video, g_class, g_seg.astype(np.float64, copy=False)
 
 
-def _detection_arrays(detections, known: set, class_of, video_code):
+def _detection_arrays(detections, known: set, class_of, video_code, source: str):
     vids, labels, scores, starts, ends = [], [], [], [], []
     for vid, dets in detections.items():
         if not isinstance(dets, (list, tuple)):
-            raise ConfigError(f"detections: video {vid}: expected a list of detections")
+            raise ConfigError(f"{source}: video {vid}: expected a list of detections")
         try:
             labels += [d["label"] for d in dets]
             scores += [d["score"] for d in dets]
@@ -202,7 +203,7 @@ def _detection_arrays(detections, known: set, class_of, video_code):
             ends += [s[1] for s in segs]
         except (KeyError, TypeError, IndexError):
             raise ConfigError(
-                f"detections: video {vid}: every detection needs 'label', 'score' and 'segment': [start, end]"
+                f"{source}: video {vid}: every detection needs 'label', 'score' and 'segment': [start, end]"
             ) from None
         vids.append((vid, len(dets)))
     owner = np.repeat(np.arange(len(vids)), [n for _, n in vids])
@@ -212,21 +213,21 @@ def _detection_arrays(detections, known: set, class_of, video_code):
     except (TypeError, ValueError):
         i = next(i for i, x in enumerate(zip(scores, starts, ends)) if not all(map(_is_number, x)))
         raise ConfigError(
-            f"detections: video {vids[owner[i]][0]}: score and segment must be numbers, got "
+            f"{source}: video {vids[owner[i]][0]}: score and segment must be numbers, got "
             f"score {scores[i]!r}, segment [{starts[i]!r}, {ends[i]!r}]"
         ) from None
     invalid = ~np.isfinite(p_score) | ~np.isfinite(p_seg).all(axis=1) | (p_seg[:, 1] < p_seg[:, 0])
     if invalid.any():
         i = int(np.flatnonzero(invalid)[0])
         raise ConfigError(
-            f"detections: video {vids[owner[i]][0]}: invalid detection (score {scores[i]!r}, "
+            f"{source}: video {vids[owner[i]][0]}: invalid detection (score {scores[i]!r}, "
             f"segment [{starts[i]!r}, {ends[i]!r}]): need finite numbers and end >= start"
         )
     unknown = [label for label in set(labels) if label not in known]
     if unknown:
         i = labels.index(unknown[0])
         raise ConfigError(
-            f"detections: video {vids[owner[i]][0]}: label {unknown[0]!r} is not a class of the annotations"
+            f"{source}: video {vids[owner[i]][0]}: label {unknown[0]!r} is not a class of the annotations"
         )
     p_class = np.fromiter((class_of.get(label, -1) for label in labels), np.int64, len(labels))
     codes = np.fromiter((video_code.get(vid, -1) for vid, _ in vids), np.int64, len(vids))

@@ -195,3 +195,31 @@ def test_table_and_json_report_every_class():
     js = r.to_json()
     assert js["average_mAP"] == pytest.approx(0.5)
     assert js["per_class"]["B"] == {"ap": [0.0, 0.0], "average_ap": 0.0, "n_gt": 1, "n_pred": 0}
+
+
+def test_cli_prints_table_or_json_and_names_bad_files(tmp_path, capsys):
+    import json
+
+    from localizers.cli import evaluate
+
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps({"database": {"v": {"subset": "Test", "duration": 50.0, "annotations": [
+        {"segment": [0, 10], "label": "A"}, {"segment": [20, 30], "label": "B"}]}}}))
+    pred = tmp_path / "pred.json"
+    pred.write_text(json.dumps({"results": {"v": [_det("A", 0.9, 0, 10), _det("B", 0.8, 20, 24)]}}))
+    assert evaluate(["--annotations", str(gt), "--detections", str(pred), "--tiou", "0.3,0.5"]) == 0
+    assert "mAP       100.00  50.00  75.00" in capsys.readouterr().out  # B has tIoU 0.4
+    assert evaluate(["--annotations", str(gt), "--detections", str(pred), "--subset", "test", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["subset"] == "test" and len(out["mAP"]) == 5 and out["per_class"]["A"]["ap"][0] == 1.0
+
+    (tmp_path / "broken.json").write_text('{"results": [')
+    with pytest.raises(ConfigError, match="broken.json: not a readable JSON"):
+        evaluate(["--annotations", str(gt), "--detections", str(tmp_path / "broken.json")])
+    (tmp_path / "wrong.json").write_text('{"database": {}}')
+    with pytest.raises(ConfigError, match='wrong.json: expected a submission object'):
+        evaluate(["--annotations", str(gt), "--detections", str(tmp_path / "wrong.json")])
+    with pytest.raises(ConfigError, match="no video in subset 'validation'"):
+        evaluate(["--annotations", str(gt), "--detections", str(pred), "--subset", "validation"])
+    with pytest.raises(ConfigError, match="--tiou"):
+        evaluate(["--annotations", str(gt), "--detections", str(pred), "--tiou", "x"])

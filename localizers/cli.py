@@ -1,0 +1,69 @@
+"""`pipeline evaluate localize --annotations GT --detections PRED.json [--subset S] [--tiou ...] [--json]`.
+
+Scores any ActivityNet-format submission (`{"results": {video: [{"label", "score", "segment"}]}}`)
+against temporal annotations. No torch: evaluating is a few hundred milliseconds and must stay so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+
+PROG = "pipeline evaluate localize"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="ActivityNet detection mAP of a submission file.")
+    p.add_argument("--annotations", required=True, type=Path,
+                   help="ActivityNet-style JSON, or a folder of official THUMOS14 <Class>_<val|test>.txt files")
+    p.add_argument("--detections", required=True, type=Path,
+                   help='submission JSON: {"results": {video: [{"label", "score", "segment": [s, e]}]}}')
+    p.add_argument("--subset", default=None,
+                   help="evaluate the videos of this subset only (case-insensitive; default: all)")
+    p.add_argument("--tiou", default="0.3:0.7:0.1",
+                   help="thresholds, start:stop:step (np.linspace values, as the official evaluator) or a "
+                        "comma list; THUMOS14 0.3:0.7:0.1 (default), ActivityNet 0.5:0.95:0.05")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return p
+
+
+def read_detections(path: Path) -> dict:
+    """The `results` mapping of a submission file; ConfigError naming the file otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: detections file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable JSON file ({e})") from None
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, dict):
+        raise ConfigError(f'{path}: expected a submission object {{"results": {{video: [detections]}}}}')
+    return results
+
+
+def evaluate(argv: list[str], cmd=None) -> int:
+    """Entry of `pipeline evaluate localize`; `cmd` (the CLI's CommandContext) is not needed here."""
+    from localizers.anet_map import evaluate_detections
+    from pipeline.annotations import load_temporal
+
+    args = _parser().parse_args(argv)
+    gt = load_temporal(args.annotations)
+    detections = read_detections(args.detections)
+    result = evaluate_detections(gt, detections, subset=args.subset, tious=args.tiou, source=str(args.detections))
+    if args.json:
+        out = {"annotations": str(args.annotations), "detections": str(args.detections), "subset": args.subset}
+        out.update(result.to_json())
+        json.dump(out, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(result.table())
+    return 0
