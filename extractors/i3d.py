@@ -187,14 +187,20 @@ def build(*, tiny: bool = False, weights: str | Path | Sequence | Mapping | None
     (video_features' port runs BatchNorm with PyTorch's default 1e-5; the TF original and pytorch-i3d
     use 1e-3). The model is returned in eval mode; ``weight_reports`` lists what was loaded.
     """
+    unknown = set(arch_overrides) - {"width", "blocks_per_stage", "bn_eps"}
+    if unknown:
+        raise ConfigError(f"i3d: unknown parameter(s) {', '.join(sorted(unknown))}")
     arch = {**(TINY if tiny else {}), **arch_overrides}
-    torch.manual_seed(seed)
+    if stream not in (*STREAM_CHANNELS, "two_stream"):
+        raise ConfigError(f"i3d.stream: expected rgb, flow or two_stream, got {stream!r}")
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's generator
+        torch.manual_seed(seed)
+        model = I3D(in_channels=STREAM_CHANNELS[stream], **arch) if stream in STREAM_CHANNELS \
+            else TwoStreamI3D(**arch)
     if stream in STREAM_CHANNELS:
-        model = I3D(in_channels=STREAM_CHANNELS[stream], **arch)
         files = {stream: weights} if weights is not None else {}
         targets = {stream: model}
-    elif stream == "two_stream":
-        model = TwoStreamI3D(**arch)
+    else:
         if weights is None:
             files = {}
         elif isinstance(weights, Mapping):
@@ -206,7 +212,5 @@ def build(*, tiny: bool = False, weights: str | Path | Sequence | Mapping | None
         if set(files) - {"rgb", "flow"} or (files and len(files) != 2):
             raise ConfigError(f"extract.weights: two_stream I3D needs exactly 'rgb' and 'flow', got {sorted(files)}")
         targets = {"rgb": model.rgb, "flow": model.flow}
-    else:
-        raise ConfigError(f"i3d.stream: expected rgb, flow or two_stream, got {stream!r}")
     model.weight_reports = tuple(_load(targets[name], path, name, strict) for name, path in files.items())
     return model.eval()

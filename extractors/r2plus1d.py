@@ -114,8 +114,12 @@ def build(*, tiny: bool = False, weights: str | Path | None = None, strict: bool
           **arch_overrides) -> R2Plus1D:
     """R(2+1)D-34 backbone (512-d), in eval mode. ``weights``: the TSP checkpoint or an ig65m
     r2plus1d_34 state dict. Arch overrides: ``width``, ``layers``, ``in_channels``."""
-    torch.manual_seed(seed)
-    model = R2Plus1D(**{**(TINY if tiny else {}), **arch_overrides})
+    unknown = set(arch_overrides) - {"width", "layers", "in_channels"}
+    if unknown:
+        raise ConfigError(f"r2plus1d_34: unknown parameter(s) {', '.join(sorted(unknown))}")
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's generator
+        torch.manual_seed(seed)
+        model = R2Plus1D(**{**(TINY if tiny else {}), **arch_overrides})
     model.weight_reports = ()
     if weights is not None:
         model.weight_reports = (load_weights(model, weights, FORMATS, needed=needed_file("r2plus1d_34"),

@@ -111,6 +111,8 @@ def test_missing_file_and_bad_weight_specs_are_config_errors(tmp_path: Path):
         i3d.build(tiny=True, stream="two_stream", weights=str(tmp_path / "rgb.pt"))
     with pytest.raises(ConfigError, match="i3d.stream"):
         i3d.build(tiny=True, stream="depth")
+    with pytest.raises(ConfigError, match="i3d: unknown parameter"):
+        i3d.build(tiny=True, depth=3)
 
 
 def test_full_model_gives_1024_features_per_clip(full_rgb):
