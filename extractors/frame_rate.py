@@ -15,7 +15,7 @@ import numpy as np
 # Fractions of a frame that absorb float noise in timestamps (millisecond time bases, 29.97 fps),
 # so it never adds, drops or shifts a whole frame.
 _END_TOLERANCE = 1e-3
-_START_TOLERANCE = 1e-2
+_START_TOLERANCE = 0.1
 
 
 def native_fps(timestamps: np.ndarray, nominal: float | None = None) -> float:
