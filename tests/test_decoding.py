@@ -153,7 +153,8 @@ def _vfr_expected(durations_ms: list[int], n: int, fps: float) -> np.ndarray:
     ts, end = starts[:-1], starts[-1]
     native = (n - 1) / ts[-1]
     k = np.arange(int(np.ceil((ts[-1] + 1 / native) * fps - 1e-3)))
-    return np.searchsorted(ts, k / fps + 1e-9, side="right") - 1
+    # The frame on screen at k / fps (a tenth of a frame of slack for timestamp rounding).
+    return np.searchsorted(ts, k / fps + 0.1 / native, side="right") - 1
 
 
 @pytest.mark.parametrize("target", [None, 10.0])
