@@ -150,7 +150,7 @@ class VideoMAE(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.blocks = nn.ModuleList(Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
-        self._pos_cache: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._pos_cache: dict[tuple, torch.Tensor] = {}
 
     def init_weights(self) -> None:
         """The reference initialisation (timm's ``trunc_normal_(std=.02)`` cuts at +-2, i.e. never)."""
@@ -165,10 +165,12 @@ class VideoMAE(nn.Module):
                 nn.init.zeros_(m.q_bias)
                 nn.init.zeros_(m.v_bias)
 
-    def position_embedding(self, grid: tuple[int, int, int]) -> torch.Tensor:
-        if grid not in self._pos_cache:
-            self._pos_cache[grid] = position_table(self.cfg, grid)
-        return self._pos_cache[grid]
+    def position_embedding(self, grid: tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
+        """The table for ``grid`` on ``like``'s device and dtype, built once per combination."""
+        key = (grid, like.device, like.dtype)
+        if key not in self._pos_cache:
+            self._pos_cache[key] = position_table(self.cfg, grid).to(device=like.device, dtype=like.dtype)
+        return self._pos_cache[key]
 
     def tokens(self, clips: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """Last block's tokens [B, T'*H'*W', C] in (T', H', W') order, and that grid."""
@@ -180,7 +182,7 @@ class VideoMAE(nn.Module):
         x = self.patch_embed(clips)
         grid = tuple(x.shape[2:])
         x = x.flatten(2).transpose(1, 2)
-        x = x + self.position_embedding(grid).to(device=x.device, dtype=x.dtype)
+        x = x + self.position_embedding(grid, x)
         for block in self.blocks:
             x = block(x)
         return x, grid
