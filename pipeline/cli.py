@@ -138,7 +138,7 @@ def _run(ws, opts: dict, argv: list[str]) -> int:
     sets = parse_sets(a.sets)
     dataset = ws.load_dataset(a.dataset)
     targets = targets_for(ws.graph, dataset, a.what, a.stage)
-    ensure_generated(dataset, ws.cache.root)
+    dataset = ensure_generated(dataset, ws.cache.root)
     options = RunOptions(workers=a.workers, backend=a.backend, fail_fast=a.fail_fast, force=a.force,
                          debug=opts["debug"], json=opts["json"])
     reports = run(ws, dataset, targets, sets, options, wait=not a.no_wait)

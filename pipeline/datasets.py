@@ -11,10 +11,11 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pipeline.context import write_json_atomic
 from pipeline.errors import ConfigError
 
 MANIFEST_FIELDS = ("name", "task", "description", "videos", "annotations", "splits", "params", "generate",
@@ -111,9 +112,10 @@ def load_dataset(name_or_path: str | Path, project_root: Path, cache_dir: Path) 
     videos = _path_field(path, raw, "videos")
     annotations = _path_field(path, raw, "annotations")
     if generate is not None:
-        out = generated_dir(cache_dir, name, generate)
-        videos = videos or out / "videos"
-        annotations = annotations or out / "annotations.json"
+        for key in ("videos", "annotations"):
+            if raw.get(key) is not None:
+                raise ConfigError(f"{path}: {key}: not allowed with generate: (the generator places them)")
+        videos, annotations = _generated_paths(cache_dir, name, generate)
     return Dataset(name=name, task=task, path=path, root=path.parent, videos=videos, annotations=annotations,
                    splits=splits, params=params, generate=generate, features=mapping("features"))
 
@@ -123,13 +125,35 @@ def generated_dir(cache_dir: Path, name: str, generate: dict) -> Path:
     return cache_dir / "datasets" / f"{name}-{digest[:12]}"
 
 
-def ensure_generated(dataset: Dataset, cache_dir: Path) -> None:
-    """Generate the demo data of a manifest with a ``generate:`` block (no-op when already complete)."""
+def _pointer(cache_dir: Path, name: str, generate: dict) -> Path:
+    d = generated_dir(cache_dir, name, generate)
+    return d.with_name(d.name + ".json")
+
+
+def _generated_paths(cache_dir: Path, name: str, generate: dict) -> tuple[Path, Path]:
+    """Where the generator put this dataset (recorded by the last ``run``), else its default place."""
+    try:
+        with open(_pointer(cache_dir, name, generate)) as f:
+            made = json.load(f)
+        return Path(made["videos"]), Path(made["annotations"])
+    except (OSError, ValueError, KeyError):
+        d = generated_dir(cache_dir, name, generate)
+        return d / "videos", d / "annotations.json"
+
+
+def ensure_generated(dataset: Dataset, cache_dir: Path) -> Dataset:
+    """Generate the demo data of a manifest with a ``generate:`` block (a no-op when already complete)
+    and return the dataset pointing at it. ``status`` never generates; it reads the recorded paths."""
     if dataset.generate is None:
-        return
+        return dataset
     from pipeline.demo_data import ensure_generated as generate
 
-    generate(dataset.generate, generated_dir(cache_dir, dataset.name, dataset.generate))
+    videos, annotations = generate(dataset.generate, generated_dir(cache_dir, dataset.name, dataset.generate))
+    videos, annotations = Path(videos).resolve(), Path(annotations).resolve()
+    if (videos, annotations) != (dataset.videos, dataset.annotations):
+        write_json_atomic(_pointer(cache_dir, dataset.name, dataset.generate),
+                          {"videos": str(videos), "annotations": str(annotations)})
+    return replace(dataset, videos=videos, annotations=annotations)
 
 
 def _path_field(path: Path, raw: dict, key: str) -> Path | None:

@@ -371,6 +371,10 @@ def run(ws: Workspace, dataset: Dataset, targets: list[str], sets: list[Override
         if st.state == "imported":
             reports.append(_cached_report(ws, st, "imported"))
             continue
+        if st.key is None:  # an upstream stage ended with no complete item to read
+            failed.add(name)
+            reports.append(StageReport(name, "skipped", message="; ".join(st.reasons)))
+            continue
         if st.done and not force:
             reports.append(_cached_report(ws, st, "cached"))
             continue

@@ -24,7 +24,7 @@ stages:
     version: 1
     code: [toyupper]
     params: {repeat: 1}
-    runtime: {delay: 0.0, fail: ""}
+    runtime: {delay: 0.0, fail: "", gate: ""}
   total:
     entry: toytotal.stage:total
     needs: [upper]
@@ -55,6 +55,8 @@ def upper(ctx):
         (data / f"{item.id}.txt").write_text(text.upper() * ctx.params["repeat"])
         ctx.item_done(item, {"chars": len(text) * ctx.params["repeat"]})
         _count("upper", item.id)
+        while ctx.runtime["gate"] and not os.path.exists(ctx.runtime["gate"]):
+            time.sleep(0.01)  # the test holds the stage here, mid-way, until it creates the gate file
     return {"summary": f"upper-cased {len(ctx.items)} files"}
 '''
 
