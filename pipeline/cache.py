@@ -17,6 +17,7 @@ from pathlib import Path
 from pipeline.context import write_json_atomic
 
 MANIFEST = "manifest.json"
+RECORDS_SNAPSHOT = "records.json"
 RESERVED = frozenset({"datasets", "imports", ".locks", "fingerprints.sqlite", "fingerprints.sqlite-wal",
                       "fingerprints.sqlite-shm"})
 
@@ -71,7 +72,19 @@ class Cache:
         write_json_atomic(directory / MANIFEST, manifest)
 
     def read_records(self, directory: Path) -> dict[str, dict]:
-        """id -> record of every completion record in ``directory/items``."""
+        """id -> record of every completion record in ``directory/items``.
+
+        Served from the snapshot written at the end of the last run when no record was written,
+        replaced or removed since (the ``items`` directory's mtime is older than the snapshot's): one
+        file read instead of one per item on a no-op rerun.
+        """
+        snapshot = directory / RECORDS_SNAPSHOT
+        try:
+            if os.stat(snapshot).st_mtime_ns > os.stat(directory / "items").st_mtime_ns:
+                with open(snapshot) as f:
+                    return json.load(f)
+        except (OSError, ValueError):
+            pass
         records = {}
         try:
             entries = os.scandir(directory / "items")
@@ -87,6 +100,9 @@ class Cache:
                         continue  # unreadable record: the item counts as not done
                     records[e.name[:-5]] = rec
         return records
+
+    def write_records_snapshot(self, directory: Path, records: dict[str, dict]) -> None:
+        write_json_atomic(directory / RECORDS_SNAPSHOT, records)
 
     def stage_outputs(self, stage: str) -> list[Path]:
         """Every directory of a stage in the cache (complete, per-item and partial)."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeline.context import write_json_atomic
 from pipeline.errors import ConfigError
+from pipeline.stage_graph import load_yaml
 
 MANIFEST_FIELDS = ("name", "task", "description", "videos", "annotations", "splits", "params", "generate",
                    "features")
@@ -79,7 +80,7 @@ def load_dataset(name_or_path: str | Path, project_root: Path, cache_dir: Path) 
 
     path = find_manifest(name_or_path, project_root)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):

@@ -56,7 +56,9 @@ class FingerprintIndex:
         """Absolute path string -> digest for every path (which must exist)."""
         stats = {}
         for p in paths:
-            p = p if isinstance(p, str) and os.path.isabs(p) else os.path.abspath(p)
+            p = os.fspath(p)
+            if not p.startswith("/"):
+                p = os.path.abspath(p)
             st = os.stat(p)
             stats[p] = (st.st_size, st.st_mtime_ns, st.st_ino)
         known = self._lookup(list(stats))

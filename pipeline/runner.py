@@ -24,7 +24,7 @@ from pipeline.datasets import Dataset, list_items, load_dataset
 from pipeline.errors import ConfigError, PipelineError, WorkFailed
 from pipeline.fingerprints import FingerprintIndex
 from pipeline.keys import KEY_FORMAT, code_files, records_digest, stage_key
-from pipeline.stage_graph import StageGraph, StageSpec, load_stage_graph, locate_module
+from pipeline.stage_graph import StageGraph, StageSpec, load_stage_graph, load_yaml, locate_module
 
 DONE_STATES = ("done", "imported")
 
@@ -71,7 +71,7 @@ def parse_sets(sets: list[str]) -> list[Override]:
         if not eq or len(parts) < 2 or not all(parts):
             raise ConfigError(f"--set {text}: expected stage.param=value")
         try:
-            value = yaml.safe_load(rhs) if rhs.strip() else ""
+            value = load_yaml(rhs) if rhs.strip() else ""
         except yaml.YAMLError:
             value = rhs
         out.append(Override(parts[0], parts[1:], value, f"--set {text}"))
@@ -475,6 +475,7 @@ def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, s
         report.items = {"total": len(st.inputs), "done": len(items) - n_failed,
                         "skipped": len(st.inputs) - len(items), "failed": n_failed}
         manifest["items"] = report.items
+        ws.cache.write_records_snapshot(out_dir, records)
         ws.cache.write_manifest(out_dir, manifest)
     elif ctx.failures:
         report.message = f"{len(ctx.failures)} item(s) failed; output kept in {out_dir} (not marked done)"

@@ -82,12 +82,19 @@ class StageGraph:
         return origin.parent if origin.name == "__init__.py" else origin
 
 
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` through libyaml when it is there (several times faster on every command)."""
+    import yaml
+
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def load_stage_graph(path: str | Path) -> StageGraph:
     import yaml
 
     path = Path(path).resolve()
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: stage file not found") from None
     except yaml.YAMLError as exc:

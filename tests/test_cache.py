@@ -83,6 +83,10 @@ def test_changed_input_reprocesses_that_item_alone(toy):
     assert out["by_stage"]["upper"]["items"] == {"total": 3, "done": 1, "skipped": 2, "failed": 0}
     assert sorted(toy.work("upper")) == ["a", "b", "b", "c"]
     assert toy.work("total") == [str(TOTAL), str(TOTAL - 6 + 14)]
+    # a lost completion record means the item is not done, whatever the snapshot of records says
+    (toy.cache / "upper" / out["by_stage"]["upper"]["key"] / "items" / "c.json").unlink()
+    assert toy.run()["by_stage"]["upper"]["items"]["done"] == 1
+    assert sorted(toy.work("upper")) == ["a", "b", "b", "c", "c"]
 
 
 def test_added_item_is_processed_alone(toy):
