@@ -182,6 +182,10 @@ def test_verify_reports_and_repairs_store_and_record_mismatches(tmp_path, capsys
     assert verify([], cmd) == 0
     assert open_stage_store(out).videos() == ["ok"] and [p.stem for p in (out / "items").iterdir()] == ["ok"]
 
+    (out / "features.zarr" / "zarr.json").write_text("{broken")
+    assert verify(["--repair"], cmd) == 1
+    assert "store unreadable" in capsys.readouterr().out
+
 
 def test_cli_import_then_status_sees_imported_extract(tmp_path, capsys):
     from pipeline.cli import main

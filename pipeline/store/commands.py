@@ -52,7 +52,7 @@ def verify(argv: list[str], cmd) -> int:
         lines.extend(f"  {line}" for line in entry["problems"])
     if not dirs:
         lines.append(f"{root}: no feature stores")
-    bad = any(e["problems"] for e in report) and not args.repair
+    bad = any(e["problems"] and (not args.repair or e.get("unreadable")) for e in report)
     _emit(cmd, {"stores": report, "repaired": args.repair, "ok": not bad}, lines)
     return 1 if bad else 0
 
@@ -64,12 +64,18 @@ def verify_stage_dir(stage_dir: Path, cache_dir: Path, repair: bool) -> dict:
     from pipeline.locking import is_locked
     from pipeline.store import open_stage_store
 
-    entry = {"dir": str(stage_dir), "videos": 0, "problems": [], "skipped": None}
+    entry = {"dir": str(stage_dir), "videos": 0, "problems": [], "skipped": None, "unreadable": False}
     if is_locked(cache_dir, "extract", stage_dir.name):
         entry["skipped"] = "skipped: an extraction of this key is running"
         return entry
     records_dir = stage_dir / "items"
-    with open_stage_store(stage_dir, mode="a" if repair else "r") as store:
+    try:
+        store = open_stage_store(stage_dir, mode="a" if repair else "r")
+    except (OSError, ValueError) as e:  # kept, not repaired: removing a whole store is the user's call
+        entry["problems"].append(f"{stage_dir}: store unreadable ({e})")
+        entry["unreadable"] = True
+        return entry
+    with store:
         entry["problems"] = store.verify(repair=repair)
         videos = set(store.videos())
         records = {p.stem: p for p in records_dir.glob("*.json")} if records_dir.is_dir() else {}

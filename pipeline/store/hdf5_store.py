@@ -103,7 +103,7 @@ class HDF5Store(FeatureStore):
         try:
             node = self._node(vid)
             return node is not None and bool(node.attrs.get(COMPLETE, False))
-        except (KeyError, OSError, RuntimeError):
+        except (KeyError, OSError):
             return False
 
     def videos(self) -> list[str]:
