@@ -23,7 +23,8 @@ stages:
     per_item: true
     version: 1
     code: [toyupper]
-    params: {repeat: 1}
+    file_params: [weights]
+    params: {repeat: 1, weights: null}
     runtime: {delay: 0.0, fail: "", gate: ""}
   total:
     entry: toytotal.stage:total

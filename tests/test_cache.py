@@ -109,6 +109,21 @@ def test_code_edit_makes_stage_stale_and_status_names_the_file(toy):
     assert statuses(out) == {"upper": "cached", "total": "ran"}
 
 
+def test_file_params_enter_the_key_by_content(toy):
+    weights = toy.write("w1.pt", "weights v1")
+    first = toy.run("--set", f"upper.weights={weights}", stage="upper")
+    moved = toy.root / "ckpt" / "renamed.pt"
+    moved.parent.mkdir()
+    weights.rename(moved)
+    same = toy.run("--set", f"upper.weights={moved}", stage="upper")
+    assert same["by_stage"]["upper"]["status"] == "cached"
+    assert same["by_stage"]["upper"]["key"] == first["by_stage"]["upper"]["key"]
+    moved.write_text("weights v2")
+    status = toy.status("--set", f"upper.weights={moved}")
+    assert status["upper"]["state"] == "stale" and status["upper"]["reasons"] == ["file upper.weights changed"]
+    assert toy.run("--set", f"upper.weights={moved}", stage="upper")["by_stage"]["upper"]["status"] == "ran"
+
+
 def test_version_pinned_stage_reports_source_drift_but_stays_done(toy):
     toy.run()
     path = toy.root / "toyupper" / "__init__.py"
