@@ -1,0 +1,164 @@
+"""ActionFormer (Zhang, Wu, Li, ECCV 2022): the model, its training loss and its inference.
+
+Layout: features ``(B, T, C)`` channels-last with a boolean mask ``(B, T)``; per-point outputs are
+concatenated over the pyramid levels, ``P = sum_l T / 2^l`` points, with ``points`` ``(P, 4)``
+``[t, range_low, range_high, stride]`` on the input feature grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from localizers.assign import assign_targets
+from localizers.backbone import ConvTransformerBackbone
+from localizers.config import LocalizeConfig, ModelConfig, TestConfig, TrainConfig
+from localizers.heads import ClsHead, RegHead, run_heads
+from localizers.losses import iou_loss_1d, sigmoid_focal_loss
+from localizers.neck import IdentityFPN
+from localizers.points import make_points
+
+
+@dataclass
+class Outputs:
+    logits: torch.Tensor      # (B, P, K)
+    offsets: torch.Tensor     # (B, P, 2), in strides of each point's level
+    mask: torch.Tensor        # (B, P)
+    points: torch.Tensor      # (P, 4)
+    level_lengths: list[int]
+
+
+class ActionFormer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.input_dim == "auto" or cfg.num_classes == "auto":
+            raise ValueError("build the model from a config whose input_dim / num_classes are resolved")
+        self.cfg = cfg
+        self.backbone = ConvTransformerBackbone(cfg)
+        self.neck = IdentityFPN(cfg.embed_dim, cfg.num_levels)
+        self.cls_head = ClsHead(cfg.embed_dim, cfg.embed_dim, cfg.num_classes, cfg.head_layers, cfg.head_kernel,
+                                cfg.cls_prior_prob)
+        self.reg_head = RegHead(cfg.embed_dim, cfg.embed_dim, cfg.num_levels, cfg.head_layers, cfg.head_kernel)
+
+    def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> Outputs:
+        levels, masks = self.backbone(feats, mask)
+        levels, masks = self.neck(levels, masks)
+        logits, offsets, out_mask = run_heads(self.cls_head, self.reg_head, levels, masks)
+        lengths = [f.shape[1] for f in levels]
+        points = make_points(lengths, self.cfg.strides, self.cfg.regression_ranges, feats.device)
+        return Outputs(logits, offsets, out_mask, points, lengths)
+
+
+def build_model(cfg: LocalizeConfig | ModelConfig) -> ActionFormer:
+    """The model of a resolved config (``input_dim`` / ``num_classes`` set, see ``LocalizeConfig.with_dims``)."""
+    return ActionFormer(cfg.model if isinstance(cfg, LocalizeConfig) else cfg)
+
+
+def padded_length(lengths: list[int], cfg: ModelConfig, training: bool) -> int:
+    """Length a batch is padded to.
+
+    Shorter than max_seq_len: the official model pads to max_seq_len. Outputs at valid steps depend on
+    the padding only through whether each level has at least one padded step after the video (the
+    padded steps all hold the same values), so padding to the next multiple of the coarsest stride plus
+    one more stride gives the same numbers with less work. Longer (inference only): the next multiple of
+    max_div_factor, as the official model.
+    """
+    top = cfg.strides[-1]
+    longest = max(lengths)
+    if longest <= cfg.max_seq_len:
+        return min(cfg.max_seq_len, -(-longest // top) * top + top)
+    if training:
+        raise ValueError(f"training input of {longest} steps exceeds max_seq_len {cfg.max_seq_len}")
+    div = cfg.max_div_factor
+    return -(-longest // div) * div
+
+
+def collate(feats: list[torch.Tensor], cfg: ModelConfig, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[(T_i, C)]`` -> zero-padded ``(B, T, C)`` and mask ``(B, T)``."""
+    lengths = [f.shape[0] for f in feats]
+    t = padded_length(lengths, cfg, training)
+    batch = feats[0].new_zeros(len(feats), t, feats[0].shape[1])
+    for i, f in enumerate(feats):
+        batch[i, : f.shape[0]] = f
+    mask = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
+    return batch, mask
+
+
+class LossNormalizer:
+    """Running average of the number of positives (momentum), the loss denominator; part of the
+    training state (checkpointed)."""
+
+    def __init__(self, init: float, momentum: float):
+        self.value = float(init)
+        self.momentum = momentum
+
+    def update(self, num_pos: int) -> float:
+        self.value = self.momentum * self.value + (1 - self.momentum) * max(num_pos, 1)
+        return self.value
+
+
+def compute_losses(out: Outputs, segments: torch.Tensor, labels: torch.Tensor, seg_valid: torch.Tensor,
+                   normalizer: LossNormalizer, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """Focal + IoU loss of a batch, both divided by the running number of positives."""
+    num_classes = out.logits.shape[-1]
+    cls_t, reg_t = assign_targets(out.points, segments, labels, seg_valid, num_classes, cfg.center_radius)
+    valid = out.mask
+    pos = (cls_t.sum(-1) > 0) & valid
+    num_pos = int(pos.sum())
+    norm = normalizer.update(num_pos)
+    target = cls_t
+    if cfg.label_smoothing > 0:
+        target = target * (1 - cfg.label_smoothing) + cfg.label_smoothing / (num_classes + 1)
+    focal = sigmoid_focal_loss(out.logits.float(), target, cfg.focal_alpha, cfg.focal_gamma)
+    cls_loss = (focal * valid[..., None]).sum() / norm
+    if num_pos == 0:
+        reg_loss = 0 * out.offsets.sum()
+    else:
+        reg_loss = iou_loss_1d(out.offsets[pos], reg_t[pos], cfg.reg_loss).sum() / norm
+    weight = cfg.reg_loss_weight if cfg.reg_loss_weight > 0 else cls_loss.detach() / max(reg_loss.item(), 0.01)
+    return {"cls_loss": cls_loss, "reg_loss": reg_loss, "loss": cls_loss + weight * reg_loss}
+
+
+@torch.no_grad()
+def decode_video(out: Outputs, index: int, cfg: TestConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Candidates of one video before NMS: per level, points scoring above pre_nms_thresh, the top
+    pre_nms_topk of them; segments on the input grid, scores, class ids."""
+    probs = torch.sigmoid(out.logits[index].float()) * out.mask[index, :, None]
+    offsets = out.offsets[index].float()
+    k = probs.shape[1]
+    segs, scores, labels = [], [], []
+    start = 0
+    for n in out.level_lengths:
+        flat = probs[start: start + n].reshape(-1)
+        keep = torch.nonzero(flat > cfg.pre_nms_thresh).squeeze(1)
+        top = torch.argsort(flat[keep], descending=True, stable=True)[: cfg.pre_nms_topk]
+        idx = keep[top]
+        pt = idx // k + start
+        pts = out.points[pt]
+        off = offsets[pt]
+        seg = torch.stack((pts[:, 0] - off[:, 0] * pts[:, 3], pts[:, 0] + off[:, 1] * pts[:, 3]), -1)
+        long_enough = (seg[:, 1] - seg[:, 0]) > cfg.duration_thresh
+        segs.append(seg[long_enough])
+        scores.append(flat[idx][long_enough])
+        labels.append((idx % k)[long_enough])
+        start += n
+    return torch.cat(segs), torch.cat(scores), torch.cat(labels)
+
+
+@torch.no_grad()
+def detect(model: ActionFormer, feats: torch.Tensor, cfg: TestConfig,
+           device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Whole-video inference (no crop) of ``(T, C)`` features: segments on the input feature grid
+    after per-class NMS, their scores and class ids (CPU tensors, descending score)."""
+    from localizers.nms import batched_nms
+
+    batch, mask = collate([feats], model.cfg, training=False)
+    out = model(batch.to(device), mask.to(device))
+    segs, scores, labels = (x.cpu() for x in decode_video(out, 0, cfg))
+    if cfg.nms_method == "none":
+        order = torch.argsort(scores, descending=True)[: cfg.max_detections]
+        return segs[order], scores[order], labels[order]
+    return batched_nms(segs, scores, labels, iou_threshold=cfg.iou_threshold, sigma=cfg.nms_sigma,
+                       method=cfg.nms_method, min_score=cfg.min_score, max_num=cfg.max_detections)

@@ -1,0 +1,86 @@
+"""Classification and regression heads, shared across pyramid levels.
+
+All levels go through each shared convolution in ONE call: the level maps are concatenated along time
+with zero gap rows between them, so a kernel never sees a neighbouring level (the gap rows are zeroed
+again after every layer, as a level's own zero padding). Outputs come back concatenated over levels
+without the gaps: ``(B, sum T_l, K)``. The two heads are attributes of the model itself so the
+parameter names are the official ones (``cls_head.head.0.conv.weight``, ``reg_head.scale.0.scale``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from localizers.blocks import LayerNorm, MaskedConv1D, Scale
+
+
+def concat_levels(feats: list[torch.Tensor], masks: list[torch.Tensor], gap: int):
+    """Levels -> one ``(B, sum T_l + gaps, C)`` tensor, its mask, the row index of each level's rows."""
+    b, _, c = feats[0].shape
+    pad = feats[0].new_zeros(b, gap, c)
+    mpad = masks[0].new_zeros(b, gap)
+    x = torch.cat([t for f in feats for t in (f, pad)][:-1], 1)
+    m = torch.cat([t for mk in masks for t in (mk, mpad)][:-1], 1)
+    rows, start = [], 0
+    for f in feats:
+        rows.append(torch.arange(start, start + f.shape[1], device=x.device))
+        start += f.shape[1] + gap
+    return x, m, torch.cat(rows)
+
+
+class _Trunk(nn.Module):
+    """``layers - 1`` masked convs, each followed by LayerNorm and ReLU."""
+
+    def __init__(self, dim: int, head_dim: int, layers: int, kernel: int):
+        super().__init__()
+        self.head = nn.ModuleList(
+            MaskedConv1D(dim if i == 0 else head_dim, head_dim, kernel, bias=False) for i in range(layers - 1))
+        self.norm = nn.ModuleList(LayerNorm(head_dim) for _ in range(layers - 1))
+
+    def trunk(self, x: torch.Tensor, pad: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
+        for conv, norm in zip(self.head, self.norm):
+            x = F.relu(norm(conv(x, pad))).masked_fill(gaps, 0.0)
+        return x
+
+
+class ClsHead(_Trunk):
+    def __init__(self, dim: int, head_dim: int, num_classes: int, layers: int = 3, kernel: int = 3,
+                 prior_prob: float = 0.01):
+        super().__init__(dim, head_dim, layers, kernel)
+        self.cls_head = MaskedConv1D(head_dim, num_classes, kernel)
+        # focal-loss prior: every class starts at probability prior_prob
+        nn.init.constant_(self.cls_head.conv.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
+        return self.cls_head(self.trunk(x, pad, gaps), pad)
+
+
+class RegHead(_Trunk):
+    def __init__(self, dim: int, head_dim: int, num_levels: int, layers: int = 3, kernel: int = 3):
+        super().__init__(dim, head_dim, layers, kernel)
+        self.scale = nn.ModuleList(Scale() for _ in range(num_levels))
+        self.offset_head = MaskedConv1D(head_dim, 2, kernel)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor, gaps: torch.Tensor,
+                level_lengths: list[int], gap: int) -> torch.Tensor:
+        out = self.offset_head(self.trunk(x, pad, gaps), pad)
+        # each level's rows (and the gap after them) scaled by that level's Scale
+        scale = torch.cat([s.scale.expand(n + gap) for s, n in zip(self.scale, level_lengths)])[: x.shape[1]]
+        return F.relu(out * scale[:, None].to(out.dtype))
+
+
+def run_heads(cls_head: ClsHead, reg_head: RegHead, feats: list[torch.Tensor], masks: list[torch.Tensor]):
+    """Both heads over all levels at once: logits ``(B, P, K)``, offsets ``(B, P, 2)`` and mask ``(B, P)``,
+    ``P = sum T_l``."""
+    gap = cls_head.cls_head.pad
+    x, m, rows = concat_levels(feats, masks, gap)
+    pad = ~m.unsqueeze(-1)
+    gaps = torch.ones(x.shape[1], 1, dtype=torch.bool, device=x.device)
+    gaps[rows] = False
+    logits = cls_head(x, pad, gaps)[:, rows]
+    offsets = reg_head(x, pad, gaps, [f.shape[1] for f in feats], gap)[:, rows]
+    return logits, offsets, m[:, rows]
