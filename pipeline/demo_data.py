@@ -222,7 +222,9 @@ def _render(demo: DemoSpec, plan: dict, clips: dict[str, np.ndarray]) -> np.ndar
     frames = _background(plan["background"], plan["n_frames"], demo, rng, clips)
     for (f0, f1), label in zip(plan["frames"], plan["labels"]):
         t = np.arange(f1 - f0, dtype=np.float32) / demo.fps
-        mask, colour = _ACTIONS[demo.classes[label]](t, demo.size, rng)
+        name = demo.classes[label]
+        mask = _ACTIONS[name](t, demo.size, rng)
+        colour = _colour(name, rng)
         alpha = mask[..., None]
         frames[f0:f1] = frames[f0:f1] * (1 - alpha) + colour * alpha
     return np.clip(frames, 0, 255).astype(np.uint8)
@@ -239,23 +241,25 @@ def _soft(d: np.ndarray, size: int) -> np.ndarray:
     return np.clip(0.5 - d * size, 0.0, 1.0)
 
 
-def _bright_colour(rng: np.random.Generator) -> np.ndarray:
-    """A saturated, bright colour: the shapes must stand out from any background."""
-    colour = rng.uniform(0, 80, 3)
-    colour[rng.integers(3)] = 255
-    colour[rng.integers(3)] = rng.uniform(160, 255)
-    return colour.astype(np.float32)
+# Each class keeps its colour family (jittered per instance): the features come from a tiny
+# random-init network, whose pooled responses carry colour far better than motion direction.
+_HUES = {"sweep": (235, 60, 50), "pulse": (60, 225, 70), "spin": (70, 110, 255), "blink": (245, 225, 60)}
+
+
+def _colour(label: str, rng: np.random.Generator) -> np.ndarray:
+    return np.clip(np.asarray(_HUES[label], np.float32) + rng.uniform(-20, 20, 3), 0, 255).astype(np.float32)
 
 
 def _sweep(t, size, rng):
     """A square crossing the frame from left to right, again and again, at a fixed height."""
-    half = rng.uniform(0.12, 0.18)
+    half = rng.uniform(0.16, 0.22)
     period = rng.uniform(1.2, 2.0)
     y0 = rng.uniform(half, 1 - half)
-    x = -half + (1 + 2 * half) * ((t / period + rng.uniform()) % 1.0)
+    # Always whole in view: enters at the left edge, leaves at the right, starts again.
+    x = half + (1 - 2 * half) * ((t / period + rng.uniform()) % 1.0)
     ys, xs = _grid(size)
     d = np.maximum(np.abs(ys - y0), np.abs(xs - x[:, None, None])) - half
-    return _soft(d, size), _bright_colour(rng)
+    return _soft(d, size)
 
 
 def _pulse(t, size, rng):
@@ -265,7 +269,7 @@ def _pulse(t, size, rng):
     radius = 0.2 + 0.13 * np.sin(2 * np.pi * (t / period + rng.uniform()))
     ys, xs = _grid(size)
     d = np.sqrt((ys - cy) ** 2 + (xs - cx) ** 2) - radius[:, None, None]
-    return _soft(d, size), _bright_colour(rng)
+    return _soft(d, size)
 
 
 def _spin(t, size, rng):
@@ -278,7 +282,7 @@ def _spin(t, size, rng):
     cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
     along, across = dx * cos + dy * sin, -dx * sin + dy * cos
     d = np.maximum(np.abs(along) - 0.38, np.abs(across) - 0.07)
-    return _soft(d, size), _bright_colour(rng)
+    return _soft(d, size)
 
 
 def _blink(t, size, rng):
@@ -289,7 +293,7 @@ def _blink(t, size, rng):
     on = ((t * hz + rng.uniform()) % 1.0 < 0.5).astype(np.float32)
     ys, xs = _grid(size)
     inside = ((ys >= y0) & (ys < y0 + h) & (xs >= x0) & (xs < x0 + w)).astype(np.float32)
-    return on[:, None, None] * inside, _bright_colour(rng)
+    return on[:, None, None] * inside
 
 
 _ACTIONS = {"sweep": _sweep, "pulse": _pulse, "spin": _spin, "blink": _blink}
@@ -302,7 +306,9 @@ def _background(kind: str, n: int, demo: DemoSpec, rng: np.random.Generator, cli
     t = np.arange(n, dtype=np.float32)[:, None, None, None]
     if kind == "noise":
         # Blotchy texture (coarse noise blown up) drifting slowly, plus a little per-frame grain.
-        coarse = rng.uniform(40, 150, (size // 8, size // 8, 3)).astype(np.float32)
+        # Mostly grey levels with a faint tint, so the shapes' colours stay the strongest colours.
+        coarse = rng.uniform(40, 150, (size // 8, size // 8, 1)) + rng.uniform(-12, 12, (size // 8, size // 8, 3))
+        coarse = coarse.astype(np.float32)
         texture = np.repeat(np.repeat(coarse, 8, 0), 8, 1)
         shift = (np.arange(n) * rng.uniform(0.05, 0.2)).astype(int) % size
         rows = (np.arange(size)[None, :] + shift[:, None]) % size
