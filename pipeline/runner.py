@@ -7,6 +7,7 @@ that stage has work.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import json
@@ -324,7 +325,7 @@ class StageReport:
 def targets_for(graph: StageGraph, dataset: Dataset, what: str, stage: str | None) -> list[str]:
     """``run <stage>`` / ``run train --stage S`` / ``run eval --stage S`` / ``run all`` -> stage names."""
     if what == "all":
-        names = [n for n in graph.order if dataset.task in graph.stages[n].tasks]
+        names = graph.for_task(dataset.task)
         if not names:
             raise ConfigError(f"{graph.path}: no stage lists task {dataset.task!r} of dataset {dataset.name} "
                               f"in its tasks")
@@ -434,8 +435,11 @@ def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, s
                        all_items=st.all_items(), options=options)
     started = time.time()
     report = StageReport(spec.name, "ran", key=st.key, dir=str(st.dir))
+    # under --json stdout carries one JSON object: whatever the stage prints goes to stderr
+    quiet_stdout = contextlib.redirect_stdout(sys.stderr) if options.json else contextlib.nullcontext()
     try:
-        result = fn(ctx)
+        with quiet_stdout:
+            result = fn(ctx)
         if result is not None and not isinstance(result, dict):
             raise TypeError(f"stage entry {spec.entry} returned {type(result).__name__}, expected a dict or None")
         result = json.loads(json.dumps(result or {}, default=str))

@@ -63,6 +63,10 @@ class StageGraph:
                 stack.extend(self[name].needs)
         return [n for n in self.order if n in wanted]
 
+    def for_task(self, task: str) -> list[str]:
+        """Stages whose ``tasks`` include ``task`` (a stage without ``tasks`` serves every task)."""
+        return [n for n in self.order if not self.stages[n].tasks or task in self.stages[n].tasks]
+
     def search_path(self) -> list[str]:
         root = str(self.root)
         return [root] + [p for p in sys.path if p != root]

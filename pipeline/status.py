@@ -15,15 +15,9 @@ from pipeline.runner import Override, Planner, StageState, Workspace
 _SHOW_IDS = 5
 
 
-def dataset_stages(ws: Workspace, dataset: Dataset) -> list[str]:
-    """Stages whose ``tasks`` include the dataset's task (stages without ``tasks`` apply to all)."""
-    wanted = [n for n in ws.graph.order if not ws.graph[n].tasks or dataset.task in ws.graph[n].tasks]
-    return ws.graph.closure(wanted)
-
-
 def explain(ws: Workspace, dataset: Dataset, sets: list[Override] = ()) -> list[dict]:
     planner = Planner(ws, dataset, sets)
-    states = planner.plan_all(dataset_stages(ws, dataset))
+    states = planner.plan_all(ws.graph.for_task(dataset.task))
     return [_describe(ws, dataset, st) for st in states.values()]
 
 

@@ -73,6 +73,7 @@ def total(ctx):
     value = sum(json.loads(r.read_text())["chars"] for r in records) * ctx.params["scale"]
     (ctx.out_dir / "total.txt").write_text(render(value, ctx.params["fmt"]["width"]))
     _count("total", str(value))
+    print(f"total is {value}")  # a chatty stage must not break --json
     return {"summary": f"total = {value}", "value": value}
 '''
 

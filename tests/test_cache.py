@@ -35,7 +35,7 @@ def test_first_run_does_the_work_and_rerun_does_none(toy):
 
 
 def test_human_output_prints_summaries(toy):
-    proc = toy.cli("run", "total", "--dataset", "toy")
+    proc = toy.cli("run", "all", "--dataset", "toy")
     assert "total = 18" in proc.stdout and "upper-cased 3 files" in proc.stdout
     proc = toy.cli("run", "total", "--dataset", "toy")
     assert "cached" in proc.stdout and "total = 18" in proc.stdout
