@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import main
+
 PROJECT = Path(__file__).resolve().parent.parent
 
 
@@ -75,15 +77,21 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_exits_2_with_one_line(toy, case):
+def test_bad_input_exits_2_with_one_line(toy, case, capsys, monkeypatch):
+    """In-process ``main()`` (fast); every case fails before any toy module is imported for good."""
     mutate, args, fragments = CASES[case]
     if mutate:
         mutate(toy)
     if args[0] in ("run", "status") and "--dataset" not in args:
         args = [*args, "--dataset", "toy"]
-    proc = toy.cli(*args, check=2)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+    monkeypatch.chdir(toy.root)
+    monkeypatch.setenv("TOY_COUNTS", str(toy.counts))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert main(toy.argv(*args)[3:]) == 2
+    for name in [m for m in sys.modules if m.startswith("toy")]:
+        del sys.modules[name]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
     assert lines[0].startswith("pipeline: error: ")
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
