@@ -14,7 +14,7 @@ import argparse
 import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -134,7 +134,7 @@ class LoadReport:
     sha256: str
     format: str
     dropped: tuple[str, ...] = ()
-    skipped: tuple[str, ...] = field(default=())  # non-strict only: keys not loaded and why
+    skipped: tuple[str, ...] = ()  # non-strict only: keys not loaded and why
 
 
 def _optional(key: str) -> bool:

@@ -132,7 +132,10 @@ class I3D(nn.Module):
             raise ConfigError(f"i3d.blocks_per_stage: expected 3 counts within {FULL_BLOCKS}, got {blocks_per_stage}")
         if width <= 0:
             raise ConfigError(f"i3d.width: must be positive, got {width}")
-        scale = lambda c: max(1, round(c * width))  # noqa: E731
+
+        def scale(channels: int) -> int:
+            return max(1, round(channels * width))
+
         self.in_channels = in_channels
         self.add_module("Conv3d_1a_7x7", Unit3D(in_channels, scale(64), (7, 7, 7), (2, 2, 2), bn_eps))
         self.add_module("MaxPool3d_2a_3x3", MaxPoolSame((1, 3, 3), (1, 2, 2)))
