@@ -206,7 +206,7 @@ class Planner:
             up = upstream[need]
             if not up.done and not (up.state == "incomplete" and up.records):
                 return StageState(name, "blocked", params=params, runtime=runtime,
-                                  reasons=[f"needs {need} ({up.state})"])
+                                  reasons=[f"waits for {need} (not done)"])
         files = self._code_files(spec)
         material = {
             "format": KEY_FORMAT,
@@ -258,30 +258,33 @@ class Planner:
             files.setdefault(rel, self.ws.index.fingerprint(origin))
         return dict(sorted(files.items()))
 
-    def _file_param(self, spec: StageSpec, p: str, value: Any) -> Path | None:
-        if value in (None, ""):
+    def _file_param(self, spec: StageSpec, where: str, value: Any, as_key: bool) -> Any:
+        """A file param (a path, or a mapping / list of paths such as two-stream weights) with every
+        path replaced by its content fingerprint (``as_key``: so moving a checkpoint keeps the key)
+        or by its absolute path (what the stage receives)."""
+        if value is None or value == "":
             return None
+        if isinstance(value, dict):
+            return {k: self._file_param(spec, f"{where}.{k}", v, as_key) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._file_param(spec, f"{where}[{i}]", v, as_key) for i, v in enumerate(value)]
         path = Path(str(value)).expanduser()
         candidates = [path] if path.is_absolute() else [Path.cwd() / path, self.ws.project_root / path]
-        for c in candidates:
-            if c.is_file():
-                return c.resolve()
-        raise ConfigError(f"{spec.name}.{p}: file not found: {value}")
+        found = next((c.resolve() for c in candidates if c.is_file()), None)
+        if found is None:
+            raise ConfigError(f"{spec.name}.{where}: file not found: {value}")
+        return {"file_fingerprint": self.ws.index.fingerprint(found)} if as_key else str(found)
 
     def _key_params(self, spec: StageSpec, params: dict) -> dict:
-        """Params as they enter the key: file params by content, so moving a checkpoint keeps the key."""
         out = dict(params)
         for p in spec.file_params:
-            f = self._file_param(spec, p, params.get(p))
-            out[p] = None if f is None else {"file_fingerprint": self.ws.index.fingerprint(f)}
+            out[p] = self._file_param(spec, p, params.get(p), as_key=True)
         return out
 
     def _run_params(self, spec: StageSpec, params: dict) -> dict:
-        """Params as the stage sees them: file params as absolute paths."""
         out = copy.deepcopy(params)
         for p in spec.file_params:
-            f = self._file_param(spec, p, params.get(p))
-            out[p] = None if f is None else str(f)
+            out[p] = self._file_param(spec, p, params.get(p), as_key=False)
         return out
 
     def plan_all(self, names: list[str]) -> dict[str, StageState]:

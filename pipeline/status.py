@@ -60,7 +60,7 @@ def changes(old: dict, old_code: dict, st: StageState) -> list[str]:
     for path in sorted(set(old_p) | set(new_p)):
         a, b = old_p.get(path, "<unset>"), new_p.get(path, "<unset>")
         if a != b:
-            if path.endswith(".file_fingerprint"):
+            if path.endswith(".file_fingerprint") and "<unset>" not in (a, b):
                 out.append(f"file {st.name}.{path[: -len('.file_fingerprint')]} changed")
             else:
                 out.append(f"param {st.name}.{path}: {a!r} -> {b!r}")
