@@ -161,7 +161,7 @@ def _print_run(reports) -> None:
             parts.append(f"{i['total']} items: {i['done']} done, {i['skipped']} skipped, {i['failed']} failed")
         if r.status == "ran":
             parts.append(f"{r.seconds:.1f} s")
-        print("  ".join(parts), flush=True)
+        print("  ".join(parts).rstrip(), flush=True)
         if r.message:
             print(f"{'':<{width}}  {r.message}")
         for f in r.failures:
