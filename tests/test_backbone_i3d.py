@@ -200,3 +200,21 @@ def test_inception_block_concatenates_branches_in_reference_order():
         out = block(x)
     assert out.shape == (1, 2 + 4 + 3 + 5, 3, 5, 5) and block.out_channels == 14
     torch.testing.assert_close(out, expected)
+
+
+def test_video_features_names_give_the_same_model_as_pytorch_i3d_names():
+    """Rename a tiny model's weights to the hassony2 / video_features scheme by hand (branch_1.0 = b1a,
+    branch_1.1 = b1b, ..., batch3d = bn, lower-case top level): loading them back must reproduce the model."""
+    source = i3d.build(tiny=True, seed=7)
+    hand = {"b0": "branch_0", "b1a": "branch_1.0", "b1b": "branch_1.1", "b2a": "branch_2.0",
+            "b2b": "branch_2.1", "b3b": "branch_3.1", "bn": "batch3d", "conv3d": "conv3d"}
+    renamed = {}
+    for key, value in source.state_dict().items():
+        top, *middle, leaf = key.split(".")
+        renamed[".".join([top.lower(), *(hand[part] for part in middle), leaf])] = value
+    target = i3d.build(tiny=True, seed=8)
+    fmt, _, _ = load_state_dict_checked(target, renamed, i3d.FORMATS, source="vf.pt", target="i3d rgb")
+    assert fmt.startswith("v-iashin/video_features")
+    x = clips(t=8, size=32)
+    with torch.no_grad():
+        assert torch.equal(target(x), source(x))
