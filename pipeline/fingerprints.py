@@ -45,7 +45,7 @@ class FingerprintIndex:
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.execute(_SCHEMA)
                 self._db = db
-            except sqlite3.Error:
+            except (sqlite3.Error, OSError):
                 self.db_path = None  # read-only or locked-up cache: hash without remembering
         return self._db
 

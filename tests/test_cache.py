@@ -122,6 +122,12 @@ def test_file_params_enter_the_key_by_content(toy):
     status = toy.status("--set", f"upper.weights={moved}")
     assert status["upper"]["state"] == "stale" and status["upper"]["reasons"] == ["file upper.weights changed"]
     assert toy.run("--set", f"upper.weights={moved}", stage="upper")["by_stage"]["upper"]["status"] == "ran"
+    # a mapping of files (two-stream weights): each by content, named alone when it changes
+    flow = toy.write("flow.pt", "flow v1")
+    pair = f"upper.weights={{rgb: {moved}, flow: {flow}}}"
+    toy.run("--set", pair, stage="upper")
+    flow.write_text("flow v2")
+    assert toy.status("--set", pair)["upper"]["reasons"] == ["file upper.weights.flow changed"]
 
 
 def test_version_pinned_stage_reports_source_drift_but_stays_done(toy):
