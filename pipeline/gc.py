@@ -3,7 +3,8 @@
 Roots are the current keys (default params) of every stage for every manifest in ``data/`` plus the
 datasets named on the command line, and the imported feature stores. A stage directory is swept
 unless it is a root (or the partial of one), is locked by a running stage, or belongs to a dataset
-whose keys cannot be computed now (unset variable, missing videos): those are kept whole.
+whose keys cannot be computed now (unset variable, videos not mounted; a manifest that does not load
+is known by its file stem): those are kept whole, as is every output without a manifest then.
 """
 
 from __future__ import annotations
@@ -29,10 +30,9 @@ class GcResult:
         return sum(n for _, n in self.removed)
 
 
-def roots(ws: Workspace, extra_datasets: list[str]) -> tuple[set[tuple[str, str]], set[str], set[str]]:
-    """(stage, key) roots, stages to keep whole, names of datasets that could not be evaluated."""
+def roots(ws: Workspace, extra_datasets: list[str]) -> tuple[set[tuple[str, str]], set[str]]:
+    """(stage, key) roots, and the names of datasets whose keys cannot all be computed now."""
     keep: set[tuple[str, str]] = set()
-    keep_stage: set[str] = set()
     unknown: set[str] = set()
     sources = [str(p) for p in known_manifests(ws.project_root)] + list(extra_datasets)
     for source in sources:
@@ -49,24 +49,16 @@ def roots(ws: Workspace, extra_datasets: list[str]) -> tuple[set[tuple[str, str]
         except ConfigError:
             unknown.add(dataset.name)
             continue
-        uncertain: set[str] = set()
-        for name, st in states.items():
-            if st.state == "unknown" or any(n in uncertain for n in ws.graph[name].needs):
-                uncertain.add(name)
-            if st.key is not None:
-                keep.add((name, st.key))
-        if uncertain:
-            unknown.add(dataset.name)
-            keep_stage |= uncertain
-    return keep, keep_stage, unknown
+        keep |= {(name, st.key) for name, st in states.items() if st.key is not None}
+        if any(st.state == "unknown" for st in states.values()):
+            unknown.add(dataset.name)  # e.g. its videos are not mounted: its downstream keys are unknown
+    return keep, unknown
 
 
 def collect_garbage(ws: Workspace, extra_datasets: list[str], dry_run: bool) -> GcResult:
-    keep, keep_stage, unknown = roots(ws, extra_datasets)
+    keep, unknown = roots(ws, extra_datasets)
     result = GcResult(kept_unknown=sorted(unknown))
     for stage in ws.graph.order:
-        if stage in keep_stage:
-            continue
         for d in ws.cache.stage_outputs(stage):
             key = d.name.removesuffix(".partial")
             if (stage, key) in keep or is_locked(ws.cache.root, stage, key):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -206,6 +207,16 @@ def test_gc_removes_what_no_current_key_refers_to(toy):
     for name in ("upper", "total"):
         assert (toy.cache / name / current["by_stage"][name]["key"]).exists()
     assert statuses(toy.run()) == {"upper": "cached", "total": "cached"}
+
+
+def test_gc_keeps_outputs_of_a_dataset_whose_keys_cannot_be_computed(toy):
+    toy.write("data/other.yaml", "name: other\nvideos: ${TOY_OTHER_VIDEOS}\n")
+    toy.env["TOY_OTHER_VIDEOS"] = str(toy.videos)
+    other = toy.cli("--json", "run", "total", "--dataset", "other")
+    other_dir = toy.cache / "total" / json.loads(other.stdout)["stages"][1]["key"]
+    del toy.env["TOY_OTHER_VIDEOS"]
+    proc = toy.cli("gc")
+    assert other_dir.exists() and "kept every output of dataset other" in proc.stderr
 
 
 @pytest.mark.parametrize("what,stage,expected", [("train", "localize", "localize"),
