@@ -65,7 +65,7 @@ class DemoSpec:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(spec) - known)
         if unknown:
-            raise ConfigError(f"generate: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ConfigError(f"generate.{unknown[0]}: unknown key; known: {', '.join(sorted(known))}")
         values = {}
         for name, value in spec.items():
             default = getattr(cls, name)
