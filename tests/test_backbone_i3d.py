@@ -218,3 +218,12 @@ def test_video_features_names_give_the_same_model_as_pytorch_i3d_names():
     x = clips(t=8, size=32)
     with torch.no_grad():
         assert torch.equal(target(x), source(x))
+
+
+@pytest.mark.parametrize("kernel,stride", [(1, 1), (3, 1), (2, 2), (3, 2), (7, 2)])
+def test_same_padding_follows_the_tensorflow_definition(kernel, stride):
+    """TF: out = ceil(n / s), total pad = max((out - 1) * s + k - n, 0), the smaller half in front."""
+    for n in range(1, 12):
+        out = -(-n // stride)
+        total = max((out - 1) * stride + kernel - n, 0)
+        assert i3d.same_padding(n, kernel, stride) == (total // 2, total - total // 2), n
