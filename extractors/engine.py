@@ -1,15 +1,15 @@
 """The extraction engine: decode workers feed batched inference; a writer thread stores results.
 
 - Decoding runs in ``workers`` processes (forked; each opens its own reader per video). Each sends
-  the sampled frames of its current video, in chunks, through one bounded queue (backpressure keeps
-  memory flat when inference is the bottleneck).
+  the sampled frames of its current video, in chunks, through its own pipe, at most a few chunks
+  ahead (backpressure keeps memory flat when inference is the bottleneck).
 - The main process preprocesses each frame once on the device, slices the overlapping clip windows
   out of a per-video frame buffer (``ClipWindows``) and runs the model on batches that mix videos.
   On CUDA: pinned host memory, non-blocking copies, bf16/fp16 autocast, and the batch halves when
   it does not fit.
 - A finished video goes to a writer thread (``on_done``: store write, then the completion record),
   off the critical path.
-- A worker that sends nothing for ``video_timeout_s`` (a decoder that hangs) or dies (decord aborts
+- A worker that sends nothing for ``video_timeout_s`` of waiting (a decoder that hangs) or dies (decord aborts
   the process on some corrupt H.264, decord #25) is replaced; its video fails with kind ``timeout``
   or ``decoder_crash`` (a crash under decord is retried once with PyAV). Every other per-video
   failure is reported through ``on_failed`` and the run goes on.
@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import pickle
 import queue
 import threading
 import time
@@ -84,24 +85,31 @@ class _Video:
 
 
 class _Workers:
-    """Decode processes, one video at a time each, all answering on one bounded queue."""
+    """Decode processes, one video at a time each. Each answers on its own pipe: a process that dies
+    mid-message (decord aborts on some corrupt files) can only break its own pipe, which is replaced
+    with it, never a lock or a stream the other workers share."""
 
     def __init__(self, n: int, spec: DecodeSpec):
         self.ctx = mp.get_context("fork")
         self.spec = spec
-        self.results = self.ctx.Queue(maxsize=_CHUNKS_PER_WORKER * n)
         self.procs: list = [None] * n
         self.tasks: list = [None] * n
+        self.conns: list = [None] * n
         self.busy: list = [None] * n     # (video index, decoders) held by each worker
-        self.last_seen = [0.0] * n
+        # Seconds each busy worker stayed silent while this process was waiting for frames. Time spent
+        # in inference does not count: a worker blocked on a full pipe then is not hung.
+        self.silent = [0.0] * n
         for w in range(n):
             self._start(w)
 
     def _start(self, w: int) -> None:
-        self.tasks[w] = self.ctx.Queue()
-        self.procs[w] = self.ctx.Process(target=_decode_worker, args=(w, self.tasks[w], self.results, self.spec),
+        self.tasks[w] = self.ctx.SimpleQueue()
+        receive, send = self.ctx.Pipe(duplex=False)
+        self.procs[w] = self.ctx.Process(target=_decode_worker, args=(self.tasks[w], send, self.spec),
                                          daemon=True, name=f"decode-{w}")
         self.procs[w].start()
+        send.close()                      # the child's end: EOF here once the child is gone
+        self.conns[w] = receive
         self.busy[w] = None
 
     def idle(self) -> list[int]:
@@ -109,42 +117,78 @@ class _Workers:
 
     def submit(self, w: int, index: int, path: str, decoders: tuple[str, ...]) -> None:
         self.busy[w] = (index, decoders)
-        self.last_seen[w] = time.monotonic()
+        self.silent[w] = 0.0
         self.tasks[w].put((index, path, decoders))
+
+    def receive(self, timeout: float) -> list[tuple[int, tuple | None]]:
+        """(worker, message) for every worker with something to say; message None: its pipe broke."""
+        from multiprocessing.connection import wait
+
+        t0 = time.monotonic()
+        ready = wait(self.conns, timeout)
+        waited = time.monotonic() - t0
+        out = []
+        for w, conn in enumerate(self.conns):
+            if conn in ready:
+                self.silent[w] = 0.0
+                try:
+                    out.append((w, conn.recv()))
+                except (EOFError, OSError, pickle.UnpicklingError):
+                    out.append((w, None))
+            elif self.busy[w] is not None:
+                self.silent[w] += waited
+        return out
 
     def replace(self, w: int) -> None:
         """Kill a hung or dead worker and start a fresh one in its place."""
+        self._stop(w)
+        self._start(w)
+
+    def _stop(self, w: int) -> None:
         proc = self.procs[w]
         if proc.is_alive():
             proc.kill()
         proc.join(timeout=5)
-        self._start(w)
+        self.conns[w].close()
 
     def close(self) -> None:
-        for w, proc in enumerate(self.procs):
-            if proc.is_alive():
-                proc.kill()
-            proc.join(timeout=5)
-        self.results.cancel_join_thread()
-        self.results.close()
+        for w in range(len(self.procs)):
+            self._stop(w)
 
 
-def _decode_worker(w: int, tasks, results, spec: DecodeSpec) -> None:
+def _decode_worker(tasks, conn, spec: DecodeSpec) -> None:
+    """Decode process: videos from ``tasks``; events through a bounded buffer and a sender thread,
+    so decoding runs ahead of the main process by a few chunks and no further."""
     import dataclasses
 
-    while True:
-        task = tasks.get()
-        if task is None:
-            return
-        index, path, decoders = task
-        try:
-            for event in decode_video(path, dataclasses.replace(spec, decoders=decoders)):
-                results.put((w, index) + event)
-        except DecodeError as e:
-            results.put((w, index, "error", e.kind, str(e)))
-        except Exception as e:  # anything else in a decoder is this video's failure, not the run's
-            results.put((w, index, "error", "decode_error", f"{type(e).__name__}: {e}"))
-        results.put((w, index, "released"))
+    outbox: queue.Queue = queue.Queue(maxsize=_CHUNKS_PER_WORKER)
+
+    def sender() -> None:
+        while True:
+            msg = outbox.get()
+            if msg is None:
+                return
+            conn.send(msg)
+
+    thread = threading.Thread(target=sender, daemon=True)
+    thread.start()
+    try:
+        while True:
+            task = tasks.get()
+            if task is None:
+                return
+            index, path, decoders = task
+            try:
+                for event in decode_video(path, dataclasses.replace(spec, decoders=decoders)):
+                    outbox.put((index,) + event)
+            except DecodeError as e:
+                outbox.put((index, "error", e.kind, str(e)))
+            except Exception as e:  # anything else in a decoder is this video's failure, not the run's
+                outbox.put((index, "error", "decode_error", f"{type(e).__name__}: {e}"))
+            outbox.put((index, "released"))
+    finally:
+        outbox.put(None)
+        thread.join()
 
 
 class Engine:
@@ -214,26 +258,21 @@ class Engine:
                         index = todo.pop()
                         workers.submit(w, index, str(self.items[index].path), self.spec.decoders)
                 t_wait = time.perf_counter()
-                try:
-                    msg = workers.results.get(timeout=_POLL_S if not self.pending else 0.001)
-                except queue.Empty:
-                    msg = None
+                messages = workers.receive(_POLL_S if not self.pending else 0.0)
                 self.stats.decode_s += time.perf_counter() - t_wait
-                if msg is None:
-                    self._flush(force=True)      # nothing arriving: keep the model busy anyway
-                    self._check_workers(workers)
-                    continue
-                w, index, kind = msg[0], msg[1], msg[2]
-                workers.last_seen[w] = time.monotonic()
-                if kind == "released":
-                    if workers.busy[w] is not None and workers.busy[w][0] == index:
-                        workers.busy[w] = None
-                    continue
-                if kind == "error":
-                    self._fail(index, msg[3], msg[4])
-                else:
-                    self._on_event(index, msg[2:])
-                self._flush(force=False)
+                for w, msg in messages:
+                    if msg is None:
+                        continue                 # a broken pipe: _check_workers sees the dead process
+                    index, kind = msg[0], msg[1]
+                    if kind == "released":
+                        if workers.busy[w] is not None and workers.busy[w][0] == index:
+                            workers.busy[w] = None
+                    elif kind == "error":
+                        self._fail(index, msg[2], msg[3])
+                    else:
+                        self._on_event(index, msg[1:])
+                # Full batches while frames arrive; whatever is pending when nothing does.
+                self._flush(force=not messages)
                 self._drain_write_errors()
                 self._check_workers(workers)
             self._flush(force=True)
@@ -241,11 +280,11 @@ class Engine:
             workers.close()
 
     def _check_workers(self, workers: _Workers) -> None:
-        now = time.monotonic()
         for w, held in enumerate(workers.busy):
             if held is None:
                 continue
             index, decoders = held
+            workers.procs[w].join(timeout=0)
             if not workers.procs[w].is_alive():
                 code = workers.procs[w].exitcode
                 workers.replace(w)
@@ -254,7 +293,7 @@ class Engine:
                     workers.submit(w, index, str(self.items[index].path), ("pyav",))
                     continue
                 self._fail(index, "decoder_crash", f"the decoder process died (exit code {code})")
-            elif now - workers.last_seen[w] > self.config.video_timeout_s:
+            elif workers.silent[w] > self.config.video_timeout_s:
                 workers.replace(w)
                 self._fail(index, "timeout", f"the decoder made no progress for {self.config.video_timeout_s:g} s")
 
