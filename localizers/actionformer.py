@@ -162,3 +162,51 @@ def detect(model: ActionFormer, feats: torch.Tensor, cfg: TestConfig,
         return segs[order], scores[order], labels[order]
     return batched_nms(segs, scores, labels, iou_threshold=cfg.iou_threshold, sigma=cfg.nms_sigma,
                        method=cfg.nms_method, min_score=cfg.min_score, max_num=cfg.max_detections)
+
+
+def load_video_scores(path: str, classes: tuple[str, ...]) -> dict:
+    """Video-level class scores, ``{video: np.ndarray over classes}``, from a JSON file
+    ``{"results": {video: [score per class]}, "class": [names]}`` (the CUHK ActivityNet file the official
+    recipe fuses) or ``{video: {class name: score}}``."""
+    import json
+
+    import numpy as np
+
+    from pipeline.errors import ConfigError
+
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"localize.ext_score_file: cannot read {path}: {e}") from None
+    index = {c: i for i, c in enumerate(classes)}
+    out = {}
+    if "results" in obj and "class" in obj:
+        order = [index.get(c) for c in obj["class"]]
+        for vid, scores in obj["results"].items():
+            row = np.zeros(len(classes))
+            for j, s in zip(order, scores):
+                if j is not None:
+                    row[j] = s
+            out[vid] = row
+        return out
+    for vid, by_name in obj.items():
+        row = np.zeros(len(classes))
+        for name, s in by_name.items():
+            if name not in index:
+                raise ConfigError(f"localize.ext_score_file: {path}: video {vid}: unknown class {name!r}")
+            row[index[name]] = s
+        out[vid] = row
+    return out
+
+
+def fuse_video_scores(dets: list[dict], video_scores, classes: tuple[str, ...], topk: int,
+                      max_detections: int) -> list[dict]:
+    """Label class-agnostic detections with the video's top-k external classes, score x class score."""
+    if video_scores is None:
+        return []
+    top = sorted(range(len(video_scores)), key=lambda c: -video_scores[c])[:topk]
+    fused = [{"label": classes[c], "score": d["score"] * float(video_scores[c]), "segment": d["segment"]}
+             for d in dets for c in top]
+    fused.sort(key=lambda d: -d["score"])
+    return fused[:max_detections]

@@ -121,6 +121,8 @@ class LocalizeConfig:
         for name, actual, source in (("input_dim", input_dim, "the feature store's feature_dim"),
                                      ("num_classes", num_classes, "the number of annotated classes")):
             set_to = getattr(self.model, name)
+            if name == "num_classes" and set_to == 1:  # class-agnostic: every action is one class
+                actual = 1
             if set_to != "auto" and int(set_to) != int(actual):
                 raise ConfigError(f"localize.{name}: set to {set_to} but {source} is {actual}")
             dims[name] = int(actual)
@@ -142,7 +144,7 @@ PRESETS: dict[str, LocalizeConfig] = {
         "demo",
         ModelConfig(embed_dim=64, backbone_arch=(2, 1, 3), n_head=4, window=(9,) * 4, max_seq_len=256,
                     regression_ranges=((0, 4), (4, 8), (8, 16), (16, 10000)), drop_path=0.0),
-        TrainConfig(epochs=12, warmup_epochs=2, batch_size=4, lr=1e-3, ema_decay=0.99, seed=0),
+        TrainConfig(epochs=12, warmup_epochs=2, batch_size=4, lr=1e-3, ema_decay=0.99, seed=0, precision="fp32"),
         DataConfig(),
         TestConfig(max_detections=100),
     ),

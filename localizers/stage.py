@@ -1,0 +1,178 @@
+"""Stage entries of the localizer: ``train(ctx)`` (stage ``localize``) and ``evaluate(ctx)`` (``localize_eval``).
+
+torch is imported inside the functions: the CLI imports this module while planning.
+
+Outputs of ``localize``: ``config.json`` (resolved config, classes, the extract store it read),
+``checkpoint.pt`` (after every epoch, for resuming), ``train_log.csv``, ``model.pt`` (final weights and
+EMA weights). Outputs of ``localize_eval``: ``detections.json`` (ActivityNet submission format) and
+``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline.context import StageContext, write_json_atomic
+from pipeline.errors import ConfigError
+
+MODEL_FILE = "model.pt"
+CONFIG_FILE = "config.json"
+EVAL_PARAMS = ("split", "weights", "tious")
+
+
+def _device(runtime: Mapping[str, Any]):
+    import torch
+
+    wanted = str(runtime.get("device", "auto"))
+    if wanted == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if wanted.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device: {wanted} requested but CUDA is not available")
+    return torch.device(wanted)
+
+
+def _annotations(ctx: StageContext):
+    from pipeline.annotations import load_temporal
+
+    if ctx.dataset.annotations is None:
+        raise ConfigError(f"{ctx.dataset.path}: annotations: needed by stage {ctx.name}")
+    return load_temporal(ctx.dataset.annotations)
+
+
+def _subset(ctx: StageContext, ann, split: str) -> tuple[str, dict]:
+    splits = ctx.dataset.splits or {}
+    if split not in splits:
+        raise ConfigError(f"{ctx.dataset.path}: splits: no {split!r} split (has {sorted(splits)})")
+    videos = ann.subset(splits[split])
+    if not videos:
+        raise ConfigError(f"{ann.path}: no video of subset {splits[split]!r} (split {split!r})")
+    return splits[split], videos
+
+
+def _items(store, videos: Mapping, cfg, label_index, where: str, check_segments: bool, log) -> list:
+    from localizers.data import make_item
+
+    present = [vid for vid in sorted(videos) if vid in store]
+    missing = len(videos) - len(present)
+    if missing:
+        log(f"localize: {missing} of {len(videos)} annotated videos have no features; skipped")
+    if not present:
+        raise ConfigError(f"{where}: none of the {len(videos)} videos has features in the extract store")
+    if cfg.model.num_classes == 1:  # class-agnostic (ActivityNet with external video-level scores)
+        label_index = {name: 0 for name in label_index}
+    return [make_item(vid, store.shape(vid), store.grid(vid), videos[vid].duration, videos[vid].segments,
+                      videos[vid].labels, label_index, cfg.model.input_dim, cfg.model.strides[-1],
+                      cfg.data.resize_to, where=where, check_segments=check_segments)
+            for vid in present]
+
+
+def train(ctx: StageContext) -> dict:
+    import torch
+
+    from localizers.config import resolve
+    from localizers.train import fit
+    from pipeline.store import open_stage_store
+
+    cfg = resolve(ctx.params)
+    ann = _annotations(ctx)
+    subset, videos = _subset(ctx, ann, "train")
+    extract_dir = Path(ctx.upstream["extract"])
+    store = open_stage_store(extract_dir)
+    feature_dim = store.attrs.get("feature_dim") or store.shape(store.videos()[0])[1]
+    cfg = cfg.with_dims(int(feature_dim), len(ann.classes))
+    items = _items(store, videos, cfg, ann.label_index(), str(ann.path), True, ctx.log)
+    out = Path(ctx.out_dir)
+    write_json_atomic(out / CONFIG_FILE, {
+        "config": cfg.to_json(), "classes": list(ann.classes), "train_subset": subset,
+        "train_videos": [it.id for it in items],
+        # relative: the cache may move as a whole
+        "extract_dir": os.path.relpath(extract_dir, out.parent / ctx.key),
+    })
+    device = _device(ctx.runtime)
+    if not (out / MODEL_FILE).exists():
+        ctx.log(f"localize: training {cfg.preset} on {len(items)} videos of {subset} "
+                f"({cfg.train.total_epochs} epochs, {device})")
+        result = fit(cfg, items, store, out, device=device, log=ctx.log)
+        tmp = out / f".{MODEL_FILE}.tmp"
+        torch.save({"model": result.model.state_dict(), "ema": result.ema.state_dict(),
+                    "config": cfg.to_json(), "classes": list(ann.classes)}, tmp)
+        os.replace(tmp, out / MODEL_FILE)
+    last = _last_log_row(out / "train_log.csv")
+    summary = (f"localize: {cfg.preset}, {len(items)} training videos, {cfg.train.total_epochs} epochs, "
+               f"final loss {float(last.get('loss', 'nan')):.4f}")
+    return {"summary": summary, "videos": len(items), "epochs": cfg.train.total_epochs,
+            "final_loss": float(last.get("loss", "nan"))}
+
+
+def _last_log_row(path: Path) -> dict:
+    import csv
+
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return rows[-1] if rows else {}
+
+
+def evaluate(ctx: StageContext) -> dict:
+    import torch
+
+    from dataclasses import replace
+
+    from localizers.actionformer import build_model, detect, fuse_video_scores, load_video_scores
+    from localizers.anet_map import evaluate_detections
+    from localizers.config import LocalizeConfig, TestConfig, validate
+    from localizers.data import read_features
+    from pipeline.store import open_stage_store
+
+    params = dict(ctx.params)
+    split = params.get("split", "test")
+    weights = params.get("weights", "ema")
+    if weights not in ("ema", "model"):
+        raise ConfigError(f"localize_eval.weights: must be ema or model, got {weights!r}")
+    test_fields = {f for f in TestConfig.__dataclass_fields__}
+    unknown = set(params) - test_fields - set(EVAL_PARAMS)
+    if unknown:
+        raise ConfigError(f"localize_eval.{sorted(unknown)[0]}: unknown parameter")
+    train_dir = Path(ctx.upstream["localize"])
+    with open(train_dir / CONFIG_FILE) as f:
+        saved = json.load(f)
+    cfg = LocalizeConfig.from_json(saved["config"])
+    overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items() if k in test_fields}
+    cfg = replace(cfg, test=replace(cfg.test, **overrides))
+    validate(cfg)
+    if cfg.model.num_classes == 1 and len(saved["classes"]) > 1 and not cfg.test.ext_score_file:
+        raise ConfigError("localize_eval.ext_score_file: a class-agnostic model (num_classes 1) needs "
+                          "video-level class scores to label its detections")
+    tious = params.get("tious") or ("0.5:0.95:0.05" if cfg.data.resize_to else "0.3:0.7:0.1")
+    ann = _annotations(ctx)
+    if list(ann.classes) != saved["classes"]:
+        raise ConfigError(f"{ann.path}: classes differ from the ones the model was trained on")
+    subset, videos = _subset(ctx, ann, split)
+    store = open_stage_store(train_dir / saved["extract_dir"])
+    items = _items(store, videos, cfg, ann.label_index(), str(ann.path), False, ctx.log)
+    device = _device(ctx.runtime)
+    model = build_model(cfg).to(device).eval()
+    state = torch.load(train_dir / MODEL_FILE, map_location=device, weights_only=False)
+    model.load_state_dict(state[weights])
+    ext = load_video_scores(cfg.test.ext_score_file, ann.classes) if cfg.test.ext_score_file else None
+    results = {}
+    for item in ctx.progress(items, total=len(items), desc="localize_eval", unit="video"):
+        segs, scores, labels = detect(model, read_features(store, item), cfg.test, device)
+        seconds = item.grid.to_seconds(segs.double().numpy()).clip(0.0, item.duration)
+        dets = [{"label": ann.classes[int(c)] if ext is None else "", "score": float(s), "segment": [float(a), float(b)]}
+                for (a, b), s, c in zip(seconds, scores.tolist(), labels.tolist())]
+        if ext is not None:
+            dets = fuse_video_scores(dets, ext.get(item.id), ann.classes, cfg.test.ext_score_topk,
+                                     cfg.test.max_detections)
+        results[item.id] = dets
+    out = Path(ctx.out_dir)
+    write_json_atomic(out / "detections.json", {"version": "VERSION 1.3", "results": results, "external_data": {}})
+    metrics = evaluate_detections(ann, results, subset=subset, tious=tious)
+    write_json_atomic(out / "metrics.json", metrics.to_json())
+    map_at = dict(zip([round(t, 2) for t in metrics.tious], metrics.mAP.tolist()))
+    return {"summary": metrics.table(), "mAP@0.5": map_at.get(0.5), "average_mAP": float(metrics.average_mAP),
+            "videos": len(items), "weights": weights}
