@@ -161,7 +161,7 @@ def test_position_table_is_native_at_native_size_and_resampled_elsewhere():
     assert torch.equal(recomputed, reference_sinusoid(8 * 16 * 16, 768))
 
 
-def test_attention_matches_an_explicit_computation(tiny):
+def test_attention_matches_an_explicit_computation():
     """Independent rebuild of one attention: q and v biases, no key bias, softmax(q k^T / sqrt(d)) v."""
     attn = Attention(64, 4)
     with torch.no_grad():
