@@ -18,8 +18,6 @@ from pipeline.context import write_json_atomic
 
 MANIFEST = "manifest.json"
 RECORDS_SNAPSHOT = "records.json"
-RESERVED = frozenset({"datasets", "imports", ".locks", "fingerprints.sqlite", "fingerprints.sqlite-wal",
-                      "fingerprints.sqlite-shm"})
 
 
 class Cache:

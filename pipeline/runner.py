@@ -141,7 +141,6 @@ class StageState:
     todo: list[Item] = field(default_factory=list)  # per-item: items missing or changed
     records: dict = field(default_factory=dict)      # per-item: id -> record of current, complete items
     reasons: list[str] = field(default_factory=list)
-    imported_from: str | None = None
 
     def all_items(self) -> list[Item]:
         return [Item(vid, Path(path), fp) for vid, path, fp in self.inputs]
@@ -200,8 +199,7 @@ class Planner:
             d = Path(reg["dir"])
             records = self.ws.cache.read_records(d)
             return StageState(name, "imported", key=reg["key"], dir=d, params=params, runtime=runtime,
-                              records=records, imported_from=str(reg.get("source", d)),
-                              reasons=[f"imported from {reg.get('source', d)}"])
+                              records=records, reasons=[f"imported from {reg.get('source', d)}"])
         for need in spec.needs:
             up = upstream[need]
             if not up.done and not (up.state == "incomplete" and up.records):

@@ -18,6 +18,7 @@ from pipeline.errors import ConfigError
 STAGE_FIELDS = ("entry", "needs", "code", "version", "per_item", "tasks", "file_params", "commands",
                 "params", "runtime")
 TOP_FIELDS = ("stages",)
+CACHE_ROOT_NAMES = ("datasets", "imports")
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,10 @@ def load_stage_graph(path: str | Path) -> StageGraph:
 
 def _parse_stage(path: Path, name: str, fields: Any) -> StageSpec:
     where = f"{path}: stages.{name}"
+    # identifiers only: `--set stage.param=v` splits on dots; datasets/imports are cache-root folders
+    if not name.isidentifier() or name in CACHE_ROOT_NAMES:
+        raise ConfigError(f"{where}: bad stage name (a Python identifier other than "
+                          f"{', '.join(CACHE_ROOT_NAMES)})")
     if not isinstance(fields, dict):
         raise ConfigError(f"{where}: expected a mapping of fields")
     for key in fields:

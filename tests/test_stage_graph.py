@@ -66,6 +66,7 @@ def test_entries_are_checked_without_importing(tmp_path):
     (GOOD.replace("runtime: {workers: 0}", "runtime: {x: 0}"), "stages.a.runtime: x also in params"),
     ("stage:\n  a: {entry: 'mod:fa'}\n", "stages: expected a mapping"),
     (GOOD + "extra: 1\n", "extra: unknown top-level key"),
+    (GOOD.replace("  b:", "  b.c:"), "stages.b.c: bad stage name"),
     (GOOD.replace("needs: [a]", "needs: [a"), "invalid YAML"),
 ])
 def test_bad_stage_files_name_the_file_stage_and_field(tmp_path, text, field):
