@@ -20,7 +20,7 @@ from pipeline.errors import ConfigError
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.json"
-EVAL_PARAMS = ("split", "weights", "tious")
+EVAL_PARAMS = ("split", "weights", "tious", "checkpoint")
 
 
 def _device(runtime: Mapping[str, Any]):
@@ -118,12 +118,11 @@ def _last_log_row(path: Path) -> dict:
 
 
 def evaluate(ctx: StageContext) -> dict:
-    import torch
-
     from dataclasses import replace
 
     from localizers.actionformer import build_model, detect, fuse_video_scores, load_video_scores
     from localizers.anet_map import evaluate_detections
+    from localizers.checkpoint_compat import load_checkpoint
     from localizers.config import LocalizeConfig, TestConfig, validate
     from localizers.data import read_features
     from pipeline.store import open_stage_store
@@ -156,8 +155,8 @@ def evaluate(ctx: StageContext) -> dict:
     items = _items(store, videos, cfg, ann.label_index(), str(ann.path), False, ctx.log)
     device = _device(ctx.runtime)
     model = build_model(cfg).to(device).eval()
-    state = torch.load(train_dir / MODEL_FILE, map_location=device, weights_only=False)
-    model.load_state_dict(state[weights])
+    # an official epoch_034.pth.tar (or another model.pt) may replace the trained weights
+    load_checkpoint(model, params.get("checkpoint") or train_dir / MODEL_FILE, weights)
     ext = load_video_scores(cfg.test.ext_score_file, ann.classes) if cfg.test.ext_score_file else None
     results = {}
     for item in ctx.progress(items, total=len(items), desc="localize_eval", unit="video"):
