@@ -209,10 +209,15 @@ KEY_FORMATS = (
 
 def check_position_buffer(state_dict: dict[str, torch.Tensor], cfg: VideoMAEConfig, source: str) -> None:
     """mmaction2 stores its fixed sinusoid as a ``pos_embed`` buffer; we recompute it, so it must be that
-    sinusoid (a learned table would be silently ignored otherwise)."""
+    sinusoid (a learned table would be silently ignored otherwise), and its length tells the native size."""
     for key in ("pos_embed", "backbone.pos_embed"):
         if key in state_dict:
             stored = state_dict[key].float().reshape(-1, state_dict[key].shape[-1])
+            t, h, w = cfg.grid
+            if stored.shape[0] != t * h * w:
+                raise ConfigError(f"{source}: {key} has {stored.shape[0]} positions but the model's native grid "
+                                  f"{t}x{h}x{w} has {t * h * w}; set videomae num_frames / img_size to the "
+                                  f"size the checkpoint was trained at")
             native = sinusoid_table(stored.shape[0], stored.shape[1])
             if stored.shape[1] != cfg.embed_dim or (stored - native).abs().max() > 1e-3:
                 raise ConfigError(f"{source}: {key} is not the fixed sinusoid of a {cfg.embed_dim}-d model "

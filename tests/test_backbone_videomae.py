@@ -125,6 +125,12 @@ def test_mmaction2_learned_position_table_is_refused(tmp_path, tiny):
         build(tiny=True, weights=save(tmp_path, {"state_dict": state}))
 
 
+def test_mmaction2_position_table_of_another_native_size_is_refused(tmp_path, tiny):
+    state = to_mmaction2(dict(tiny.state_dict()), VideoMAEConfig(**{**tiny.cfg.__dict__, "num_frames": 16}))
+    with pytest.raises(ConfigError, match="has 128 positions but the model's native grid 4x4x4 has 64"):
+        build(tiny=True, weights=save(tmp_path, {"state_dict": state}))
+
+
 @pytest.mark.parametrize("change", ["rename", "shape"])
 def test_one_wrong_key_fails_naming_it(tmp_path, tiny, change):
     state = dict(tiny.state_dict())
