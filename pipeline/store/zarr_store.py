@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -143,7 +144,7 @@ class ZarrStore(FeatureStore):
         src = self.path / vid
         if not src.exists():
             return
-        trash = self.path / f".deleting-{vid}-{os.getpid()}"
+        trash = self.path / f".deleting-{vid}-{os.getpid()}-{time.monotonic_ns()}"
         os.replace(src, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
