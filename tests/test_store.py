@@ -183,3 +183,19 @@ def test_loader_crops_and_workers_open_their_own_store(tmp_path, backend, in_mem
 
     with pytest.raises(KeyError, match="not complete"):
         FeatureSequenceDataset(tmp_path, ["v0", "missing"])
+
+
+@pytest.mark.parametrize("compression", ["zstd", "lz4"])
+def test_compressed_zarr_reads_through_zarr(tmp_path, compression):
+    store = create_store(tmp_path, attrs=ATTRS, compression=compression)
+    arr = _feats(3, 60).astype(np.float16)
+    store.write("v", arr, {"sampled_fps": 25.0})
+    meta = (tmp_path / "features.zarr" / "v" / "zarr.json").read_text()
+    assert ("zstd" if compression == "zstd" else "blosc") in meta
+    reader = open_stage_store(tmp_path)
+    assert reader.attrs["compression"] == compression
+    np.testing.assert_array_equal(reader.read("v", raw=True), arr)
+    np.testing.assert_array_equal(reader.read("v", 13, 29, raw=True), arr[13:29])
+    assert reader.verify() == []
+    with pytest.raises(ConfigError, match="compression"):
+        create_store(tmp_path / "h", backend="hdf5", attrs=ATTRS, compression=compression)
