@@ -15,12 +15,18 @@ from pipeline.errors import ConfigError
 
 
 class _Parser(argparse.ArgumentParser):
+    """Usage errors as ConfigError; accepts the ``--json`` the core CLI passes on to domain commands."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
     def error(self, message: str):
         raise ConfigError(f"{self.prog}: {message}")
 
 
-def _emit(cmd, obj: dict, lines: list[str]) -> None:
-    if cmd.json:
+def _emit(cmd, args, obj: dict, lines: list[str]) -> None:
+    if cmd.json or args.json:
         print(json.dumps(obj, sort_keys=True))
     else:
         for line in lines:
@@ -53,7 +59,7 @@ def verify(argv: list[str], cmd) -> int:
     if not dirs:
         lines.append(f"{root}: no feature stores")
     bad = any(e["problems"] and (not args.repair or e.get("unreadable")) for e in report)
-    _emit(cmd, {"stores": report, "repaired": args.repair, "ok": not bad}, lines)
+    _emit(cmd, args, {"stores": report, "repaired": args.repair, "ok": not bad}, lines)
     return 1 if bad else 0
 
 
@@ -138,7 +144,7 @@ def import_features(argv: list[str], cmd) -> int:
     dataset = cmd.load_dataset(args.dataset)
     if args.unregister:
         removed = unregister(cmd.cache_dir, dataset.name)
-        _emit(cmd, {"dataset": dataset.name, "unregistered": removed},
+        _emit(cmd, args, {"dataset": dataset.name, "unregistered": removed},
               [f"{dataset.name}: " + ("import registration removed" if removed else "nothing was imported")])
         return 0
     if args.source is None or args.format is None:
@@ -148,10 +154,10 @@ def import_features(argv: list[str], cmd) -> int:
     from pipeline.fingerprints import FingerprintIndex
 
     index = FingerprintIndex(Cache(cmd.cache_dir).index_path)
-    log = (lambda msg: None) if cmd.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = (lambda msg: None) if cmd.json or args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     reg = import_into_cache(args.source, args.format, dataset, Path(cmd.cache_dir), mapping, dtype=args.dtype,
                             backend=args.backend, fingerprints=index.fingerprints, log=log)
-    _emit(cmd, reg, [f"{dataset.name}: extract = {reg['videos']} videos imported from {reg['source']} "
+    _emit(cmd, args, reg, [f"{dataset.name}: extract = {reg['videos']} videos imported from {reg['source']} "
                      f"(key {reg['key']}, {reg['dir']})"])
     return 0
 
@@ -209,7 +215,7 @@ def export_features(argv: list[str], cmd) -> int:
             _save_npy_atomic(args.to / f"{vid}.npy", arr)
         write_json_atomic(args.to / "export_info.json",
                           {"source": str(stage_dir), "videos": len(videos), "attrs": store.attrs})
-    _emit(cmd, {"dir": str(args.to), "videos": len(videos), "source": str(stage_dir)},
+    _emit(cmd, args, {"dir": str(args.to), "videos": len(videos), "source": str(stage_dir)},
           [f"exported {len(videos)} videos from {stage_dir} to {args.to}"])
     return 0
 
