@@ -201,8 +201,9 @@ def test_cli_import_then_status_sees_imported_extract(tmp_path, capsys):
                  "--format", "npy", "--stride", "4", "--clip-len", "16"]) == 0
     reg = lookup(cache, "mini")
     assert open_stage_store(reg["dir"]).videos() == ["v1"]
-    assert main(["--cache-dir", str(cache), "verify"]) == 0
     capsys.readouterr()
+    assert main(["--cache-dir", str(cache), "--json", "verify"]) == 0
+    assert json.loads(capsys.readouterr().out)["stores"][0]["videos"] == 1
     assert main(["--cache-dir", str(cache), "status", "--dataset", str(manifest)]) == 0
     assert f"imported from {src}" in capsys.readouterr().out
     assert main(["--cache-dir", str(cache), "import-features", "--unregister", "--dataset", str(manifest)]) == 0
