@@ -1,0 +1,102 @@
+"""Pictures of a localizer's output: a video's timeline over its features, and precision-recall curves.
+
+Matplotlib (the optional ``plot`` extra) with the Agg back-end: files only, no display needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.patches import Patch, Rectangle  # noqa: E402
+
+GT_COLOUR = "#222222"
+
+
+def class_colours(classes: Sequence[str]) -> dict[str, tuple]:
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    return {name: cmap(k % cmap.N) for k, name in enumerate(classes)}
+
+
+def draw_timeline(path: Path, video_id: str, duration: float, classes: Sequence[str],
+                  ground_truth: Sequence[tuple[str, float, float]],
+                  predictions: Sequence[tuple[str, float, float, float]],
+                  features: np.ndarray, times: np.ndarray) -> None:
+    """Ground truth and predicted segments per class (prediction score as opacity) above a heat map
+    of the video's features (channels x time, each channel standardised over the video).
+
+    ``ground_truth``: (label, start, end); ``predictions``: (label, score, start, end); ``features``
+    (T, C) at the centre times ``times`` (T,) in seconds.
+    """
+    colours = class_colours(classes)
+    row = {name: k for k, name in enumerate(classes)}
+    fig, (ax_seg, ax_feat) = plt.subplots(
+        2, 1, figsize=(11, 1.2 + 0.55 * len(classes) + 2.6), sharex=True,
+        gridspec_kw={"height_ratios": [0.55 * len(classes) + 0.4, 2.6]})
+    for label, start, end in ground_truth:
+        ax_seg.add_patch(Rectangle((start, row[label] + 0.08), end - start, 0.38, color=colours[label]))
+        ax_seg.add_patch(Rectangle((start, row[label] + 0.08), end - start, 0.38, fill=False,
+                                   edgecolor=GT_COLOUR, linewidth=0.8))
+    # Weakest first, so strong predictions are drawn on top.
+    for label, score, start, end in sorted(predictions, key=lambda p: p[1]):
+        ax_seg.add_patch(Rectangle((start, row[label] + 0.54), end - start, 0.38,
+                                   color=colours[label], alpha=float(np.clip(score, 0.0, 1.0)), linewidth=0))
+    ax_seg.set_ylim(len(classes), 0)
+    ax_seg.set_yticks(np.arange(len(classes)) + 0.5, list(classes))
+    for k in range(1, len(classes)):
+        ax_seg.axhline(k, color="#dddddd", linewidth=0.6)
+    ax_seg.set_xlim(0, duration)
+    ax_seg.set_title(f"{video_id}: ground truth (upper bar, outlined) and predictions (lower bar, "
+                     f"opacity = score)", fontsize=10)
+    ax_seg.legend(handles=[Patch(color=colours[c], label=c) for c in classes], loc="upper left",
+                  bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
+
+    feats = np.asarray(features, dtype=np.float32).T
+    feats = (feats - feats.mean(axis=1, keepdims=True)) / (feats.std(axis=1, keepdims=True) + 1e-6)
+    half = (times[1] - times[0]) / 2 if len(times) > 1 else 0.5
+    ax_feat.imshow(feats, aspect="auto", cmap="magma", interpolation="nearest", vmin=-2.5, vmax=2.5,
+                   extent=(times[0] - half, times[-1] + half, feats.shape[0], 0))
+    ax_feat.set_ylabel(f"feature channel\n({feats.shape[0]}, standardised)", fontsize=9)
+    ax_feat.set_xlabel("time (s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_pr_curves(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                   tious: Sequence[float], ap: np.ndarray) -> None:
+    """One panel per class, one precision-recall curve per tIoU threshold; ``ap`` (n_tiou, n_class)
+    in the order of ``curves``."""
+    names = list(curves)
+    cols = min(4, max(1, len(names)))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False,
+                             sharex=True, sharey=True)
+    tiou_colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, len(tious)))
+    for k, name in enumerate(names):
+        ax = axes[k // cols, k % cols]
+        precision, recall = curves[name]
+        for i, t in enumerate(tious):
+            if precision.size:
+                ax.plot(np.concatenate([[0.0], recall[i]]), np.concatenate([[precision[i][0]], precision[i]]),
+                        color=tiou_colours[i], linewidth=1.2, label=f"tIoU {t:.2f}: AP {100 * ap[i, k]:.1f}")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, loc="lower left")
+    for k in range(len(names), rows * cols):
+        axes[k // cols, k % cols].axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("recall")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("precision")
+    fig.suptitle("Precision-recall per class at each tIoU threshold", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
