@@ -394,7 +394,7 @@ def run(ws: Workspace, dataset: Dataset, targets: list[str], sets: list[Override
             failed.add(name)
             if options.fail_fast:
                 break
-        elif spec.per_item:
+        else:  # what dependants see: the committed output, the records now complete
             states[name] = planner.plan(name, states)
     return reports
 

@@ -42,6 +42,18 @@ def test_human_output_prints_summaries(toy):
     assert "cached" in proc.stdout and "total = 18" in proc.stdout
 
 
+def test_one_run_goes_through_a_chain_of_whole_stages(toy):
+    toy.write("stages.yaml", (toy.root / "stages.yaml").read_text() + (
+        "  report:\n    entry: toyreport:report\n    needs: [total]\n"))
+    toy.write("toyreport.py", "def report(ctx):\n"
+                              "    total = (ctx.upstream['total'] / 'total.txt').read_text()\n"
+                              "    return {'summary': 'report of ' + total}\n")
+    out = toy.run(stage="report")
+    assert statuses(out) == {"upper": "ran", "total": "ran", "report": "ran"}
+    assert out["by_stage"]["report"]["summary"] == f"report of {TOTAL}"
+    assert statuses(toy.run(stage="report")) == {"upper": "cached", "total": "cached", "report": "cached"}
+
+
 def test_param_change_reruns_that_stage_and_dependants_only(toy):
     toy.run()
     out = toy.run("--set", "total.scale=2")
