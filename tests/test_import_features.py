@@ -55,6 +55,10 @@ def test_thumos_i3d_npy_import_time_mapping_records_and_export(tmp_path, capsys)
     assert out == cmd.cache_dir / "extract" / reg["key"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["imported_from"] == str(src.resolve()) and manifest["key"] == reg["key"]
+    assert manifest["dataset"] == "toy" and manifest["stage"] == "extract"
+    from pipeline.cache import Cache
+
+    assert sorted(Cache(cmd.cache_dir).read_records(out)) == sorted(arrays)
     store = open_stage_store(out)
     assert store.videos() == sorted(arrays)
     assert store.attrs["stride"] == 4 and store.attrs["clip_len"] == 16 and store.attrs["fps_policy"] == "native"

@@ -3,9 +3,9 @@
 ``import_into_cache`` turns public feature files into ``<cache>/extract/<key>/`` exactly like an
 extraction would leave it (a store, ``items/<vid>.json`` records, ``manifest.json`` with
 ``imported_from``) and registers it in ``<cache>/imports/<dataset>.json``. The key hashes the
-imported files' content fingerprints and the time-mapping parameters. The store is built in a hidden
-directory beside its final place and renamed in when every file has passed the checks, so a bad
-file leaves nothing behind. The core runner consults :func:`lookup` when planning ``extract``.
+imported files' content fingerprints and the time-mapping parameters. The store is built in
+``<key>.partial`` beside its final place, under the key's lock, and renamed in when every file has
+passed the checks, so a bad file leaves nothing behind. The core runner consults :func:`lookup` when planning ``extract``.
 """
 
 from __future__ import annotations
@@ -125,10 +125,16 @@ def import_into_cache(src: Path, fmt: str, dataset, cache_dir: Path, mapping: Ti
     final = Path(cache_dir) / "extract" / key
     reg = {"key": key, "dir": str(final), "source": str(src), "format": fmt, "preset": mapping.preset,
            "videos": len(ids), "dataset": dataset.name, "time": time.time()}
-    if (final / "manifest.json").is_file():
-        log(f"import-features: {src} already imported as extract/{key}")
-    else:
-        _build(final, src, fmt, ids, fps_of, source_fp, annotations, mapping, dtype, backend, key, log)
+    from pipeline.locking import stage_lock
+
+    # The extract key's lock: a concurrent import of the same files waits, and gc leaves the
+    # partial directory alone.
+    with stage_lock(Path(cache_dir), "extract", key):
+        if (final / "manifest.json").is_file():
+            log(f"import-features: {src} already imported as extract/{key}")
+        else:
+            _build(final, src, fmt, ids, fps_of, source_fp, annotations, mapping, dtype, backend, key,
+                   dataset.name, log)
     write_json_atomic(registration_path(cache_dir, dataset.name), reg)
     return reg
 
@@ -149,11 +155,13 @@ def _source_fingerprint(source, file_fps: dict[str, str]) -> str:
 
 
 def _build(final: Path, src: Path, fmt: str, ids: dict, fps_of: dict, source_fp: dict, annotations: dict,
-           mapping: TimeMapping, dtype: str, backend: str, key: str, log: Callable[[str], None]) -> None:
+           mapping: TimeMapping, dtype: str, backend: str, key: str, dataset_name: str,
+           log: Callable[[str], None]) -> None:
+    from pipeline.cache import Cache
     from pipeline.store import create_store, importers
 
     t0 = time.time()
-    tmp = final.parent / f".{key}.import-{os.getpid()}"
+    tmp = final.parent / f"{key}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         (first_vid, first_src), *_ = ids.items()
@@ -163,6 +171,7 @@ def _build(final: Path, src: Path, fmt: str, ids: dict, fps_of: dict, source_fp:
             raise ConfigError(f"{first_src.where}: feature dimension {dim}, but preset {mapping.preset} "
                               f"has {mapping.feature_dim}")
         store = create_store(tmp, backend=backend, dtype=dtype, attrs=_store_attrs(mapping, dim, src, fmt))
+        records = {}
         with store:
             for vid, source in ids.items():
                 arr = first if vid == first_vid else importers.load(source, fmt)
@@ -173,14 +182,17 @@ def _build(final: Path, src: Path, fmt: str, ids: dict, fps_of: dict, source_fp:
                     store.write(vid, arr, _video_attrs(vid, source, source_fp, fps_of, annotations))
                 except ValueError as e:  # e.g. values beyond the float16 range
                     raise ConfigError(f"{source.where}: {e}") from None
-                write_json_atomic(tmp / "items" / f"{vid}.json",
-                                  {"id": vid, "source_fingerprint": source_fp[vid], "shape": list(arr.shape),
-                                   "dtype": dtype, "sampled_fps": fps_of[vid], "imported_from": source.where})
-        manifest = {"stage": "extract", "key": key, "imported_from": str(src), "format": fmt,
+                records[vid] = {"id": vid, "source_fingerprint": source_fp[vid], "shape": list(arr.shape),
+                                "dtype": dtype, "sampled_fps": fps_of[vid], "imported_from": source.where}
+                write_json_atomic(tmp / "items" / f"{vid}.json", records[vid])
+        Cache(final.parent.parent).write_records_snapshot(tmp, records)
+        finished = time.time()
+        manifest = {"stage": "extract", "key": key, "dataset": dataset_name, "imported_from": str(src), "format": fmt,
                     "params": asdict(mapping), "runtime": {}, "inputs": {"files": len(ids)},
                     "result": {"videos": len(ids), "feature_dim": dim, "dtype": dtype, "backend": backend,
                                "summary": f"imported {len(ids)} videos ({dim}-d) from {src}"},
-                    "timings": {"import_s": round(time.time() - t0, 3)}}
+                    "timings": {"started": t0, "finished": finished, "seconds": round(finished - t0, 3)},
+                    "finished": finished, "items": {"total": len(ids), "done": len(ids), "skipped": 0, "failed": 0}}
         write_json_atomic(tmp / "manifest.json", manifest)
         shutil.rmtree(final, ignore_errors=True)  # a leftover without manifest is never complete
         os.replace(tmp, final)
