@@ -36,7 +36,9 @@ from pipeline.context import Item
 from pipeline.timemap import TimeGrid
 
 # Frame chunks in flight between decode workers and the main process, per worker.
-_CHUNKS_PER_WORKER = 4
+_CHUNKS_PER_WORKER = 8
+# Videos queued per worker: the next one is opened while the main process still works on the last.
+_VIDEOS_PER_WORKER = 2
 _POLL_S = 0.05
 
 
@@ -95,7 +97,10 @@ class _Workers:
         self.procs: list = [None] * n
         self.tasks: list = [None] * n
         self.conns: list = [None] * n
-        self.busy: list = [None] * n     # (video index, decoders) held by each worker
+        # The video each worker is decoding, in shared memory: it outlives a worker that dies, whose
+        # buffered messages do not.
+        self.current: list = [None] * n
+        self.held: list[list] = [[] for _ in range(n)]   # (video index, decoders) queued per worker, in order
         # Seconds each busy worker stayed silent while this process was waiting for frames. Time spent
         # in inference does not count: a worker blocked on a full pipe then is not hung.
         self.silent = [0.0] * n
@@ -105,20 +110,29 @@ class _Workers:
     def _start(self, w: int) -> None:
         self.tasks[w] = self.ctx.SimpleQueue()
         receive, send = self.ctx.Pipe(duplex=False)
-        self.procs[w] = self.ctx.Process(target=_decode_worker, args=(self.tasks[w], send, self.spec),
+        self.current[w] = self.ctx.Value("q", -1, lock=False)
+        self.procs[w] = self.ctx.Process(target=_decode_worker, args=(self.tasks[w], send, self.current[w], self.spec),
                                          daemon=True, name=f"decode-{w}")
         self.procs[w].start()
         send.close()                      # the child's end: EOF here once the child is gone
         self.conns[w] = receive
-        self.busy[w] = None
+        self.held[w] = []
 
-    def idle(self) -> list[int]:
-        return [w for w, b in enumerate(self.busy) if b is None]
+    def open_slots(self) -> list[int]:
+        return [w for w, h in enumerate(self.held) if len(h) < _VIDEOS_PER_WORKER]
+
+    def busy(self) -> bool:
+        return any(self.held)
 
     def submit(self, w: int, index: int, path: str, decoders: tuple[str, ...]) -> None:
-        self.busy[w] = (index, decoders)
-        self.silent[w] = 0.0
+        if not self.held[w]:
+            self.silent[w] = 0.0
+        self.held[w].append((index, decoders))
         self.tasks[w].put((index, path, decoders))
+
+    def release(self, w: int, index: int) -> None:
+        self.held[w] = [h for h in self.held[w] if h[0] != index]
+        self.silent[w] = 0.0
 
     def receive(self, timeout: float) -> list[tuple[int, tuple | None]]:
         """(worker, message) for every worker with something to say; message None: its pipe broke."""
@@ -135,8 +149,18 @@ class _Workers:
                     out.append((w, conn.recv()))
                 except (EOFError, OSError, pickle.UnpicklingError):
                     out.append((w, None))
-            elif self.busy[w] is not None:
+            elif self.held[w]:
                 self.silent[w] += waited
+        return out
+
+    def leftovers(self, w: int) -> list[tuple]:
+        """Messages still in the pipe of a worker that is dead or about to be killed."""
+        out = []
+        try:
+            while self.conns[w].poll():
+                out.append(self.conns[w].recv())
+        except (EOFError, OSError, pickle.UnpicklingError):
+            pass
         return out
 
     def replace(self, w: int) -> None:
@@ -156,7 +180,7 @@ class _Workers:
             self._stop(w)
 
 
-def _decode_worker(tasks, conn, spec: DecodeSpec) -> None:
+def _decode_worker(tasks, conn, current, spec: DecodeSpec) -> None:
     """Decode process: videos from ``tasks``; events through a bounded buffer and a sender thread,
     so decoding runs ahead of the main process by a few chunks and no further."""
     import dataclasses
@@ -178,6 +202,7 @@ def _decode_worker(tasks, conn, spec: DecodeSpec) -> None:
             if task is None:
                 return
             index, path, decoders = task
+            current.value = index
             try:
                 for event in decode_video(path, dataclasses.replace(spec, decoders=decoders)):
                     outbox.put((index,) + event)
@@ -185,6 +210,7 @@ def _decode_worker(tasks, conn, spec: DecodeSpec) -> None:
                 outbox.put((index, "error", e.kind, str(e)))
             except Exception as e:  # anything else in a decoder is this video's failure, not the run's
                 outbox.put((index, "error", "decode_error", f"{type(e).__name__}: {e}"))
+            current.value = -1
             outbox.put((index, "released"))
     finally:
         outbox.put(None)
@@ -218,6 +244,7 @@ class Engine:
         self.n_pending = 0
         self.finished = 0
         self.failed_ids: set[int] = set()
+        self.completed: set[int] = set()
         self.writes: queue.Queue = queue.Queue(maxsize=4)
         self.write_errors: queue.Queue = queue.Queue()
         writer = threading.Thread(target=self._writer, args=(on_done,), daemon=True, name="feature-writer")
@@ -252,8 +279,8 @@ class Engine:
         workers = _Workers(n, self.spec)
         todo = list(range(len(self.items)))[::-1]
         try:
-            while todo or any(b is not None for b in workers.busy):
-                for w in workers.idle():
+            while todo or workers.busy():
+                for w in workers.open_slots():
                     if todo:
                         index = todo.pop()
                         workers.submit(w, index, str(self.items[index].path), self.spec.decoders)
@@ -261,16 +288,8 @@ class Engine:
                 messages = workers.receive(_POLL_S if not self.pending else 0.0)
                 self.stats.decode_s += time.perf_counter() - t_wait
                 for w, msg in messages:
-                    if msg is None:
-                        continue                 # a broken pipe: _check_workers sees the dead process
-                    index, kind = msg[0], msg[1]
-                    if kind == "released":
-                        if workers.busy[w] is not None and workers.busy[w][0] == index:
-                            workers.busy[w] = None
-                    elif kind == "error":
-                        self._fail(index, msg[2], msg[3])
-                    else:
-                        self._on_event(index, msg[1:])
+                    if msg is not None:          # None, a broken pipe: _check_workers sees the dead process
+                        self._on_message(workers, w, msg)
                 # Full batches while frames arrive; whatever is pending when nothing does.
                 self._flush(force=not messages)
                 self._drain_write_errors()
@@ -279,28 +298,54 @@ class Engine:
         finally:
             workers.close()
 
+    def _on_message(self, workers: _Workers, w: int, msg: tuple) -> None:
+        index, kind = msg[0], msg[1]
+        if kind == "released":
+            workers.release(w, index)
+        elif kind == "error":
+            self._fail(index, msg[2], msg[3])
+        else:
+            self._on_event(index, msg[1:])
+
     def _check_workers(self, workers: _Workers) -> None:
-        for w, held in enumerate(workers.busy):
-            if held is None:
+        for w in range(len(workers.held)):
+            if not workers.held[w]:
                 continue
-            index, decoders = held
             workers.procs[w].join(timeout=0)
-            if not workers.procs[w].is_alive():
-                code = workers.procs[w].exitcode
+            if workers.procs[w].is_alive() and workers.silent[w] <= self.config.video_timeout_s:
+                continue
+            for msg in workers.leftovers(w):    # what it said before it died
+                self._on_message(workers, w, msg)
+            if not workers.held[w]:
                 workers.replace(w)
-                if decoders[0] == "decord" and "pyav" in decoders[1:] and index not in self.failed_ids:
-                    self._reset(index)          # decord aborted the process: start over with PyAV
-                    workers.submit(w, index, str(self.items[index].path), ("pyav",))
-                    continue
-                self._fail(index, "decoder_crash", f"the decoder process died (exit code {code})")
-            elif workers.silent[w] > self.config.video_timeout_s:
+                continue
+            held = {i: d for i, d in workers.held[w] if i not in self.completed}
+            if not held:
                 workers.replace(w)
-                self._fail(index, "timeout", f"the decoder made no progress for {self.config.video_timeout_s:g} s")
+                continue
+            culprit = workers.current[w].value
+            if culprit not in held:
+                culprit = next(iter(held))
+            decoders = held.pop(culprit)
+            code = workers.procs[w].exitcode
+            workers.replace(w)
+            if code is None:
+                self._fail(culprit, "timeout", f"the decoder made no progress for {self.config.video_timeout_s:g} s")
+            elif decoders != ("pyav",) and "pyav" in decoders:
+                # decord aborted the process (decord #25): this video starts over with PyAV alone.
+                self._reset(culprit)
+                workers.submit(w, culprit, str(self.items[culprit].path), ("pyav",))
+            else:
+                self._fail(culprit, "decoder_crash", f"the decoder process died (exit code {code})")
+            # The others may have been decoded already, but what they sent died with the process.
+            for index, video_decoders in held.items():
+                self._reset(index)
+                workers.submit(w, index, str(self.items[index].path), video_decoders)
 
     # -- events ---------------------------------------------------------------------------------
     def _on_event(self, index: int, event: tuple) -> None:
         kind = event[0]
-        if index in self.failed_ids:
+        if index in self.failed_ids or index in self.completed:
             return
         if kind == "meta":
             meta: VideoMeta = event[1]
@@ -419,6 +464,7 @@ class Engine:
         if video.dead or not video.decoded or video.filled < video.meta.n_clips:
             return
         del self.videos[video.index]
+        self.completed.add(video.index)
         meta = video.meta
         self.stats.native_frames += meta.n_frames
         self.stats.decoded_frames += meta.n_native_decoded
