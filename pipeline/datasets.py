@@ -126,7 +126,8 @@ def generated_dir(cache_dir: Path, name: str, generate: dict) -> Path:
     return cache_dir / "datasets" / f"{name}-{digest[:12]}"
 
 
-def _pointer(cache_dir: Path, name: str, generate: dict) -> Path:
+def generation_record(cache_dir: Path, name: str, generate: dict) -> Path:
+    """Where ``run`` records the paths the generator returned (read by ``status`` and later runs)."""
     d = generated_dir(cache_dir, name, generate)
     return d.with_name(d.name + ".json")
 
@@ -134,7 +135,7 @@ def _pointer(cache_dir: Path, name: str, generate: dict) -> Path:
 def _generated_paths(cache_dir: Path, name: str, generate: dict) -> tuple[Path, Path]:
     """Where the generator put this dataset (recorded by the last ``run``), else its default place."""
     try:
-        with open(_pointer(cache_dir, name, generate)) as f:
+        with open(generation_record(cache_dir, name, generate)) as f:
             made = json.load(f)
         return Path(made["videos"]), Path(made["annotations"])
     except (OSError, ValueError, KeyError):
@@ -147,12 +148,14 @@ def ensure_generated(dataset: Dataset, cache_dir: Path) -> Dataset:
     and return the dataset pointing at it. ``status`` never generates; it reads the recorded paths."""
     if dataset.generate is None:
         return dataset
+    if dataset.videos.is_dir() and dataset.annotations.is_file():
+        return dataset  # recorded by an earlier run; the generator renames a dataset in only when complete
     from pipeline.demo_data import ensure_generated as generate
 
     videos, annotations = generate(dataset.generate, generated_dir(cache_dir, dataset.name, dataset.generate))
     videos, annotations = Path(videos).resolve(), Path(annotations).resolve()
     if (videos, annotations) != (dataset.videos, dataset.annotations):
-        write_json_atomic(_pointer(cache_dir, dataset.name, dataset.generate),
+        write_json_atomic(generation_record(cache_dir, dataset.name, dataset.generate),
                           {"videos": str(videos), "annotations": str(annotations)})
     return replace(dataset, videos=videos, annotations=annotations)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
+from pipeline.datasets import generation_record
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -136,7 +137,15 @@ def test_planning_imports_no_heavy_or_domain_package(toy, tmp_path):
     env = dict(toy.env, THUMOS_VIDEOS=str(videos))
     project = imported_modules(["-m", "pipeline.cli", "--cache-dir", str(tmp_path / "cache"), "status"], env,
                                PROJECT)
-    for mods in (noop, status, project):
-        heavy = sorted(m for m in mods if m.split(".")[0] in HEAVY)
+    # a generated (demo) dataset recorded by an earlier run: its generator is not even imported
+    toy.write("data/gen.yaml", "name: gen\ngenerate: {seed: 3}\n")
+    record = generation_record(toy.cache, "gen", {"seed": 3})
+    toy.write("gen_annotations.json", "{\"database\": {}}")
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"videos": str(toy.videos), "annotations": str(toy.root / "gen_annotations.json")}))
+    toy.cli("run", "total", "--dataset", "gen")
+    generated = imported_modules(toy.argv("run", "total", "--dataset", "gen")[1:], toy.env, toy.root)
+    for mods in (noop, status, project, generated):
+        heavy = sorted(m for m in mods if m.split(".")[0] in HEAVY or m == "pipeline.demo_data")
         assert not heavy, heavy
     assert "toytotal" not in noop  # a cached stage's entry is never imported
