@@ -1,8 +1,9 @@
 """``pipeline status``: for every stage of a dataset, done / stale (and what changed) / missing.
 
 What changed is found by comparing the key material of the current plan with the ``inputs`` of the
-stage's most recent manifest for the dataset: which param, which code file, which upstream, which
-input file. A stage pinned by ``version`` stays done when its source drifts; status says so.
+stage's earlier manifests for the dataset (the closest one: fewest differences): which param, which
+code file, which upstream, which input file. A stage pinned by ``version`` stays done when its source
+drifts; status says so.
 """
 
 from __future__ import annotations
