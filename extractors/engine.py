@@ -226,12 +226,13 @@ class Engine:
         self.spec = spec
         self.config = config
         self.batch_size = max(1, int(config.batch_size))
-        dtype = torch.float16 if config.device.type == "cuda" else torch.float32
-        self.prep = FramePreprocessor(preset, config.device, dtype)
         self.autocast = None
+        frames_dtype = torch.float32
         if config.device.type == "cuda" and config.amp:
             amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
             self.autocast = lambda: torch.autocast("cuda", dtype=amp)
+            frames_dtype = amp              # the frame buffer in the autocast dtype: half the memory
+        self.prep = FramePreprocessor(preset, config.device, frames_dtype)
 
     # -- public ---------------------------------------------------------------------------------
     def run(self, items: Sequence[Item], on_done: OnDone, on_failed: OnFailed, bar=None) -> EngineStats:
