@@ -137,7 +137,7 @@ def evaluate_detections(
     class_of = {c: k for k, c in enumerate(classes)}
     video_code = {vid: i for i, vid in enumerate(videos)}
 
-    g_video, g_class, g_seg = _ground_truth_arrays(videos, class_of, video_code)
+    g_video, g_class, g_seg = _ground_truth_arrays(videos, class_of)
     p_video, p_class, p_seg, p_score = _detection_arrays(detections, set(known), class_of, video_code, source)
     n_cls, n_thr = len(classes), len(tious)
     thresholds = np.asarray(tious)
@@ -181,7 +181,8 @@ def evaluate_detections(
     )
 
 
-def _ground_truth_arrays(videos, class_of, video_code):
+def _ground_truth_arrays(videos, class_of):
+    """Ground truth in the official frame's order: video by video (file order), then annotation order."""
     counts = [len(v.labels) for v in videos.values()]
     total = sum(counts)
     g_video = np.repeat(np.arange(len(videos)), counts)
