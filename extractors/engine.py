@@ -189,32 +189,22 @@ def _decode_worker(tasks, conn, current, spec: DecodeSpec) -> None:
 
     def sender() -> None:
         while True:
-            msg = outbox.get()
-            if msg is None:
-                return
-            conn.send(msg)
+            conn.send(outbox.get())
 
-    thread = threading.Thread(target=sender, daemon=True)
-    thread.start()
-    try:
-        while True:
-            task = tasks.get()
-            if task is None:
-                return
-            index, path, decoders = task
-            current.value = index
-            try:
-                for event in decode_video(path, dataclasses.replace(spec, decoders=decoders)):
-                    outbox.put((index,) + event)
-            except DecodeError as e:
-                outbox.put((index, "error", e.kind, str(e)))
-            except Exception as e:  # anything else in a decoder is this video's failure, not the run's
-                outbox.put((index, "error", "decode_error", f"{type(e).__name__}: {e}"))
-            current.value = -1
-            outbox.put((index, "released"))
-    finally:
-        outbox.put(None)
-        thread.join()
+    # Runs until the engine kills the process (idle by then, or hung, or no longer wanted).
+    threading.Thread(target=sender, daemon=True).start()
+    while True:
+        index, path, decoders = tasks.get()
+        current.value = index
+        try:
+            for event in decode_video(path, dataclasses.replace(spec, decoders=decoders)):
+                outbox.put((index,) + event)
+        except DecodeError as e:
+            outbox.put((index, "error", e.kind, str(e)))
+        except Exception as e:  # anything else in a decoder is this video's failure, not the run's
+            outbox.put((index, "error", "decode_error", f"{type(e).__name__}: {e}"))
+        current.value = -1
+        outbox.put((index, "released"))
 
 
 class Engine:
@@ -243,7 +233,6 @@ class Engine:
         self.videos: dict[int, _Video] = {}
         self.pending: list[tuple[_Video, int, torch.Tensor]] = []
         self.n_pending = 0
-        self.finished = 0
         self.failed_ids: set[int] = set()
         self.completed: set[int] = set()
         self.writes: queue.Queue = queue.Queue(maxsize=4)
