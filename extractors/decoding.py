@@ -58,6 +58,7 @@ class DecodeSpec:
 
     @property
     def grid(self) -> TimeGrid:
+        """The clip grid in sampled frames (for counts only: the rate is per video, not known here)."""
         return TimeGrid(fps=self.fps or 1.0, stride=self.stride, clip_len=self.clip_len,
                         frame_interval=self.frame_interval)
 
