@@ -128,7 +128,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            mean=(0.45, 0.45, 0.45), std=(0.225, 0.225, 0.225), feature_dim=2304, offset_frames=16),
     # VideoMAEv2-g extract_tad_feature.py on THUMOS: native fps, 16 frames every 4, squash to
     # 224x224, no crop, [0, 1] with no mean/std.
-    Preset(name="thumos_videomae_v2", backbone="videomae", fps=None, clip_len=16, stride=4,
+    Preset(name="thumos_videomae_v2", backbone="videomae", backbone_kwargs={"variant": "vit_g"},
+           fps=None, clip_len=16, stride=4,
            tail="drop", resize="squash", size=(224, 224), crop=None, value_range=(0.0, 1.0),
            feature_dim=1408, offset_frames=8),
     # The demo: tiny seeded I3D on 64-pixel frames of the generated 12-fps videos (one feature
