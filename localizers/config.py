@@ -170,6 +170,8 @@ def resolve(params: Mapping[str, Any]) -> LocalizeConfig:
     owners = {f.name: section for section, kind in _SECTIONS for f in fields(kind)}
     updates: dict[str, dict] = {section: {} for section, _ in _SECTIONS}
     for key, value in params.items():
+        if value is None:  # a param listed in stages.yaml and left null keeps the preset's value
+            continue
         if key not in owners:
             raise ConfigError(f"localize.{key}: unknown parameter")
         section = owners[key]
