@@ -39,10 +39,15 @@ class Dataset:
     params: dict  # stage -> overrides
     generate: dict | None = None
     features: dict | None = None
+    # Why `videos` is None when its ${VAR} is unset: an error only for stages that read the videos,
+    # so imported features train without THUMOS_VIDEOS.
+    videos_error: str | None = None
 
     def check_paths(self, need_videos: bool) -> None:
         """For ``run``: the videos directory and the annotation file must exist."""
         if need_videos:
+            if self.videos_error:
+                raise ConfigError(self.videos_error)
             if self.videos is None:
                 raise ConfigError(f"{self.path}: videos: not set (a directory of <video_id>.<ext> files)")
             if not self.videos.is_dir():
@@ -110,7 +115,11 @@ def load_dataset(name_or_path: str | Path, project_root: Path, cache_dir: Path) 
         if not isinstance(overrides, dict):
             raise ConfigError(f"{path}: params.{stage}: expected a mapping of param -> value")
     generate = mapping("generate")
-    videos = _path_field(path, raw, "videos")
+    videos_error = None
+    try:
+        videos = _path_field(path, raw, "videos")
+    except ConfigError as exc:
+        videos, videos_error = None, str(exc)
     annotations = _path_field(path, raw, "annotations")
     if generate is not None:
         for key in ("videos", "annotations"):
@@ -118,7 +127,8 @@ def load_dataset(name_or_path: str | Path, project_root: Path, cache_dir: Path) 
                 raise ConfigError(f"{path}: {key}: not allowed with generate: (the generator places them)")
         videos, annotations = _generated_paths(cache_dir, name, generate)
     return Dataset(name=name, task=task, path=path, root=path.parent, videos=videos, annotations=annotations,
-                   splits=splits, params=params, generate=generate, features=mapping("features"))
+                   splits=splits, params=params, generate=generate, features=mapping("features"),
+                   videos_error=videos_error)
 
 
 def generated_dir(cache_dir: Path, name: str, generate: dict) -> Path:

@@ -41,10 +41,10 @@ def roots(ws: Workspace, extra_datasets: list[str]) -> tuple[set[tuple[str, str]
         except ConfigError:
             unknown.add(Path(source).stem)
             continue
-        reg = lookup_import(ws.cache.root, dataset.name)
-        if reg is not None:
-            keep.add(("extract", reg["key"]))
         try:
+            reg = lookup_import(ws.cache.root, dataset.name)
+            if reg is not None:
+                keep.add(("extract", reg["key"]))
             states = Planner(ws, dataset).plan_all(list(ws.graph.order))
         except ConfigError:
             unknown.add(dataset.name)

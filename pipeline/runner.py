@@ -226,7 +226,7 @@ class Planner:
     def _plan_items(self, st: StageState) -> None:
         if self.dataset.videos is None or not self.dataset.videos.is_dir():
             st.state = "unknown"
-            st.reasons.append(f"videos directory not found: {self.dataset.videos}")
+            st.reasons.append(self.dataset.videos_error or f"videos directory not found: {self.dataset.videos}")
             return
         st.inputs = self.inputs()
         records = self.ws.cache.read_records(st.dir)

@@ -199,7 +199,9 @@ def test_cli_import_then_status_sees_imported_extract(tmp_path, capsys):
     np.save(src / "v1.npy", _feats(0, 6, 16))
     _ann(tmp_path / "ann.json", {"v1": 30.0})
     manifest = tmp_path / "mini.yaml"
-    manifest.write_text("name: mini\ntask: localize\nannotations: ann.json\nsplits: {train: validation}\n")
+    # Videos behind an unset variable: importing features must not need them, extracting must.
+    manifest.write_text("name: mini\ntask: localize\nvideos: ${MINI_VIDEOS_UNSET}\nannotations: ann.json\n"
+                        "splits: {train: validation}\n")
     cache = tmp_path / "cache"
     assert main(["--cache-dir", str(cache), "import-features", str(src), "--dataset", str(manifest),
                  "--format", "npy", "--stride", "4", "--clip-len", "16"]) == 0
@@ -212,3 +214,6 @@ def test_cli_import_then_status_sees_imported_extract(tmp_path, capsys):
     assert f"imported from {src}" in capsys.readouterr().out
     assert main(["--cache-dir", str(cache), "import-features", "--unregister", "--dataset", str(manifest)]) == 0
     assert lookup(cache, "mini") is None
+    capsys.readouterr()
+    assert main(["--cache-dir", str(cache), "run", "extract", "--dataset", str(manifest)]) == 2
+    assert "MINI_VIDEOS_UNSET is not set" in capsys.readouterr().err
