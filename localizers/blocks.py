@@ -44,9 +44,12 @@ class MaskedConv1D(nn.Module):
             x = x.to(torch.get_autocast_dtype(x.device.type))
             cols = F.pad(x, (0, 0, self.pad, self.pad)).unfold(1, w.shape[-1], self.stride)
             out = F.linear(cols.flatten(2), w.flatten(1), b)
+        elif self.conv.groups == 1:
+            # fp32: oneDNN's conv1d on the transposed view beats both im2col and the NHWC conv2d here
+            out = F.conv1d(x.transpose(1, 2), w, b, stride=self.stride, padding=self.pad).transpose(1, 2)
         else:
-            # (B, T, C) viewed as a channels-last (B, C, 1, T) image: the conv reads and writes the
-            # channels-last layout directly, no transposed copies
+            # depthwise: (B, T, C) viewed as a channels-last (B, C, 1, T) image, read and written in
+            # place by the conv, no transposed copies
             out = F.conv2d(x.transpose(1, 2).unsqueeze(2), w.unsqueeze(2), b, stride=(1, self.stride),
                            padding=(0, self.pad), groups=self.conv.groups).squeeze(2).transpose(1, 2)
         return out if pad is None else out.masked_fill(pad, 0.0)
