@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from pipeline.errors import ConfigError
+from pipeline.timemap import clip_offset
 
 TAILS = ("drop", "pad")
 RESIZE_MODES = ("short_side", "squash")
@@ -82,14 +83,6 @@ class Preset:
             raise ConfigError(f"{where}: channel_order must be one of {CHANNEL_ORDERS}")
 
     @property
-    def span_frames(self) -> int:
-        return self.clip_len * self.frame_interval
-
-    @property
-    def offset(self) -> float:
-        return self.span_frames / 2 if self.offset_frames is None else float(self.offset_frames)
-
-    @property
     def fps_policy(self) -> str:
         return "native" if self.fps is None else "resample"
 
@@ -98,7 +91,7 @@ class Preset:
         out = dataclasses.asdict(self)
         out["preset"] = out.pop("name")
         out["backbone_kwargs"] = dict(self.backbone_kwargs)
-        out["offset_frames"] = self.offset
+        out["offset_frames"] = clip_offset(self.clip_len, self.frame_interval, self.offset_frames)
         out["fps_policy"] = self.fps_policy
         return out
 
@@ -152,7 +145,8 @@ def resolve_preset(params: Mapping[str, Any]) -> Preset:
     """The preset named by ``params['preset']`` with every non-null preset field in ``params`` applied.
 
     ``fps: native`` asks for the native rate and ``crop: none`` for no crop (null keeps the preset's);
-    ``backbone_kwargs`` are merged onto the preset's.
+    ``backbone_kwargs`` are merged onto the preset's, unless ``backbone`` names another backbone: the
+    preset's kwargs belong to its own backbone (ViT-g's ``variant`` means nothing to I3D).
     """
     name = params.get("preset")
     if name not in PRESETS:
@@ -176,5 +170,6 @@ def resolve_preset(params: Mapping[str, Any]) -> Preset:
     if "backbone_kwargs" in overrides:
         if not isinstance(overrides["backbone_kwargs"], Mapping):
             raise ConfigError("extract.backbone_kwargs: must be a mapping")
-        overrides["backbone_kwargs"] = {**base.backbone_kwargs, **overrides["backbone_kwargs"]}
+    own = base.backbone_kwargs if overrides.get("backbone", base.backbone) == base.backbone else {}
+    overrides["backbone_kwargs"] = {**own, **overrides.get("backbone_kwargs", {})}
     return dataclasses.replace(base, **overrides)

@@ -13,6 +13,11 @@ from typing import Mapping
 import numpy as np
 
 
+def clip_offset(clip_len: int, frame_interval: int = 1, offset_frames: float | None = None) -> float:
+    """Frames from a clip's first frame to where its feature sits: the centre unless a preset says."""
+    return clip_len * frame_interval / 2 if offset_frames is None else float(offset_frames)
+
+
 @dataclass(frozen=True)
 class TimeGrid:
     fps: float
@@ -32,7 +37,7 @@ class TimeGrid:
 
     @property
     def offset(self) -> float:
-        return self.span_frames / 2 if self.offset_frames is None else float(self.offset_frames)
+        return clip_offset(self.clip_len, self.frame_interval, self.offset_frames)
 
     def to_seconds(self, index):
         """Feature position(s) (may be fractional) -> seconds."""

@@ -31,7 +31,7 @@ FORMULAS = {
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_features_per_video_match_each_preset_formula(name):
     preset = PRESETS[name]
-    for f in (preset.span_frames, 47, 100, 101, 331, 5094):
+    for f in (grid_of(preset).span_frames, 47, 100, 101, 331, 5094):
         rows = clip_frame_indices(grid_of(preset), f, preset.tail)
         assert len(rows) == FORMULAS[name](f), (name, f)
         assert rows.shape[1] == preset.clip_len and rows.max() < f
