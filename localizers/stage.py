@@ -26,6 +26,9 @@ EVAL_PARAMS = ("split", "weights", "tious", "checkpoint")
 def _device(runtime: Mapping[str, Any]):
     import torch
 
+    threads = runtime.get("threads")
+    if threads:  # small models on a shared CPU: fewer intra-op threads avoid spinning on busy cores
+        torch.set_num_threads(int(threads))
     wanted = str(runtime.get("device", "auto"))
     if wanted == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -140,7 +143,8 @@ def evaluate(ctx: StageContext) -> dict:
     with open(train_dir / CONFIG_FILE) as f:
         saved = json.load(f)
     cfg = LocalizeConfig.from_json(saved["config"])
-    overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items() if k in test_fields}
+    overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items()
+                 if k in test_fields and v is not None}
     cfg = replace(cfg, test=replace(cfg.test, **overrides))
     validate(cfg)
     if cfg.model.num_classes == 1 and len(saved["classes"]) > 1 and not cfg.test.ext_score_file:
