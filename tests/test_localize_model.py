@@ -156,3 +156,17 @@ def test_config_resolution_and_errors():
         resolve({"input_dim": 2048}).with_dims(1024, 20)
     assert resolve({}).with_dims(1024, 20).model.input_dim == 1024
     assert replace(resolve({"num_classes": 1}).with_dims(512, 200).model).num_classes == 1
+
+
+def test_video_level_score_fusion(tmp_path):
+    """ActivityNet: class-agnostic detections take the video's top-k external classes, score x class score."""
+    from localizers.actionformer import fuse_video_scores, load_video_scores
+
+    path = tmp_path / "cls.json"
+    path.write_text(json.dumps({"results": {"v": [0.1, 0.7, 0.2]}, "class": ["a", "b", "c"]}))
+    scores = load_video_scores(str(path), ("c", "b", "a"))
+    assert scores["v"].tolist() == [0.2, 0.7, 0.1]
+    dets = [{"label": "", "score": 0.5, "segment": [1.0, 2.0]}, {"label": "", "score": 0.4, "segment": [3.0, 4.0]}]
+    fused = fuse_video_scores(dets, scores["v"], ("c", "b", "a"), topk=2, max_detections=3)
+    assert [(d["label"], round(d["score"], 3), d["segment"][0]) for d in fused] == \
+        [("b", 0.35, 1.0), ("b", 0.28, 3.0), ("c", 0.1, 1.0)]
