@@ -41,9 +41,12 @@ class MaskedConv1D(nn.Module):
         elif self.conv.groups == 1 and _low_precision(x):
             # im2col + one GEMM: with bf16 on CPU the GEMM runs on AMX, several times faster than the
             # conv kernel; the 3x column copy is cheap next to it
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-            cols = F.pad(x, (0, 0, self.pad, self.pad)).unfold(1, w.shape[-1], self.stride)
-            out = F.linear(cols.flatten(2), w.flatten(1), b)
+            x = F.pad(x.to(torch.get_autocast_dtype(x.device.type)), (0, 0, self.pad, self.pad))
+            k, t_out = w.shape[-1], (x.shape[1] - w.shape[-1]) // self.stride + 1
+            # taps side by side (a cat of shifted views: its backward is plain slicing, much cheaper
+            # than unfold's), weights reordered to (out, tap, in) to match
+            cols = torch.cat([x[:, j: j + self.stride * (t_out - 1) + 1: self.stride] for j in range(k)], dim=-1)
+            out = F.linear(cols, w.transpose(1, 2).flatten(1), b)
         elif self.conv.groups == 1:
             # fp32: oneDNN's conv1d on the transposed view beats both im2col and the NHWC conv2d here
             out = F.conv1d(x.transpose(1, 2), w, b, stride=self.stride, padding=self.pad).transpose(1, 2)
@@ -149,8 +152,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.T
     qb = F.pad(q, (0, 0, 0, t_pad - t)).view(b * n_blocks, block, n_head, hd).transpose(1, 2)
 
     def windows(x: torch.Tensor) -> torch.Tensor:
-        xw = F.pad(x, (0, 0, w, t_pad - t + w)).unfold(1, span, block)   # (B, n, C, span)
-        return xw.reshape(b * n_blocks, n_head, hd, span).transpose(2, 3)
+        # keys of block n: its w left neighbours, the block, its w right neighbours; built from three
+        # block-strided views of the padded sequence (cheaper backward than an overlapping unfold)
+        xp = F.pad(x, (0, 0, w, t_pad - t + w))                           # (B, t_pad + 2w, C)
+        blocks = [xp[:, o: o + t_pad].view(b, n_blocks, block, c) for o in (0, w, 2 * w)]
+        xw = torch.cat([blocks[0][:, :, :w], blocks[1], blocks[2][:, :, block - w:]], dim=2)
+        return xw.view(b * n_blocks, span, n_head, hd).transpose(1, 2)
 
     out = F.scaled_dot_product_attention(qb, windows(k), windows(v), attn_mask=attn_mask.flatten(0, 1))
     return out.transpose(1, 2).reshape(b, t_pad, c)[:, :t]
