@@ -80,6 +80,9 @@ class DataConfig:
     trunc_thresh: float = 0.5              # a training crop keeps >= this fraction of one action
     crop_ratio: tuple[float, float] | None = (0.9, 1.0)  # random crops of short videos too
     resize_to: int | None = None           # ActivityNet: every video linearly resized to this length
+    # A training segment outside its video: "error" names it; "drop" leaves it out (the official
+    # THUMOS14 JSON has four such segments in its validation videos, which ActionFormer's crops drop too).
+    segments_outside: str = "error"
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,8 @@ def validate(cfg: LocalizeConfig) -> None:
     _check(0 < d.trunc_thresh <= 1, "trunc_thresh", "must be in (0, 1]")
     _check(d.crop_ratio is None or (len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1] <= 1),
            "crop_ratio", f"must be null or [low, high] within (0, 1], got {d.crop_ratio!r}")
+    _check(d.segments_outside in ("error", "drop"), "segments_outside",
+           f"must be 'error' or 'drop', got {d.segments_outside!r}")
     _check(d.resize_to is None or d.resize_to == m.max_seq_len, "resize_to",
            f"must be null or equal to max_seq_len ({m.max_seq_len}), got {d.resize_to!r}")
     _check(s.nms_method in ("soft", "hard", "none"), "nms_method", f"must be soft, hard or none, got {s.nms_method!r}")

@@ -66,11 +66,12 @@ def read_features(source: FeatureSource, item: VideoItem, start: int | None = No
 def make_item(vid: str, shape: tuple[int, int], grid: TimeGrid, duration: float | None,
               segments_s: np.ndarray, labels: Sequence[str], label_index: Mapping[str, int], input_dim: int,
               min_length: int, resize_to: int | None = None, where: str = "annotations",
-              check_segments: bool = True) -> VideoItem:
+              check_segments: bool = True, outside: str = "error") -> VideoItem:
     """Validate one video and map its annotation onto the feature grid; ConfigError names video and field.
 
     ``check_segments=False`` for test videos: their ground truth goes to the evaluator untouched (the
-    official THUMOS14 test set has segments past the end of their videos)."""
+    official THUMOS14 test set has segments past the end of their videos). ``outside="drop"`` leaves
+    segments outside the video out instead of failing on them."""
     length, dim = shape
     if dim != input_dim:
         raise ConfigError(f"{where}: video {vid}: features: dimension {dim} != localize.input_dim {input_dim}")
@@ -85,10 +86,16 @@ def make_item(vid: str, shape: tuple[int, int], grid: TimeGrid, duration: float 
         if label not in label_index:
             raise ConfigError(f"{where}: video {vid}: annotations[{i}].label {label!r} is not in the class list")
         ids[i] = label_index[label]
+    keep = np.ones(len(segments_s), dtype=bool)
     for i, (start, end) in enumerate(segments_s if check_segments else ()):
         if start < -END_TOLERANCE_S or end > duration + END_TOLERANCE_S or end <= start:
+            if outside == "drop":
+                keep[i] = False
+                continue
             raise ConfigError(f"{where}: video {vid}: annotations[{i}].segment [{start:g}, {end:g}] lies outside "
-                              f"the video (0 - {duration:g} s) or is empty")
+                              f"the video (0 - {duration:g} s) or is empty; --set "
+                              f"localize.segments_outside=drop leaves such segments out")
+    segments_s, ids = segments_s[keep], ids[keep]
     if resize_to is not None:
         # the official ActivityNet recipe: features stretched to resize_to steps spanning the video
         grid = TimeGrid(fps=resize_to / duration, stride=1, clip_len=1)

@@ -66,10 +66,15 @@ def _items(store, videos: Mapping, cfg, label_index, where: str, check_segments:
         raise ConfigError(f"{where}: none of the {len(videos)} videos has features in the extract store")
     if cfg.model.num_classes == 1:  # class-agnostic (ActivityNet with external video-level scores)
         label_index = {name: 0 for name in label_index}
-    return [make_item(vid, store.shape(vid), store.grid(vid), videos[vid].duration, videos[vid].segments,
-                      videos[vid].labels, label_index, cfg.model.input_dim, cfg.model.strides[-1],
-                      cfg.data.resize_to, where=where, check_segments=check_segments)
-            for vid in present]
+    items = [make_item(vid, store.shape(vid), store.grid(vid), videos[vid].duration, videos[vid].segments,
+                       videos[vid].labels, label_index, cfg.model.input_dim, cfg.model.strides[-1],
+                       cfg.data.resize_to, where=where, check_segments=check_segments,
+                       outside=cfg.data.segments_outside)
+             for vid in present]
+    dropped = sum(len(videos[vid].segments) for vid in present) - sum(len(item.segments) for item in items)
+    if dropped:
+        log(f"localize: {dropped} segments outside their videos left out (localize.segments_outside=drop)")
+    return items
 
 
 def train(ctx: StageContext) -> dict:

@@ -133,6 +133,9 @@ def test_bad_input_names_the_video_and_field():
         make_item("v1", feats.shape, segments_s=[[1, 2], [3, 4]], labels=["run", "swim"], **args)
     with pytest.raises(ConfigError, match=r"video v2: annotations\[0\].segment \[18, 30\] lies outside"):
         make_item("v2", feats.shape, segments_s=[[18, 30]], labels=["run"], **args)
+    kept = make_item("v2", feats.shape, segments_s=[[1, 2], [18, 30]], labels=["run", "run"], outside="drop",
+                     **args)
+    assert kept.segments.shape == (1, 2) and kept.labels.tolist() == [INDEX["run"]]
     with pytest.raises(ConfigError, match="video v3: features: 5 steps, shorter than one step"):
         make_item("v3", (5, DIM), segments_s=[[1, 2]], labels=["run"], **args)
     with pytest.raises(ConfigError, match="video v4: features: dimension 8 != localize.input_dim 16"):
