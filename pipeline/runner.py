@@ -273,6 +273,11 @@ class Planner:
             raise ConfigError(f"{spec.name}.{where}: file not found: {value}")
         return {"file_fingerprint": self.ws.index.fingerprint(found)} if as_key else str(found)
 
+    def check_files(self, name: str) -> None:
+        spec = self.ws.graph[name]
+        for p in spec.file_params:
+            self._file_param(spec, p, self.resolved[name][0].get(p), as_key=False)
+
     def _key_params(self, spec: StageSpec, params: dict) -> dict:
         out = dict(params)
         for p in spec.file_params:
@@ -355,6 +360,7 @@ def run(ws: Workspace, dataset: Dataset, targets: list[str], sets: list[Override
     for name in names:
         if not (name == "extract" and imported):
             ws.graph.check_entry(name)
+            planner.check_files(name)  # a missing checkpoint fails now, not after hours of upstream work
     dataset.check_paths(need_videos=any(ws.graph[n].per_item and not (n == "extract" and imported)
                                         for n in names))
     states: dict[str, StageState] = {}

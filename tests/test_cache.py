@@ -143,6 +143,16 @@ def test_file_params_enter_the_key_by_content(toy):
     assert toy.status("--set", pair)["upper"]["reasons"] == ["file upper.weights.flow changed"]
 
 
+def test_missing_file_of_a_downstream_stage_fails_before_any_work(toy):
+    stages = toy.root / "stages.yaml"
+    stages.write_text(stages.read_text().replace("    params: {scale: 1, fmt: {width: 0}}",
+                                                 "    file_params: [table]\n    params: {scale: 1, fmt: {width: 0}, "
+                                                 "table: null}"))
+    proc = toy.cli("run", "total", "--dataset", str(toy.manifest), "--set", "total.table=missing.csv", check=2)
+    assert proc.stderr.strip() == "pipeline: error: total.table: file not found: missing.csv"
+    assert toy.work("upper") == []
+
+
 def test_version_pinned_stage_reports_source_drift_but_stays_done(toy):
     toy.run()
     path = toy.root / "toyupper" / "__init__.py"
