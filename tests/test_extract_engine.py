@@ -101,6 +101,13 @@ def test_cli_extracts_good_videos_fails_bad_ones_and_only_adds_new(tmp_path, skv
     after = records(stage_dir)
     assert set(after) - set(before) == {"new"} and all(after[k] == before[k] for k in before)
 
+    # From scratch elsewhere: the same records (downstream keys digest them), so the same training keys.
+    again = cli(tmp_path / "cache2", manifest)
+    again_dir = Path(again["extract"]["dir"])
+    assert again_dir.name == stage_dir.name
+    assert {p.name: p.read_text() for p in (again_dir / "items").glob("*.json")} == \
+        {p.name: p.read_text() for p in (stage_dir / "items").glob("*.json")}
+
 
 def _tiny(params: dict):
     preset = resolve_preset(params)
