@@ -167,6 +167,8 @@ def _print_run(reports) -> None:
         print("  ".join(parts).rstrip(), flush=True)
         if r.message:
             print(f"{'':<{width}}  {r.message}")
+        if r.dir:
+            print(f"{'':<{width}}  outputs: {r.dir}")
         for f in r.failures:
             print(f"{'':<{width}}  failed {f.get('id')}: {f.get('kind')}: {f.get('message')}", file=sys.stderr)
         if r.summary:

@@ -40,6 +40,7 @@ def test_human_output_prints_summaries(toy):
     assert "total = 18" in proc.stdout and "upper-cased 3 files" in proc.stdout
     proc = toy.cli("run", "total", "--dataset", "toy")
     assert "cached" in proc.stdout and "total = 18" in proc.stdout
+    assert f"outputs: {toy.cache / 'total'}" in proc.stdout  # where to look, also when cached
 
 
 def test_one_run_goes_through_a_chain_of_whole_stages(toy):
