@@ -83,6 +83,7 @@ def train(ctx: StageContext) -> dict:
     from localizers.config import resolve
     from localizers.train import fit
     from pipeline.store import open_stage_store
+    from pipeline.store.loader import FeatureReader
 
     cfg = resolve(ctx.params)
     ann = _annotations(ctx)
@@ -103,7 +104,8 @@ def train(ctx: StageContext) -> dict:
     if not (out / MODEL_FILE).exists():
         ctx.log(f"localize: training {cfg.preset} on {len(items)} videos of {subset} "
                 f"({cfg.train.total_epochs} epochs, {device})")
-        result = fit(cfg, items, store, out, device=device, log=ctx.log)
+        source = FeatureReader(extract_dir, [it.id for it in items], ctx.runtime.get("in_memory", "auto"))
+        result = fit(cfg, items, source, out, device=device, log=ctx.log)
         tmp = out / f".{MODEL_FILE}.tmp"
         torch.save({"model": result.model.state_dict(), "ema": result.ema.state_dict(),
                     "config": cfg.to_json(), "classes": list(ann.classes)}, tmp)

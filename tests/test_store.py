@@ -145,44 +145,44 @@ def test_grid_uses_video_fps_else_store_fps(tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("in_memory", [False, True])
-def test_loader_crops_and_workers_open_their_own_store(tmp_path, backend, in_memory):
+@pytest.mark.parametrize("in_memory", [False, True, "auto"])
+def test_reader_windows_and_workers_open_their_own_store(tmp_path, backend, in_memory):
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
-    from pipeline.store.loader import FeatureSequenceDataset
+    from pipeline.store.loader import FeatureReader
 
     store = create_store(tmp_path, backend=backend, attrs=ATTRS)
     arrays = {f"v{i}": _feats(i, n).astype(np.float16) for i, n in enumerate([10, 50, 8])}
     for vid, arr in arrays.items():
         store.write(vid, arr, {})
     store.close()
-    ds = FeatureSequenceDataset(tmp_path, ["v0", "v1", "v2"], max_seq_len=16, in_memory=in_memory)
-    assert ds._store is None and ds.lengths == [10, 50, 8] and ds.feature_dim == 32
-    torch.manual_seed(0)
-    starts = set()
-    for _ in range(20):
-        vid, feats = ds[1]
-        assert feats.dtype == torch.float32 and feats.shape == (32, 16) and feats.is_contiguous()
-        full = arrays["v1"].astype(np.float32).T
-        start = next(s for s in range(35) if np.array_equal(full[:, s:s + 16], feats.numpy()))
-        starts.add(start)
-    assert len(starts) > 3
-    _, whole = ds[0]
-    np.testing.assert_array_equal(whole.numpy(), arrays["v0"].astype(np.float32).T)
+    reader = FeatureReader(tmp_path, ["v0", "v1", "v2"], in_memory=in_memory)
+    assert reader._store is None and reader.shapes["v1"] == (50, 32)
+    assert reader.in_memory == (in_memory in (True, "auto"))  # a few KB fit the auto budget
+    window = reader.read("v1", 20, 36)
+    assert window.dtype == np.float32 and window.shape == (16, 32)
+    np.testing.assert_array_equal(window, arrays["v1"][20:36].astype(np.float32))
+    np.testing.assert_array_equal(reader.read("v0"), arrays["v0"].astype(np.float32))
 
-    fixed = FeatureSequenceDataset(tmp_path, ["v1"], max_seq_len=16, crop=lambda n, m: (n - m, n),
-                                   in_memory=in_memory)
-    np.testing.assert_array_equal(fixed[0][1].numpy(), arrays["v1"][-16:].astype(np.float32).T)
+    fresh = FeatureReader(tmp_path, ["v0", "v1", "v2"], in_memory=in_memory)
 
-    fresh = FeatureSequenceDataset(tmp_path, ["v0", "v1", "v2"], max_seq_len=16, in_memory=in_memory)
-    loader = DataLoader(fresh, batch_size=None, num_workers=2, multiprocessing_context="fork")
-    got = {vid: tuple(feats.shape) for vid, feats in loader}
-    assert got == {"v0": (32, 10), "v1": (32, 16), "v2": (32, 8)}
+    class Windows(Dataset):  # what a training loop's workers do: read through one shared reader
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            vid = f"v{i}"
+            return vid, torch.from_numpy(fresh.read(vid, 0, 8))
+
+    loader = DataLoader(Windows(), batch_size=None, num_workers=2, multiprocessing_context="fork")
+    got = {vid: feats for vid, feats in loader}
+    for vid, arr in arrays.items():
+        np.testing.assert_array_equal(got[vid].numpy(), arr[:8].astype(np.float32))
     assert fresh._store is None  # only the workers opened it
 
     with pytest.raises(KeyError, match="not complete"):
-        FeatureSequenceDataset(tmp_path, ["v0", "missing"])
+        FeatureReader(tmp_path, ["v0", "missing"])
 
 
 @pytest.mark.parametrize("compression", ["zstd", "lz4"])

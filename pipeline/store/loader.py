@@ -1,42 +1,32 @@
-"""Training loader over a feature store: ``(video_id, feats float32 tensor (C, T))`` per item.
+"""Fast feature reads for training: whole videos or windows, from the store or from memory.
 
-The store is opened lazily in the process that reads (so DataLoader workers each open their own after
-the fork, and no HDF5 handle crosses it). Long videos are cropped to at most ``max_seq_len`` steps
-and only the cropped rows are read. ``in_memory=True`` reads every video once at construction and
-closes the store again; forked workers then share those arrays copy-on-write.
+:class:`FeatureReader` is what a training loop reads features through (the localizers pass it as their
+feature source and pick their own crop windows, which need the annotations). The store is opened
+lazily in the process that reads, so DataLoader workers each open their own after the fork and no
+HDF5 handle crosses it; a window read touches only its rows. With ``in_memory`` every video is read
+once (in the stored dtype, float16 by default, to halve the memory) and forked workers share those
+arrays copy-on-write.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from pipeline.store import open_stage_store
 
-Crop = Callable[[int, int], tuple[int, int]]
+# `in_memory="auto"` holds the features in memory when their stored bytes fit in this budget.
+AUTO_MEMORY_BYTES = 2 << 30
 
 
-def random_crop(length: int, max_len: int) -> tuple[int, int]:
-    """A uniformly placed window of ``max_len`` steps, drawn from torch's RNG (seeded per worker)."""
-    start = int(torch.randint(0, length - max_len + 1, ()).item())
-    return start, start + max_len
-
-
-class FeatureSequenceDataset(Dataset):
-    """``crop(length, max_seq_len) -> (start, stop)`` picks the window of a video longer than
-    ``max_seq_len`` (default: :func:`random_crop`); shorter videos come whole."""
-
-    def __init__(self, stage_dir: Path | str, video_ids: Sequence[str], max_seq_len: int | None = None,
-                 crop: Crop | None = None, in_memory: bool = False) -> None:
+class FeatureReader:
+    def __init__(self, stage_dir: Path | str, video_ids: Sequence[str],
+                 in_memory: bool | str = "auto") -> None:
         self.stage_dir = Path(stage_dir)
         self.video_ids = list(video_ids)
-        self.max_seq_len = max_seq_len
-        self.crop = crop or random_crop
         self._store = None
         self._pid: int | None = None
         store = open_stage_store(self.stage_dir)
@@ -45,14 +35,14 @@ class FeatureSequenceDataset(Dataset):
             if missing:
                 raise KeyError(f"{self.stage_dir}: {len(missing)} video(s) not complete in the store, "
                                f"e.g. {missing[:3]}")
-            self.lengths = [store.shape(v)[0] for v in self.video_ids]
-            self.feature_dim = store.attrs.get("feature_dim") or store.shape(self.video_ids[0])[1]
-            self._cache = {v: store.read(v, raw=True) for v in self.video_ids} if in_memory else None
+            self.shapes = {v: store.shape(v) for v in self.video_ids}
+            if in_memory == "auto":
+                itemsize = np.dtype(store.attrs.get("dtype", "float16")).itemsize
+                in_memory = sum(t * c for t, c in self.shapes.values()) * itemsize <= AUTO_MEMORY_BYTES
+            self.in_memory = bool(in_memory)
+            self._cache = {v: store.read(v, raw=True) for v in self.video_ids} if self.in_memory else None
         finally:
             store.close()
-
-    def __len__(self) -> int:
-        return len(self.video_ids)
 
     def _open(self):
         if self._store is None or self._pid != os.getpid():
@@ -60,20 +50,11 @@ class FeatureSequenceDataset(Dataset):
             self._pid = os.getpid()
         return self._store
 
-    def window(self, index: int) -> tuple[int, int]:
-        length = self.lengths[index]
-        if self.max_seq_len is None or length <= self.max_seq_len:
-            return 0, length
-        return self.crop(length, self.max_seq_len)
-
-    def __getitem__(self, index: int) -> tuple[str, torch.Tensor]:
-        vid = self.video_ids[index]
-        start, stop = self.window(index)
+    def read(self, vid: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """``(T, C)`` float32 rows ``[start, stop)`` of one video."""
         if self._cache is not None:
-            rows = self._cache[vid][start:stop]
-        else:
-            rows = self._open().read(vid, start, stop, raw=True)
-        return vid, torch.from_numpy(np.ascontiguousarray(rows.T, dtype=np.float32))
+            return self._cache[vid][start:stop].astype(np.float32)
+        return self._open().read(vid, start, stop)
 
     def __getstate__(self) -> dict:
         """Spawned workers get no open store (they open their own)."""
