@@ -409,8 +409,11 @@ def _cached_report(ws: Workspace, st: StageState, status: str) -> StageReport:
     manifest = ws.cache.read_manifest(st.dir) or {}
     n = len(st.inputs) or len(st.records)
     items = {"total": n, "done": 0, "skipped": n, "failed": 0} if n else {}
-    return StageReport(st.name, status, key=st.key, dir=str(st.dir), items=items,
-                       summary=(manifest.get("result") or {}).get("summary"))
+    # A per-item stage's summary tells of the run that made it (items done, seconds): replayed under
+    # "cached" it would contradict the item counts above, so only whole stages' results are shown again.
+    replay = status == "imported" or not ws.graph[st.name].per_item
+    summary = (manifest.get("result") or {}).get("summary") if replay else None
+    return StageReport(st.name, status, key=st.key, dir=str(st.dir), items=items, summary=summary)
 
 
 def _load_entry(graph: StageGraph, spec: StageSpec):
