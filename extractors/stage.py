@@ -166,6 +166,13 @@ def _model_and_attrs(preset: Preset, job: ExtractJob):
     weights = job.params.get("weights")
     if weights is not None:
         kwargs["weights"] = weights
+    elif not kwargs.get("tiny"):
+        # Features of a randomly initialised full-size network are noise that looks like data.
+        from extractors.weights import needed_for_preset
+
+        raise ConfigError(f"extract.weights: preset {preset.name!r} runs the full {preset.backbone} and needs "
+                          f"its checkpoint: {needed_for_preset(preset.name, preset.backbone)}; pass --set "
+                          f"extract.weights=PATH (`pipeline weights` lists the files)")
     model = build_backbone(preset.backbone, **kwargs)
     if weights is not None and model.feature_dim != preset.feature_dim:
         raise ConfigError(f"extract.weights: {preset.backbone} gives {model.feature_dim}-d features, "

@@ -64,6 +64,14 @@ def needed_file(backbone: str, variant: str | None = None) -> str:
     return " or ".join(f"{e.filename} from {e.published}" for e in entries)
 
 
+def needed_for_preset(preset: str, backbone: str) -> str:
+    """The public file(s) a preset's full-size backbone needs, and where each is published."""
+    entries = [e for e in CATALOGUE if preset in e.presets]
+    if not entries:
+        return needed_file(backbone)
+    return " or ".join(f"{e.filename} from {e.published}" for e in entries)
+
+
 def search_dirs(project_root: Path, extra: list[str] = ()) -> list[Path]:
     env = [p for p in os.environ.get("PIPELINE_WEIGHTS", "").split(os.pathsep) if p]
     return [Path(p).expanduser() for p in [*extra, *env]] + [project_root / "weights"]

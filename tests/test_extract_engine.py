@@ -245,3 +245,16 @@ def test_shards_write_into_the_shared_store_and_executor_maps_in_order(tmp_path)
     assert parallel_map(abs, [-3, 2, -1, 5], workers=2) == [3, 2, 1, 5]
     with pytest.raises(ConfigError, match="--backend"):
         parallel_map(abs, [1], backend="slurm")
+
+
+def test_full_size_preset_without_weights_names_the_file_it_needs(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    make_video(videos / "v.mp4", n_frames=20)
+    manifest = tmp_path / "full.yaml"
+    manifest.write_text(f"name: full\ntask: localize\nvideos: {videos}\nparams:\n  extract: {{preset: thumos_i3d}}\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "--cache-dir", str(tmp_path / "cache"), "run",
+                           "extract", "--dataset", str(manifest)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "extract.weights: preset 'thumos_i3d'" in proc.stderr and "rgb_imagenet.pt" in proc.stderr
