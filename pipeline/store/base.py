@@ -8,6 +8,7 @@ and the next ``write`` of that video replaces it.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -80,7 +81,7 @@ def check_slice(vid: str, length: int, start: int | None, stop: int | None) -> t
     return start, max(start, stop)
 
 
-class FeatureStore:
+class FeatureStore(ABC):
     """Common behaviour; back-ends implement the ``_``-prefixed primitives."""
 
     path: Path
@@ -88,8 +89,9 @@ class FeatureStore:
     attrs: dict
 
     # --- interface -------------------------------------------------------------------------
+    @abstractmethod
     def videos(self) -> list[str]:
-        raise NotImplementedError
+        ...
 
     def __contains__(self, vid: object) -> bool:
         return isinstance(vid, str) and self._is_complete(vid)
@@ -129,10 +131,10 @@ class FeatureStore:
         self._check_writable()
         self._delete(vid)
 
+    @abstractmethod
     def verify(self, repair: bool = False) -> list[str]:
         """Problems found, one line each (``<store>: <video>: <what>``); with ``repair`` the broken or
         incomplete records are removed so the next run rewrites them."""
-        raise NotImplementedError
 
     def close(self) -> None:
         pass
@@ -155,26 +157,33 @@ class FeatureStore:
         if not (isinstance(vid, str) and self._is_complete(vid)):
             raise KeyError(f"{self.path}: no complete video {vid!r}")
 
+    @abstractmethod
     def _is_complete(self, vid: str) -> bool:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _write_data(self, vid: str, arr: np.ndarray, video_attrs: dict) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _mark_complete(self, vid: str) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _read(self, vid: str, start: int | None, stop: int | None) -> np.ndarray:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _shape(self, vid: str) -> tuple[int, int]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _video_attrs(self, vid: str) -> dict:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _delete(self, vid: str) -> None:
-        raise NotImplementedError
+        ...
 
 
 def store_attrs_for(attrs: Mapping[str, Any], dtype: str, backend: str) -> dict:
