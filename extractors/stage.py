@@ -195,7 +195,7 @@ def _store_attrs(preset: Preset, job: ExtractJob, model) -> dict:
     attrs.update({
         "fps": preset.fps,
         "feature_dim": int(model.feature_dim),
-        "checkpoint_sha256": _weights_sha256(job.params.get("weights")),
+        "checkpoint_sha256": _weights_sha256(job.params.get("weights"), getattr(model, "weight_reports", ())),
         "decoder": decoders[0],
         "decoder_version": versions[decoders[0]],
         "decoder_versions": versions,
@@ -206,16 +206,23 @@ def _store_attrs(preset: Preset, job: ExtractJob, model) -> dict:
     return attrs
 
 
-def _weights_sha256(weights) -> str | dict | None:
+def _weights_sha256(weights, reports=()) -> str | dict | list | None:
+    """Digest of each checkpoint file ``weights`` names; files the backbone already hashed while
+    loading (``model.weight_reports``) are not read again (a ViT-g checkpoint is several GB)."""
     if weights is None:
         return None
     from extractors.checkpoints import sha256_file
 
+    known = {report.path: report.sha256 for report in reports}
+
+    def digest(path) -> str:
+        return known.get(str(path)) or sha256_file(path)
+
     if isinstance(weights, Mapping):
-        return {name: sha256_file(path) for name, path in weights.items()}
+        return {name: digest(path) for name, path in weights.items()}
     if isinstance(weights, (list, tuple)):
-        return [sha256_file(path) for path in weights]
-    return sha256_file(weights)
+        return [digest(path) for path in weights]
+    return digest(weights)
 
 
 def _decoders(runtime: Mapping[str, Any]) -> tuple[str, ...]:
