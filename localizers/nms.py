@@ -12,11 +12,16 @@ from __future__ import annotations
 import torch
 
 
+def _tiou(a_start: torch.Tensor, a_end: torch.Tensor, b_start: torch.Tensor, b_end: torch.Tensor) -> torch.Tensor:
+    """Element-wise (broadcast) tIoU of segments a and b; 0 where both are empty."""
+    inter = (torch.minimum(a_end, b_end) - torch.maximum(a_start, b_start)).clamp(min=0)
+    union = (a_end - a_start) + (b_end - b_start) - inter
+    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(union))
+
+
 def segment_iou_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """tIoU of every segment of `a` (N, 2) with every segment of `b` (M, 2); 0 where both are empty."""
-    inter = (torch.minimum(a[:, None, 1], b[None, :, 1]) - torch.maximum(a[:, None, 0], b[None, :, 0])).clamp(min=0)
-    union = (a[:, 1] - a[:, 0])[:, None] + (b[:, 1] - b[:, 0])[None, :] - inter
-    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(union))
+    return _tiou(a[:, None, 0], a[:, None, 1], b[None, :, 0], b[None, :, 1])
 
 
 @torch.no_grad()
@@ -77,10 +82,7 @@ def batched_nms(
         picked_score.append(best_score[has])
         live[row_ids[has], best[has]] = neg_inf
 
-        b_start, b_end = start[row_ids, best][:, None], end[row_ids, best][:, None]
-        inter = (torch.minimum(b_end, end) - torch.maximum(b_start, start)).clamp(min=0)
-        union = (b_end - b_start) + (end - start) - inter
-        iou = torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(union))
+        iou = _tiou(start[row_ids, best][:, None], end[row_ids, best][:, None], start, end)
         if method == "soft":
             decayed = live * torch.exp(-(iou * iou) / sigma)
             decayed = torch.where(decayed >= min_score, decayed, neg_inf)
