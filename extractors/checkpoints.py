@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,10 +218,16 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: Mapping[str, tor
 
 def load_weights(model: torch.nn.Module, path: str | Path, formats: Sequence[KeyFormat], *,
                  needed: str, target: str, strict: bool = True,
-                 containers: Sequence[str] = DEFAULT_CONTAINERS) -> LoadReport:
-    """Read a local checkpoint file, unwrap, convert and load it (see ``load_state_dict_checked``)."""
+                 containers: Sequence[str] = DEFAULT_CONTAINERS,
+                 check: Callable[[dict[str, torch.Tensor]], None] | None = None) -> LoadReport:
+    """Read a local checkpoint file, unwrap, convert and load it (see ``load_state_dict_checked``).
+
+    ``check`` sees the unwrapped state dict, keys as stored, before conversion: a backbone's own
+    validation of entries the key formats set aside (it raises ``ConfigError``)."""
     obj = read_checkpoint(path, needed=needed)
     state_dict = unwrap_state_dict(obj, containers, source=str(path))
+    if check is not None:
+        check(state_dict)
     fmt, dropped, skipped = load_state_dict_checked(model, state_dict, formats, source=str(path),
                                                     target=target, strict=strict)
     return LoadReport(path=str(path), sha256=sha256_file(path), format=fmt,

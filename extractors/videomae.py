@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extractors.checkpoints import KeyFormat, LoadReport, load_state_dict_checked, read_checkpoint, sha256_file, \
-    unwrap_state_dict
+from extractors.checkpoints import KeyFormat, LoadReport, load_weights
 from extractors.weights import needed_file
 from pipeline.errors import ConfigError
 
@@ -225,13 +224,9 @@ def check_position_buffer(state_dict: dict[str, torch.Tensor], cfg: VideoMAEConf
 
 
 def load_videomae_weights(model: VideoMAE, path: str | Path, *, needed: str, strict: bool = True) -> LoadReport:
-    state_dict = unwrap_state_dict(read_checkpoint(path, needed=needed), ("model", "module", "state_dict"),
-                                   source=str(path))
-    check_position_buffer(state_dict, model.cfg, str(path))
-    fmt, dropped, skipped = load_state_dict_checked(model, state_dict, KEY_FORMATS, source=str(path),
-                                                    target=f"videomae {model.cfg.embed_dim}-d", strict=strict)
-    return LoadReport(path=str(path), sha256=sha256_file(path), format=fmt, dropped=tuple(dropped),
-                      skipped=tuple(skipped))
+    return load_weights(model, path, KEY_FORMATS, needed=needed, target=f"videomae {model.cfg.embed_dim}-d",
+                        strict=strict, containers=("model", "module", "state_dict"),
+                        check=lambda state_dict: check_position_buffer(state_dict, model.cfg, str(path)))
 
 
 def build(*, tiny: bool = False, weights: str | Path | None = None, strict: bool = True, seed: int = 0,
