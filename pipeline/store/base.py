@@ -75,7 +75,7 @@ def all_finite(arr: np.ndarray) -> bool:
     return not np.any((arr.view(uint) & mask) == mask)
 
 
-def check_slice(vid: str, length: int, start: int | None, stop: int | None) -> tuple[int, int]:
+def check_slice(length: int, start: int | None, stop: int | None) -> tuple[int, int]:
     """Resolve ``[start, stop)`` like a Python slice with step 1 (negative indices allowed)."""
     start, stop, _ = slice(start, stop).indices(length)
     return start, max(start, stop)
@@ -94,7 +94,7 @@ class FeatureStore(ABC):
         ...
 
     def __contains__(self, vid: object) -> bool:
-        return isinstance(vid, str) and self._is_complete(vid)
+        return self._has(vid)
 
     def __len__(self) -> int:
         return len(self.videos())
@@ -129,6 +129,7 @@ class FeatureStore(ABC):
 
     def delete(self, vid: str) -> None:
         self._check_writable()
+        check_video_id(vid)
         self._delete(vid)
 
     @abstractmethod
@@ -153,8 +154,14 @@ class FeatureStore(ABC):
         if self.mode == "r":
             raise PermissionError(f"{self.path}: store is open read-only")
 
+    def _has(self, vid: object) -> bool:
+        """A complete video ``vid``; names no writer could have made (empty, with '/', hidden) are
+        not looked up."""
+        return (isinstance(vid, str) and bool(vid) and "/" not in vid and not vid.startswith(".")
+                and self._is_complete(vid))
+
     def _require(self, vid: str) -> None:
-        if not (isinstance(vid, str) and self._is_complete(vid)):
+        if not self._has(vid):
             raise KeyError(f"{self.path}: no complete video {vid!r}")
 
     @abstractmethod

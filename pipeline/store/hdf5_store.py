@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pipeline.store.base import COMPLETE, FeatureStore, check_same_attrs, check_slice, check_video_id
+from pipeline.store.base import COMPLETE, FeatureStore, check_same_attrs, check_slice
 
 # Inherited handles of forked children, kept referenced so garbage collection never closes them.
 _ABANDONED: list[Any] = []
@@ -98,8 +98,6 @@ class HDF5Store(FeatureStore):
         return node if isinstance(node, h5py.Dataset) else None
 
     def _is_complete(self, vid: str) -> bool:
-        if not vid or "/" in vid or vid.startswith("."):
-            return False
         try:
             node = self._node(vid)
             return node is not None and bool(node.attrs.get(COMPLETE, False))
@@ -108,7 +106,7 @@ class HDF5Store(FeatureStore):
 
     def videos(self) -> list[str]:
         f = self._h5()
-        return sorted(v for v in f.keys() if self._is_complete(v))
+        return sorted(v for v in f.keys() if self._has(v))
 
     def _shape(self, vid: str) -> tuple[int, int]:
         t, c = self._node(vid).shape
@@ -132,7 +130,6 @@ class HDF5Store(FeatureStore):
         f.flush()
 
     def _delete(self, vid: str) -> None:
-        check_video_id(vid)
         f = self._h5()
         if vid in f:
             del f[vid]
@@ -140,7 +137,7 @@ class HDF5Store(FeatureStore):
 
     def _read(self, vid: str, start: int | None, stop: int | None) -> np.ndarray:
         node = self._node(vid)
-        start, stop = check_slice(vid, node.shape[0], start, stop)
+        start, stop = check_slice(node.shape[0], start, stop)
         out = np.empty((stop - start, node.shape[1]), dtype=node.dtype)
         if stop > start:
             node.read_direct(out, np.s_[start:stop])

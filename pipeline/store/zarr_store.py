@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from pipeline.context import write_json_atomic
-from pipeline.store.base import COMPLETE, FeatureStore, check_same_attrs, check_slice, check_video_id
+from pipeline.store.base import COMPLETE, FeatureStore, check_same_attrs, check_slice
 
 # One chunk per video up to this size (a whole-video read is one file); longer videos get equal
 # chunks near this size, so the stored-whole edge chunk wastes at most a few rows.
@@ -93,15 +93,13 @@ class ZarrStore(FeatureStore):
         return meta
 
     def _is_complete(self, vid: str) -> bool:
-        if not vid or "/" in vid or vid.startswith("."):
-            return False
         meta = self._meta(vid)
         return bool(meta and meta.get("node_type") == "array" and meta.get("attributes", {}).get(COMPLETE) is True)
 
     def videos(self) -> list[str]:
         with os.scandir(self.path) as it:
             names = [e.name for e in it if e.is_dir() and not e.name.startswith(".")]
-        return sorted(v for v in names if self._is_complete(v))
+        return sorted(v for v in names if self._has(v))
 
     def _shape(self, vid: str) -> tuple[int, int]:
         t, c = self._meta(vid)["shape"]
@@ -149,7 +147,6 @@ class ZarrStore(FeatureStore):
         shutil.rmtree(trash, ignore_errors=True)
 
     def _delete(self, vid: str) -> None:
-        check_video_id(vid)
         self._meta_cache.pop(vid, None)
         self._discard(vid)
 
@@ -170,7 +167,7 @@ class ZarrStore(FeatureStore):
     def _read(self, vid: str, start: int | None, stop: int | None) -> np.ndarray:
         meta = self._meta(vid)
         t, c = meta["shape"]
-        start, stop = check_slice(vid, t, start, stop)
+        start, stop = check_slice(t, start, stop)
         rows = self._raw_layout(meta)
         if rows is not None:
             out = self._read_chunks(vid, meta["data_type"], c, rows, start, stop)
