@@ -161,7 +161,8 @@ def _build(final: Path, src: Path, fmt: str, ids: dict, fps_of: dict, source_fp:
     from pipeline.store import create_store, importers
 
     t0 = time.time()
-    tmp = final.parent / f"{key}.partial"
+    cache = Cache(final.parent.parent)
+    tmp = cache.partial_dir("extract", key)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         (first_vid, first_src), *_ = ids.items()
@@ -185,7 +186,7 @@ def _build(final: Path, src: Path, fmt: str, ids: dict, fps_of: dict, source_fp:
                 records[vid] = {"id": vid, "source_fingerprint": source_fp[vid], "shape": list(arr.shape),
                                 "dtype": dtype, "sampled_fps": fps_of[vid], "imported_from": source.where}
                 write_json_atomic(tmp / "items" / f"{vid}.json", records[vid])
-        Cache(final.parent.parent).write_records_snapshot(tmp, records)
+        cache.write_records_snapshot(tmp, records)
         finished = time.time()
         manifest = {"stage": "extract", "key": key, "dataset": dataset_name, "imported_from": str(src), "format": fmt,
                     "params": asdict(mapping), "runtime": {}, "inputs": {"files": len(ids)},
@@ -193,9 +194,7 @@ def _build(final: Path, src: Path, fmt: str, ids: dict, fps_of: dict, source_fp:
                                "summary": f"imported {len(ids)} videos ({dim}-d) from {src}"},
                     "timings": {"started": t0, "finished": finished, "seconds": round(finished - t0, 3)},
                     "finished": finished, "items": {"total": len(ids), "done": len(ids), "skipped": 0, "failed": 0}}
-        write_json_atomic(tmp / "manifest.json", manifest)
-        shutil.rmtree(final, ignore_errors=True)  # a leftover without manifest is never complete
-        os.replace(tmp, final)
+        cache.commit_whole("extract", key, manifest)  # replaces a leftover without manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
