@@ -117,8 +117,7 @@ def main() -> int:
 
     torch.set_num_threads(1)          # one core for inference, one for the decode worker
     preset = resolve_preset({"preset": "demo", "size": args.size, "crop": args.size, "tail": "drop"})
-    spec = DecodeSpec(fps=preset.fps, clip_len=preset.clip_len, frame_interval=preset.frame_interval,
-                      stride=preset.stride, tail=preset.tail, resize=preset.resize, size=preset.size)
+    spec = DecodeSpec.from_preset(preset)
     model = build_backbone(preset.backbone, **preset.backbone_kwargs).eval()
     if args.simulated_device is not None:
         model = SimulatedDevice(model.feature_dim, args.simulated_device / 1000)

@@ -22,6 +22,7 @@ import numpy as np
 from extractors.clip_sampling import frames_needed
 from extractors.frame_rate import native_fps, resample_indices
 from extractors.preprocess import resize_shape
+from extractors.presets import Preset
 from pipeline.timemap import TimeGrid
 
 # decord reads these once, when its library loads (decord #248): they must be set before the first
@@ -55,6 +56,14 @@ class DecodeSpec:
     decoders: tuple[str, ...] = DECODERS
     num_threads: int = 1
     chunk_frames: int = 32
+
+    @classmethod
+    def from_preset(cls, preset: Preset, **runtime) -> "DecodeSpec":
+        """The preset's sampling and decode-time resize; ``runtime``: ``decoders``, ``num_threads``,
+        ``chunk_frames``."""
+        return cls(fps=preset.fps, clip_len=preset.clip_len, frame_interval=preset.frame_interval,
+                   stride=preset.stride, tail=preset.tail, resize=preset.resize, size=tuple(preset.size),
+                   **runtime)
 
     @property
     def grid(self) -> TimeGrid:

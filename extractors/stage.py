@@ -86,9 +86,7 @@ def run_job(job: ExtractJob, items: Sequence[Item], item_done: Callable, item_fa
         attrs = _store_attrs(preset, job, model)
     store = create_store(job.out_dir, job.params.get("store", "zarr"), job.params.get("dtype", "float16"), attrs)
     decoders = _decoders(job.runtime)
-    spec = DecodeSpec(fps=preset.fps, clip_len=preset.clip_len, frame_interval=preset.frame_interval,
-                      stride=preset.stride, tail=preset.tail, resize=preset.resize, size=tuple(preset.size),
-                      decoders=decoders)
+    spec = DecodeSpec.from_preset(preset, decoders=decoders)
     device = torch.device(job.device)
     config = EngineConfig(device=device, batch_size=int(job.runtime.get("batch_size", 8)),
                           workers=job.workers, video_timeout_s=float(job.runtime.get("video_timeout_s", 600)))
