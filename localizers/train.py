@@ -8,6 +8,7 @@ exactly as the uninterrupted run (on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import math
@@ -122,52 +123,54 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
     log_path = out_dir / LOG
     times = []
     model.train()
-    for epoch in range(start_epoch, end_epoch):
-        t0 = time.perf_counter()
-        rng = np.random.default_rng([tc.seed, epoch])
-        order = rng.permutation(len(items))
-        sums = {"loss": 0.0, "cls_loss": 0.0, "reg_loss": 0.0}
-        for it in range(iters):
-            chosen = [items[i] for i in order[it * batch:(it + 1) * batch]]
-            crops = [random_crop(v, mc.max_seq_len, cfg.data.trunc_thresh, cfg.data.crop_ratio, rng) for v in chosen]
-            feats = [read_features(source, v, c.start, c.stop) for v, c in zip(chosen, crops)]
-            x, mask = collate(feats, mc, training=True)
-            segs, labels, valid = batch_targets(crops)
-            non_blocking = device.type == "cuda"
-            if non_blocking:
-                x = x.pin_memory()
-            x, mask = x.to(device, non_blocking=non_blocking), mask.to(device)
-            segs, labels, valid = segs.to(device), labels.to(device), valid.to(device)
-            lr = lr_at(step, tc, iters)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = model(x, mask)
-            losses = compute_losses(out, segs, labels, valid, normalizer, tc)
-            losses["loss"].backward()
-            if tc.clip_grad > 0:
-                nn.utils.clip_grad_norm_(params, tc.clip_grad)
-            optimizer.step()
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - tc.ema_decay)
-            step += 1
-            for k in sums:
-                sums[k] += losses[k].item()
-        seconds = time.perf_counter() - t0
-        times.append(seconds)
-        row = {"epoch": epoch + 1, "step": step, "lr": lr_at(step - 1, tc, iters),
-               **{k: v / iters for k, v in sums.items()}, "loss_norm": normalizer.value, "seconds": seconds}
-        state = {"epoch": epoch, "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                 "optimizer": optimizer.state_dict(), "loss_norm": normalizer.value,
-                 "rng_torch": torch.get_rng_state(),
-                 "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                 "config": cfg.to_json(), "items": [it.id for it in items]}
-        _atomic_save(state, ckpt_path)
-        _append_csv(log_path, row)
-        _tensorboard(out_dir, row)
-        log(f"localize: epoch {epoch + 1}/{tc.total_epochs} loss {row['loss']:.4f} "
-            f"(cls {row['cls_loss']:.4f} reg {row['reg_loss']:.4f}) lr {row['lr']:.2e} {seconds:.1f}s")
+    with _tensorboard(out_dir) as board:  # one writer (one event file) per run
+        for epoch in range(start_epoch, end_epoch):
+            t0 = time.perf_counter()
+            rng = np.random.default_rng([tc.seed, epoch])
+            order = rng.permutation(len(items))
+            sums = {"loss": 0.0, "cls_loss": 0.0, "reg_loss": 0.0}
+            for it in range(iters):
+                chosen = [items[i] for i in order[it * batch:(it + 1) * batch]]
+                crops = [random_crop(v, mc.max_seq_len, cfg.data.trunc_thresh, cfg.data.crop_ratio, rng)
+                         for v in chosen]
+                feats = [read_features(source, v, c.start, c.stop) for v, c in zip(chosen, crops)]
+                x, mask = collate(feats, mc, training=True)
+                segs, labels, valid = batch_targets(crops)
+                non_blocking = device.type == "cuda"
+                if non_blocking:
+                    x = x.pin_memory()
+                x, mask = x.to(device, non_blocking=non_blocking), mask.to(device)
+                segs, labels, valid = segs.to(device), labels.to(device), valid.to(device)
+                lr = lr_at(step, tc, iters)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    out = model(x, mask)
+                losses = compute_losses(out, segs, labels, valid, normalizer, tc)
+                losses["loss"].backward()
+                if tc.clip_grad > 0:
+                    nn.utils.clip_grad_norm_(params, tc.clip_grad)
+                optimizer.step()
+                with torch.no_grad():
+                    torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - tc.ema_decay)
+                step += 1
+                for k in sums:
+                    sums[k] += losses[k].item()
+            seconds = time.perf_counter() - t0
+            times.append(seconds)
+            row = {"epoch": epoch + 1, "step": step, "lr": lr_at(step - 1, tc, iters),
+                   **{k: v / iters for k, v in sums.items()}, "loss_norm": normalizer.value, "seconds": seconds}
+            state = {"epoch": epoch, "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
+                     "optimizer": optimizer.state_dict(), "loss_norm": normalizer.value,
+                     "rng_torch": torch.get_rng_state(),
+                     "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                     "config": cfg.to_json(), "items": [it.id for it in items]}
+            _atomic_save(state, ckpt_path)
+            _append_csv(log_path, row)
+            _log_scalars(board, row)
+            log(f"localize: epoch {epoch + 1}/{tc.total_epochs} loss {row['loss']:.4f} "
+                f"(cls {row['cls_loss']:.4f} reg {row['reg_loss']:.4f}) lr {row['lr']:.2e} {seconds:.1f}s")
     model.eval()
     return FitResult(model, ema, end_epoch - start_epoch, times)
 
@@ -196,11 +199,19 @@ def _trim_csv(path: Path, last_epoch: int) -> None:
             _append_csv(path, r)
 
 
-def _tensorboard(out_dir: Path, row: dict) -> None:
+def _tensorboard(out_dir: Path):
+    """A SummaryWriter into ``out_dir/tensorboard`` (a context manager), or a null context yielding None
+    without tensorboard."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
+        return contextlib.nullcontext()
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def _log_scalars(writer, row: dict) -> None:
+    if writer is None:
         return
-    with SummaryWriter(str(out_dir / "tensorboard")) as writer:
-        for key in ("loss", "cls_loss", "reg_loss", "lr", "seconds"):
-            writer.add_scalar(key, row[key], row["epoch"])
+    for key in ("loss", "cls_loss", "reg_loss", "lr", "seconds"):
+        writer.add_scalar(key, row[key], row["epoch"])
+    writer.flush()  # the epoch's scalars are on disk with its checkpoint
