@@ -454,19 +454,13 @@ def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, s
             raise TypeError(f"stage entry {spec.entry} returned {type(result).__name__}, expected a dict or None")
         result = json.loads(json.dumps(result or {}, default=str))
     except WorkFailed as exc:  # --fail-fast on an item failure
-        report.status, report.message, report.failures = "failed", str(exc), ctx.failures
-        report.seconds = time.time() - started
-        return report
+        return _failed(report, str(exc), ctx, started)
     except PipelineError:
         raise
     except Exception as exc:
         if options.debug:
             traceback.print_exc()
-        report.status = "failed"
-        report.message = f"{type(exc).__name__}: {exc}"
-        report.failures = ctx.failures
-        report.seconds = time.time() - started
-        return report
+        return _failed(report, f"{type(exc).__name__}: {exc}", ctx, started)
     finished = time.time()
     report.seconds = finished - started
     report.summary = result.get("summary")
@@ -492,9 +486,14 @@ def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, s
         ws.cache.write_records_snapshot(out_dir, records)
         ws.cache.write_manifest(out_dir, manifest)
     elif ctx.failures:
+        report.status = "failed"
         report.message = f"{len(ctx.failures)} item(s) failed; output kept in {out_dir} (not marked done)"
     else:
         ws.cache.commit_whole(spec.name, st.key, manifest)
-    if ctx.failures and not spec.per_item:
-        report.status = "failed"
+    return report
+
+
+def _failed(report: StageReport, message: str, ctx: StageContext, started: float) -> StageReport:
+    report.status, report.message, report.failures = "failed", message, ctx.failures
+    report.seconds = time.time() - started
     return report
