@@ -245,12 +245,7 @@ def _domain(ws, opts: dict, verb: str, argv: list[str]) -> int:
 
     cmd = CommandContext(workspace=ws, debug=opts["debug"], json=opts["json"])
     if verb in STORE_COMMANDS:
-        try:
-            module = importlib.import_module("pipeline.store.commands")
-        except ModuleNotFoundError as exc:
-            if exc.name not in ("pipeline.store", "pipeline.store.commands"):
-                raise
-            raise ConfigError(f"{verb}: not built yet (pipeline/store/commands.py is missing)") from None
+        module = importlib.import_module("pipeline.store.commands")
         return int(getattr(module, STORE_COMMANDS[verb])(argv, cmd) or 0)
     graph = ws.graph
     owners = [n for n in graph.order if verb in graph.stages[n].commands]

@@ -298,14 +298,8 @@ class Planner:
 
 
 def lookup_import(cache_root: Path, dataset_name: str) -> dict | None:
-    if not (cache_root / "imports" / f"{dataset_name}.json").exists():
-        return None  # no registration (CONTRACTS.md layout): skip importing the stores package
-    try:
-        from pipeline.store.imports import lookup
-    except ModuleNotFoundError as exc:
-        if exc.name in ("pipeline.store", "pipeline.store.imports"):
-            return None  # the stores package is not built: nothing can have been imported
-        raise
+    from pipeline.store.imports import lookup  # light: numpy, zarr and h5py load only with a store
+
     return lookup(cache_root, dataset_name)
 
 
