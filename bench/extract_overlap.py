@@ -39,7 +39,6 @@ from extractors.presets import resolve_preset  # noqa: E402
 from extractors.registry import build_backbone  # noqa: E402
 from pipeline.context import Item  # noqa: E402
 from pipeline.store import create_store  # noqa: E402
-from pipeline.timemap import TimeGrid  # noqa: E402
 
 
 def make_video(path: Path, seconds: float, fps: int, width: int, height: int, seed: int) -> int:
@@ -150,8 +149,7 @@ def main() -> int:
             with torch.inference_mode():
                 for p, frames in decoded.items():
                     x = prep(frames)
-                    rows = clip_frame_indices(TimeGrid(args.fps, preset.stride, preset.clip_len), len(frames),
-                                              "drop")
+                    rows = clip_frame_indices(spec.grid, len(frames), spec.tail)
                     for start in range(0, len(rows), args.batch_size):
                         idx = torch.from_numpy(rows[start:start + args.batch_size])
                         model(x[idx].permute(0, 2, 1, 3, 4))

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import pickle
 import queue
@@ -183,8 +184,6 @@ class _Workers:
 def _decode_worker(tasks, conn, current, spec: DecodeSpec) -> None:
     """Decode process: videos from ``tasks``; events through a bounded buffer and a sender thread,
     so decoding runs ahead of the main process by a few chunks and no further."""
-    import dataclasses
-
     outbox: queue.Queue = queue.Queue(maxsize=_CHUNKS_PER_WORKER)
 
     def sender() -> None:
@@ -339,8 +338,7 @@ class Engine:
             return
         if kind == "meta":
             meta: VideoMeta = event[1]
-            grid = TimeGrid(fps=meta.sampled_fps, stride=self.spec.stride, clip_len=self.spec.clip_len,
-                            frame_interval=self.spec.frame_interval)
+            grid = dataclasses.replace(self.spec.grid, fps=meta.sampled_fps)
             self.videos[index] = _Video(index, self.items[index], meta, grid, self.spec.tail, time.perf_counter())
             if self.bar is not None:
                 self.bar.set_postfix_str(f"{self.items[index].id}", refresh=False)
