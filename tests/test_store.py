@@ -111,6 +111,9 @@ def test_write_rejects_bad_arrays(tmp_path, backend):
             store.write("v", arr, {})
     with pytest.raises(ValueError, match="invalid video id"):
         store.write("../x", _feats(0, 3), {})
+    with pytest.raises(ValueError, match="invalid video id"):
+        store.delete("../x")
+    assert "../x" not in store and "" not in store
     assert store.videos() == []
     store.close()
 
