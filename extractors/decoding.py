@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -92,9 +92,6 @@ class VideoMeta:
     frame_height: int      # after the decode-time resize
     frame_width: int
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def decode_video(path: str, spec: DecodeSpec) -> Iterator[tuple]:
     """Events for one video: ``("meta", VideoMeta)``, then ``("frames", first_sampled_index, uint8
@@ -158,7 +155,7 @@ def _plan(reader, spec: DecodeSpec) -> tuple[VideoMeta, np.ndarray]:
     return meta, sampled[:n_decode]
 
 
-def _probe(path: str, spec: DecodeSpec):
+def _probe(path: str):
     """Open with PyAV for the stream's size (header only) and a clear error for files without video."""
     import av
 
@@ -185,7 +182,7 @@ class _PyAVReader:
         import av
 
         self.version = av.__version__
-        self.container = _probe(path, spec)
+        self.container = _probe(path)
         stream = self.container.streams.video[0]
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = spec.num_threads
@@ -230,7 +227,7 @@ class _DecordReader:
         import decord
 
         self.version = decord.__version__
-        with _probe(path, spec) as container:
+        with _probe(path) as container:
             stream = container.streams.video[0]
             self.width, self.height = stream.codec_context.width, stream.codec_context.height
             declared = stream.frames
