@@ -17,7 +17,7 @@ from pipeline.cache import dir_size
 from pipeline.datasets import known_manifests
 from pipeline.errors import ConfigError
 from pipeline.locking import is_locked
-from pipeline.runner import Planner, Workspace, lookup_import
+from pipeline.runner import Planner, Workspace
 
 
 @dataclass
@@ -42,10 +42,11 @@ def roots(ws: Workspace, extra_datasets: list[str]) -> tuple[set[tuple[str, str]
             unknown.add(Path(source).stem)
             continue
         try:
-            reg = lookup_import(ws.cache.root, dataset.name)
+            planner = Planner(ws, dataset)
+            reg = planner.imported()  # looked up once: planning extract reads the same registration
             if reg is not None:
                 keep.add(("extract", reg["key"]))
-            states = Planner(ws, dataset).plan_all(list(ws.graph.order))
+            states = planner.plan_all(list(ws.graph.order))
         except ConfigError:
             unknown.add(dataset.name)
             continue
