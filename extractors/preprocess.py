@@ -41,7 +41,7 @@ class FramePreprocessor:
     def __call__(self, frames) -> torch.Tensor:
         x = torch.from_numpy(frames)
         if self.crop is not None:
-            x = center_crop(x, self.crop, channels_last=True)
+            x = center_crop(x, self.crop)
         if self.pin:
             x = x.pin_memory()
         x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
@@ -50,12 +50,11 @@ class FramePreprocessor:
         return (x.float() * self.scale + self.shift).to(self.dtype).contiguous()
 
 
-def center_crop(x: torch.Tensor, crop: tuple[int, int], channels_last: bool = False) -> torch.Tensor:
-    """Centre crop of the two spatial axes; a crop larger than the frame is an error."""
-    h_axis = 1 if channels_last else x.dim() - 2
-    height, width = x.shape[h_axis], x.shape[h_axis + 1]
+def center_crop(x: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
+    """Centre crop of channels-last frames (N, H, W, C); a crop larger than the frame is an error."""
+    height, width = x.shape[1], x.shape[2]
     ch, cw = crop
     if ch > height or cw > width:
         raise ValueError(f"crop {ch}x{cw} is larger than the {height}x{width} frame")
     top, left = (height - ch) // 2, (width - cw) // 2
-    return x.narrow(h_axis, top, ch).narrow(h_axis + 1, left, cw)
+    return x[:, top:top + ch, left:left + cw]
