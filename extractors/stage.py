@@ -125,8 +125,8 @@ def _run_shards(ctx: StageContext, job: ExtractJob, bar) -> tuple[int, int, dict
     tasks = [(job, shard, i) for i, shard in enumerate(shards) if shard]
     done = failed = 0
     decoders: dict[str, int] = {}
+    by_id = {item.id: item for item in ctx.items}
     for records, failures in parallel_map(_extract_shard, tasks, backend=ctx.options.backend, workers=n):
-        by_id = {item.id: item for item in ctx.items}
         for item_id, record in records:
             ctx.item_done(by_id[item_id], record)
             decoders[record["decoder"]] = decoders.get(record["decoder"], 0) + 1
