@@ -175,3 +175,20 @@ def test_weights_command_checks_the_files_a_dataset_configures(tmp_path: Path, c
     assert out["configured"] == [{"path": str(present), "present": True},
                                  {"path": str(tmp_path / "f.pt"), "present": False}]
     assert {r["file"]: r["found"] for r in out["checkpoints"]}["rgb_imagenet.pt"] == str(present)
+
+
+def test_load_weights_runs_the_check_on_the_stored_keys_before_loading(tmp_path: Path):
+    model = toy_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "tsp.pth"
+    torch.save({"model": public_copy(model)}, path)
+    seen = []
+
+    def check(state_dict):
+        seen.append(sorted(state_dict)[0])
+        raise ConfigError("refused")
+
+    with pytest.raises(ConfigError, match="refused"):
+        load_weights(model, path, [TSP_LIKE], needed="x", target="toy", check=check)
+    assert seen == ["fc1.weight"]          # keys as stored, head included, before conversion
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
