@@ -305,9 +305,6 @@ class Engine:
                 continue
             for msg in workers.leftovers(w):    # what it said before it died
                 self._on_message(workers, w, msg)
-            if not workers.held[w]:
-                workers.replace(w)
-                continue
             held = {i: d for i, d in workers.held[w] if i not in self.completed}
             if not held:
                 workers.replace(w)
