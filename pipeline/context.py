@@ -115,7 +115,3 @@ class StageContext:
         from pipeline.progress import progress
 
         return progress(iterable, total=total, desc=desc or self.name, unit=unit)
-
-    def upstream_manifest(self, name: str) -> dict:
-        with open(self.upstream[name] / "manifest.json") as f:
-            return json.load(f)

@@ -212,6 +212,9 @@ def test_cli_import_then_status_sees_imported_extract(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["stores"][0]["videos"] == 1
     assert main(["--cache-dir", str(cache), "status", "--dataset", str(manifest)]) == 0
     assert f"imported from {src}" in capsys.readouterr().out
+    # gc keeps the imported store: the registration is a root like a current key
+    assert main(["--cache-dir", str(cache), "gc", "--dataset", str(manifest)]) == 0
+    assert (Path(reg["dir"]) / "manifest.json").is_file()
     assert main(["--cache-dir", str(cache), "import-features", "--unregister", "--dataset", str(manifest)]) == 0
     assert lookup(cache, "mini") is None
     capsys.readouterr()
