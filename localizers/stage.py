@@ -89,10 +89,10 @@ def train(ctx: StageContext) -> dict:
     ann = _annotations(ctx)
     subset, videos = _subset(ctx, ann, "train")
     extract_dir = Path(ctx.upstream["extract"])
-    store = open_stage_store(extract_dir)
-    feature_dim = store.attrs.get("feature_dim") or store.shape(store.videos()[0])[1]
-    cfg = cfg.with_dims(int(feature_dim), len(ann.classes))
-    items = _items(store, videos, cfg, ann.label_index(), str(ann.path), True, ctx.log)
+    with open_stage_store(extract_dir) as store:  # training reads through its own FeatureReader
+        feature_dim = store.attrs.get("feature_dim") or store.shape(store.videos()[0])[1]
+        cfg = cfg.with_dims(int(feature_dim), len(ann.classes))
+        items = _items(store, videos, cfg, ann.label_index(), str(ann.path), True, ctx.log)
     out = Path(ctx.out_dir)
     write_json_atomic(out / CONFIG_FILE, {
         "config": cfg.to_json(), "classes": list(ann.classes), "train_subset": subset,
@@ -130,11 +130,10 @@ def _last_log_row(path: Path) -> dict:
 def evaluate(ctx: StageContext) -> dict:
     from dataclasses import replace
 
-    from localizers.actionformer import build_model, detect, fuse_video_scores, load_video_scores
-    from localizers.anet_map import evaluate_detections
+    from localizers.actionformer import build_model, load_video_scores
+    from localizers.anet_map import ANET_TIOUS, THUMOS_TIOUS, evaluate_detections
     from localizers.checkpoint_compat import load_checkpoint
     from localizers.config import LocalizeConfig, TestConfig, validate
-    from localizers.data import read_features
     from pipeline.store import open_stage_store
 
     params = dict(ctx.params)
@@ -157,28 +156,20 @@ def evaluate(ctx: StageContext) -> dict:
     if cfg.model.num_classes == 1 and len(saved["classes"]) > 1 and not cfg.test.ext_score_file:
         raise ConfigError("localize_eval.ext_score_file: a class-agnostic model (num_classes 1) needs "
                           "video-level class scores to label its detections")
-    tious = params.get("tious") or ("0.5:0.95:0.05" if cfg.data.resize_to else "0.3:0.7:0.1")
+    tious = params.get("tious") or (ANET_TIOUS if cfg.data.resize_to else THUMOS_TIOUS)
     ann = _annotations(ctx)
     if list(ann.classes) != saved["classes"]:
         raise ConfigError(f"{ann.path}: classes differ from the ones the model was trained on")
     subset, videos = _subset(ctx, ann, split)
-    store = open_stage_store(train_dir / saved["extract_dir"])
-    items = _items(store, videos, cfg, ann.label_index(), str(ann.path), False, ctx.log)
-    device = _device(ctx.runtime)
-    model = build_model(cfg).to(device).eval()
-    # an official epoch_034.pth.tar (or another model.pt) may replace the trained weights
-    load_checkpoint(model, params.get("checkpoint") or train_dir / MODEL_FILE, weights)
-    ext = load_video_scores(cfg.test.ext_score_file, ann.classes) if cfg.test.ext_score_file else None
-    results = {}
-    for item in ctx.progress(items, total=len(items), desc="localize_eval", unit="video"):
-        segs, scores, labels = detect(model, read_features(store, item), cfg.test, device)
-        seconds = item.grid.to_seconds(segs.double().numpy()).clip(0.0, item.duration)
-        dets = [{"label": ann.classes[int(c)] if ext is None else "", "score": float(s), "segment": [float(a), float(b)]}
-                for (a, b), s, c in zip(seconds, scores.tolist(), labels.tolist())]
-        if ext is not None:
-            dets = fuse_video_scores(dets, ext.get(item.id), ann.classes, cfg.test.ext_score_topk,
-                                     cfg.test.max_detections)
-        results[item.id] = dets
+    with open_stage_store(train_dir / saved["extract_dir"]) as store:
+        items = _items(store, videos, cfg, ann.label_index(), str(ann.path), False, ctx.log)
+        device = _device(ctx.runtime)
+        model = build_model(cfg).to(device).eval()
+        # an official epoch_034.pth.tar (or another model.pt) may replace the trained weights
+        load_checkpoint(model, params.get("checkpoint") or train_dir / MODEL_FILE, weights)
+        ext = load_video_scores(cfg.test.ext_score_file, ann.classes) if cfg.test.ext_score_file else None
+        results = {item.id: _detections(model, store, item, cfg, device, ann.classes, ext)
+                   for item in ctx.progress(items, total=len(items), desc="localize_eval", unit="video")}
     out = Path(ctx.out_dir)
     write_json_atomic(out / "detections.json", {"version": "VERSION 1.3", "results": results, "external_data": {}})
     metrics = evaluate_detections(ann, results, subset=subset, tious=tious)
@@ -186,3 +177,18 @@ def evaluate(ctx: StageContext) -> dict:
     map_at = dict(zip([round(t, 2) for t in metrics.tious], metrics.mAP.tolist()))
     return {"summary": metrics.table(), "mAP@0.5": map_at.get(0.5), "average_mAP": float(metrics.average_mAP),
             "videos": len(items), "weights": weights}
+
+
+def _detections(model, store, item, cfg, device, classes: tuple[str, ...], ext: dict | None) -> list[dict]:
+    """One video's detections in the submission format, in seconds; labelled by the model, or by the
+    video-level scores ``ext`` for a class-agnostic model."""
+    from localizers.actionformer import detect, fuse_video_scores
+    from localizers.data import read_features
+
+    segs, scores, labels = detect(model, read_features(store, item), cfg.test, device)
+    seconds = item.grid.to_seconds(segs.double().numpy()).clip(0.0, item.duration)
+    dets = [{"label": classes[int(c)] if ext is None else "", "score": float(s), "segment": [float(a), float(b)]}
+            for (a, b), s, c in zip(seconds, scores.tolist(), labels.tolist())]
+    if ext is None:
+        return dets
+    return fuse_video_scores(dets, ext.get(item.id), classes, cfg.test.ext_score_topk, cfg.test.max_detections)
