@@ -129,7 +129,7 @@ class _NpySource:
 def run_ours(args) -> dict:
     import torch
 
-    from localizers.actionformer import detect
+    from localizers.actionformer import video_detections
     from localizers.config import resolve
     from localizers.data import make_item
     from localizers.train import fit
@@ -144,10 +144,10 @@ def run_ours(args) -> dict:
     grid = TimeGrid(fps=FPS, stride=STRIDE, clip_len=CLIP)
     source = _NpySource(work / "features")
 
-    def item(vid, v):
+    def item(vid, v, check_segments=True):
         shape = np.load(work / "features" / f"{vid}.npy", mmap_mode="r").shape
         return make_item(vid, shape, grid, v.duration, v.segments, v.labels, label_index, DIM,
-                         cfg.model.strides[-1], where=str(work / "annotations.json"))
+                         cfg.model.strides[-1], where=str(work / "annotations.json"), check_segments=check_segments)
 
     train = [item(vid, v) for vid, v in gt.subset("validation").items()]
     out_dir = work / "ours_train"
@@ -161,14 +161,9 @@ def run_ours(args) -> dict:
     model = result.ema if args.weights == "ema" else result.model
     model.eval()
 
+    test = [item(vid, v, check_segments=False) for vid, v in gt.subset("test").items()]
     t0 = time.perf_counter()
-    detections = {}
-    for vid, v in gt.subset("test").items():
-        feats = torch.from_numpy(source.read(vid))
-        segs, scores, labels = detect(model, feats, cfg.test)
-        seconds = np.clip(grid.to_seconds(segs.numpy()), 0.0, v.duration)
-        detections[vid] = [{"label": gt.classes[int(c)], "score": float(s), "segment": [float(a), float(b)]}
-                           for (a, b), s, c in zip(seconds, scores.tolist(), labels.tolist())]
+    detections = {it.id: video_detections(model, source, it, cfg.test, gt.classes) for it in test}
     infer_s = time.perf_counter() - t0
     (work / "ours_detections.json").write_text(json.dumps({"results": detections}))
     return {"epoch_s": result.seconds_per_epoch, "epoch_cpu_s": cpu_per_epoch, "infer_s": infer_s,

@@ -164,6 +164,23 @@ def detect(model: ActionFormer, feats: torch.Tensor, cfg: TestConfig,
                        method=cfg.nms_method, min_score=cfg.min_score, max_num=cfg.max_detections)
 
 
+def video_detections(model: ActionFormer, source, item, cfg: TestConfig, classes: tuple[str, ...],
+                     video_scores: dict | None = None, device: torch.device | str = "cpu") -> list[dict]:
+    """One video's detections in the ActivityNet submission format (seconds, clipped to the video):
+    :func:`detect` on the features of ``item`` (a ``localizers.data.VideoItem``) read from ``source``,
+    labelled by the model, or, with ``video_scores`` (:func:`load_video_scores`) for a class-agnostic
+    model, by the video's top external classes."""
+    from localizers.data import read_features
+
+    segs, scores, labels = detect(model, read_features(source, item), cfg, device)
+    seconds = item.grid.to_seconds(segs.double().numpy()).clip(0.0, item.duration)
+    dets = [{"label": classes[int(c)] if video_scores is None else "", "score": float(s),
+             "segment": [float(a), float(b)]}
+            for (a, b), s, c in zip(seconds, scores.tolist(), labels.tolist())]
+    if video_scores is None:
+        return dets
+    return fuse_video_scores(dets, video_scores.get(item.id), classes, cfg.ext_score_topk, cfg.max_detections)
+
 def load_video_scores(path: str, classes: tuple[str, ...]) -> dict:
     """Video-level class scores, ``{video: np.ndarray over classes}``, from a JSON file
     ``{"results": {video: [score per class]}, "class": [names]}`` (the CUHK ActivityNet file the official

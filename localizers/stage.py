@@ -130,7 +130,7 @@ def _last_log_row(path: Path) -> dict:
 def evaluate(ctx: StageContext) -> dict:
     from dataclasses import replace
 
-    from localizers.actionformer import build_model, load_video_scores
+    from localizers.actionformer import build_model, load_video_scores, video_detections
     from localizers.anet_map import ANET_TIOUS, THUMOS_TIOUS, evaluate_detections
     from localizers.checkpoint_compat import load_checkpoint
     from localizers.config import LocalizeConfig, TestConfig, validate
@@ -168,7 +168,7 @@ def evaluate(ctx: StageContext) -> dict:
         # an official epoch_034.pth.tar (or another model.pt) may replace the trained weights
         load_checkpoint(model, params.get("checkpoint") or train_dir / MODEL_FILE, weights)
         ext = load_video_scores(cfg.test.ext_score_file, ann.classes) if cfg.test.ext_score_file else None
-        results = {item.id: _detections(model, store, item, cfg, device, ann.classes, ext)
+        results = {item.id: video_detections(model, store, item, cfg.test, ann.classes, ext, device)
                    for item in ctx.progress(items, total=len(items), desc="localize_eval", unit="video")}
     out = Path(ctx.out_dir)
     write_json_atomic(out / "detections.json", {"version": "VERSION 1.3", "results": results, "external_data": {}})
@@ -177,18 +177,3 @@ def evaluate(ctx: StageContext) -> dict:
     map_at = dict(zip([round(t, 2) for t in metrics.tious], metrics.mAP.tolist()))
     return {"summary": metrics.table(), "mAP@0.5": map_at.get(0.5), "average_mAP": float(metrics.average_mAP),
             "videos": len(items), "weights": weights}
-
-
-def _detections(model, store, item, cfg, device, classes: tuple[str, ...], ext: dict | None) -> list[dict]:
-    """One video's detections in the submission format, in seconds; labelled by the model, or by the
-    video-level scores ``ext`` for a class-agnostic model."""
-    from localizers.actionformer import detect, fuse_video_scores
-    from localizers.data import read_features
-
-    segs, scores, labels = detect(model, read_features(store, item), cfg.test, device)
-    seconds = item.grid.to_seconds(segs.double().numpy()).clip(0.0, item.duration)
-    dets = [{"label": classes[int(c)] if ext is None else "", "score": float(s), "segment": [float(a), float(b)]}
-            for (a, b), s, c in zip(seconds, scores.tolist(), labels.tolist())]
-    if ext is None:
-        return dets
-    return fuse_video_scores(dets, ext.get(item.id), classes, cfg.test.ext_score_topk, cfg.test.max_detections)

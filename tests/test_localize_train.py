@@ -13,7 +13,7 @@ import torch
 
 from localize_synthetic import CLASSES, DIM, FPS, STRIDE, CLIP, finish, make_videos, stage_context, write_dataset
 from localizers import stage
-from localizers.actionformer import detect
+from localizers.actionformer import video_detections
 from localizers.anet_map import evaluate_detections
 from localizers.config import PRESETS, TrainConfig
 from localizers.data import ArraySource, make_item
@@ -61,12 +61,7 @@ def test_loss_goes_down_and_the_model_localises(tmp_path):
     with open(tmp_path / "train_log.csv") as f:
         losses = [float(r["loss"]) for r in csv.DictReader(f)]
     assert len(losses) == 12 and losses[-1] < 0.5 * losses[0]
-    dets = {}
-    for item in items_of(test):
-        segs, scores, labels = detect(result.model, torch.from_numpy(source.arrays[item.id]), cfg.test)
-        sec = item.grid.to_seconds(segs.double().numpy()).clip(0, item.duration)
-        dets[item.id] = [{"label": CLASSES[c], "score": s, "segment": list(map(float, seg))}
-                         for seg, s, c in zip(sec, scores.tolist(), labels.tolist())]
+    dets = {item.id: video_detections(result.model, source, item, cfg.test, CLASSES) for item in items_of(test)}
     ds, _ = write_dataset(tmp_path / "ds", {}, test)  # its annotation file, for the evaluator
     res = evaluate_detections(load_temporal(ds.annotations), dets, subset="test", tious=[0.5])
     assert res.mAP[0] > 0.6, res.table()
