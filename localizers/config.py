@@ -113,7 +113,7 @@ class LocalizeConfig:
     @classmethod
     def from_json(cls, obj: Mapping) -> "LocalizeConfig":
         def build(kind, values):
-            return kind(**{f.name: _as_field_type(f, values[f.name]) for f in fields(kind) if f.name in values})
+            return kind(**{f.name: as_config_value(values[f.name]) for f in fields(kind) if f.name in values})
         return cls(preset=obj["preset"], model=build(ModelConfig, obj["model"]),
                    train=build(TrainConfig, obj["train"]), data=build(DataConfig, obj["data"]),
                    test=build(TestConfig, obj["test"]))
@@ -156,7 +156,7 @@ PRESETS: dict[str, LocalizeConfig] = {
 _SECTIONS = (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig), ("test", TestConfig))
 
 
-def _as_field_type(f: dataclasses.Field, value: Any) -> Any:
+def as_config_value(value: Any) -> Any:
     """JSON/YAML gives lists; the frozen configs hold tuples (hashable, comparable)."""
     if isinstance(value, list):
         return tuple(tuple(v) if isinstance(v, list) else v for v in value)
@@ -177,9 +177,7 @@ def resolve(params: Mapping[str, Any]) -> LocalizeConfig:
             continue
         if key not in owners:
             raise ConfigError(f"localize.{key}: unknown parameter")
-        section = owners[key]
-        f = next(f for f in fields(dict(_SECTIONS)[section]) if f.name == key)
-        updates[section][key] = _as_field_type(f, value)
+        updates[owners[key]][key] = as_config_value(value)
     cfg = replace(base, **{s: replace(getattr(base, s), **u) for s, u in updates.items() if u})
     validate(cfg)
     return cfg

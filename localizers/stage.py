@@ -133,7 +133,7 @@ def evaluate(ctx: StageContext) -> dict:
     from localizers.actionformer import build_model, load_video_scores, video_detections
     from localizers.anet_map import ANET_TIOUS, THUMOS_TIOUS, evaluate_detections
     from localizers.checkpoint_compat import load_checkpoint
-    from localizers.config import LocalizeConfig, TestConfig, validate
+    from localizers.config import LocalizeConfig, TestConfig, as_config_value, validate
     from pipeline.store import open_stage_store
 
     params = dict(ctx.params)
@@ -149,8 +149,7 @@ def evaluate(ctx: StageContext) -> dict:
     with open(train_dir / CONFIG_FILE) as f:
         saved = json.load(f)
     cfg = LocalizeConfig.from_json(saved["config"])
-    overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items()
-                 if k in test_fields and v is not None}
+    overrides = {k: as_config_value(v) for k, v in params.items() if k in test_fields and v is not None}
     cfg = replace(cfg, test=replace(cfg.test, **overrides))
     validate(cfg)
     if cfg.model.num_classes == 1 and len(saved["classes"]) > 1 and not cfg.test.ext_score_file:
