@@ -8,11 +8,12 @@ the dataset's ``extract.weights`` names.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.cli_args import CommandParser
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def _table(rows: list[dict]) -> str:
 
 def main(argv: list[str], cmd) -> int:
     """``pipeline weights [--dir DIR]... [--weights PATH]... [--backbone NAME] [--json]``."""
-    parser = argparse.ArgumentParser(prog="pipeline weights",
+    parser = CommandParser(prog="pipeline weights",
                                      description="List backbone checkpoints and whether each is present.")
     parser.add_argument("--dir", action="append", default=[], help="a folder holding checkpoint files")
     parser.add_argument("--weights", action="append", default=[], help="a checkpoint file to check")

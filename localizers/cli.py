@@ -6,23 +6,18 @@ against temporal annotations. No torch: evaluating is a few hundred milliseconds
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from pipeline.cli_args import CommandParser
 from pipeline.errors import ConfigError
 
 PROG = "pipeline evaluate localize"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise ConfigError(f"{self.prog}: {message}")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="ActivityNet detection mAP of a submission file.")
+def _parser() -> CommandParser:
+    p = CommandParser(prog=PROG, description="ActivityNet detection mAP of a submission file.")
     p.add_argument("--annotations", required=True, type=Path,
                    help="ActivityNet-style JSON, or a folder of official THUMOS14 <Class>_<val|test>.txt files")
     p.add_argument("--detections", required=True, type=Path,

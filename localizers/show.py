@@ -9,24 +9,19 @@ and the given ``--set`` overrides; it never runs a stage.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from pipeline.cli_args import CommandParser
 from pipeline.errors import ConfigError
 
 PROG = "pipeline show localize"
 INSTALL_HINT = "pip install 'video-feature-pipeline[plot]'"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise ConfigError(f"{self.prog}: {message}")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Plot a video's detections over its features, or PR curves.")
+def _parser() -> CommandParser:
+    p = CommandParser(prog=PROG, description="Plot a video's detections over its features, or PR curves.")
     p.add_argument("--dataset", default="demo", help="manifest name in data/ or path (default: demo)")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.PARAM=VALUE",
                    help="the same overrides as the run whose outputs to show")

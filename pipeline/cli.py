@@ -7,13 +7,13 @@ stdout one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import traceback
 from pathlib import Path
 
+from pipeline.cli_args import CommandParser
 from pipeline.errors import ConfigError, PipelineError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -32,11 +32,6 @@ commands:
   verify | import-features | export ...   feature stores (see `pipeline <command> --help`)
   <verb> [<stage>] ...                    a stage's domain command from stages.yaml `commands:`
                                           (evaluate localize, show localize, weights, ...)"""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise ConfigError(f"{self.prog}: {message}")
 
 
 def _split_globals(argv: list[str]) -> tuple[dict, list[str]]:
@@ -123,7 +118,7 @@ def _run(ws, opts: dict, argv: list[str]) -> int:
     from pipeline.datasets import ensure_generated
     from pipeline.runner import parse_sets, run, targets_for
 
-    p = _Parser(prog="pipeline run", allow_abbrev=False)
+    p = CommandParser(prog="pipeline run", allow_abbrev=False)
     p.add_argument("what", help="a stage name, or train / eval (with --stage), or all")
     p.add_argument("--stage")
     p.add_argument("--dataset", required=True)
@@ -180,7 +175,7 @@ def _status(ws, opts: dict, argv: list[str]) -> int:
     from pipeline.runner import parse_sets
     from pipeline.status import explain, format_text
 
-    p = _Parser(prog="pipeline status", allow_abbrev=False)
+    p = CommandParser(prog="pipeline status", allow_abbrev=False)
     p.add_argument("--dataset", action="append", default=[])
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="STAGE.PARAM=VALUE")
     a = p.parse_args(argv)
@@ -210,7 +205,7 @@ def _status(ws, opts: dict, argv: list[str]) -> int:
 def _gc(ws, opts: dict, argv: list[str]) -> int:
     from pipeline.gc import collect_garbage
 
-    p = _Parser(prog="pipeline gc", allow_abbrev=False)
+    p = CommandParser(prog="pipeline gc", allow_abbrev=False)
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--dataset", action="append", default=[])
     a = p.parse_args(argv)

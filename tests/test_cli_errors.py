@@ -149,3 +149,16 @@ def test_planning_imports_no_heavy_or_domain_package(toy, tmp_path):
         heavy = sorted(m for m in mods if m.split(".")[0] in HEAVY or m == "pipeline.demo_data")
         assert not heavy, heavy
     assert "toytotal" not in noop  # a cached stage's entry is never imported
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["weights", "--bogus"], "pipeline weights: unrecognized arguments: --bogus"),
+    (["evaluate", "localize"], "pipeline evaluate localize: the following arguments are required"),
+    (["show", "localize", "--bogus"], "pipeline show localize: unrecognized arguments: --bogus"),
+    (["verify", "--bogus"], "pipeline verify: unrecognized arguments: --bogus"),
+    (["import-features", "feats"], "pipeline import-features: the following arguments are required: --dataset"),
+])
+def test_domain_command_usage_errors_are_one_line(tmp_path, capsys, argv, fragment):
+    assert main(["--cache-dir", str(tmp_path), *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pipeline: error: ") and fragment in lines[0], lines

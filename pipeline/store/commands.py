@@ -5,24 +5,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
+from pipeline.cli_args import CommandParser
 from pipeline.errors import ConfigError
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as ConfigError; accepts the ``--json`` the core CLI passes on to domain commands."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_argument("--json", action="store_true", help="one JSON object on stdout")
-
-    def error(self, message: str):
-        raise ConfigError(f"{self.prog}: {message}")
 
 
 def _emit(cmd, args, obj: dict, lines: list[str]) -> None:
@@ -38,7 +27,8 @@ def verify(argv: list[str], cmd) -> int:
     """Check every extract store in the cache (or the ones named) against its completion records.
 
     Exit 0 when everything is consistent (or was repaired), 1 when problems remain."""
-    p = _Parser(prog="pipeline verify", description=verify.__doc__)
+    p = CommandParser(json_help="one JSON object on stdout",
+                      prog="pipeline verify", description=verify.__doc__)
     p.add_argument("--repair", action="store_true",
                    help="remove incomplete/unreadable videos and records without data (they are redone next run)")
     p.add_argument("--stage-dir", type=Path, action="append", default=[], help="verify only this extract dir")
@@ -124,7 +114,8 @@ def import_features(argv: list[str], cmd) -> int:
     from pipeline.store.importers import FORMATS
     from pipeline.store.imports import import_into_cache, unregister
 
-    p = _Parser(prog="pipeline import-features", description=import_features.__doc__)
+    p = CommandParser(json_help="one JSON object on stdout",
+                      prog="pipeline import-features", description=import_features.__doc__)
     p.add_argument("source", type=Path, nargs="?", help="folder of per-video files, or the .h5 file")
     p.add_argument("--dataset", required=True, help="dataset manifest name or path")
     p.add_argument("--format", choices=FORMATS, help="npy | npz (feats) | pkl | h5 (a dataset per video)")
@@ -188,7 +179,8 @@ def export_features(argv: list[str], cmd) -> int:
     from pipeline.store import open_stage_store
     from pipeline.store.imports import lookup
 
-    p = _Parser(prog="pipeline export", description=export_features.__doc__)
+    p = CommandParser(json_help="one JSON object on stdout",
+                      prog="pipeline export", description=export_features.__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="the dataset whose current extract output (or import) to export")
     src.add_argument("--stage-dir", type=Path, help="an extract output directory")
