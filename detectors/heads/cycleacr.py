@@ -227,8 +227,9 @@ class CycleACRHead(Head):
             if mem.features.shape[1:] != (seconds, per_sec, self.dim_inner) or mem.before != before:
                 raise ValueError(f"cycleacr: memory must be (B, {seconds}, {per_sec}, {self.dim_inner}) "
                                  f"centred at {before}, got {tuple(mem.features.shape)} centred at {mem.before}")
-            feats = mem.features.to(pooled.dtype).clone()
             mask = mem.mask.clone()
+            # empty slots are zero features, as the published pool pads them
+            feats = mem.features.to(pooled.dtype) * mask[..., None]
         current = layout.pad(pooled.detach())[:, :per_sec]                    # (B, <=M, D)
         centre_mask = layout.mask[:, :per_sec]
         feats[:, before] = 0
