@@ -225,7 +225,7 @@ def test_cycleacr_memory_acts_only_through_neighbouring_keyframes_of_the_same_cl
 
         # empty slots are never read (published mode: they enter as zero features, like its padding)
         junk = ActorMemory(memory.features.masked_fill(~memory.mask[..., None], 7.0), memory.mask,
-                               memory.before)
+                           memory.before)
         assert torch.allclose(head(HeadInput(**{**batch.__dict__, "memory": junk})), with_mem, atol=1e-6)
 
 
