@@ -22,7 +22,7 @@ SMALL = {
     "acrn": dict(in_channels=C, hidden=24, num_classes=10),
     "acar": dict(in_channels=C, reduce_dim=24, hidden_dim=16, num_classes=10, num_pose=3),
     "cycleacr": dict(in_channels=C, dim_inner=16, temporal_len=T, num_classes=10, class_groups=(3, 4, 3),
-                     memory_length=(2, 2), max_per_sec=3),
+                     mlp_dim=32, memory_length=(2, 2), max_per_sec=3),
 }
 
 
@@ -89,6 +89,12 @@ def test_released_file_loads_strictly_and_a_corrupted_copy_is_refused_by_name(na
     first = next(k for k in public if not k.endswith("num_batches_tracked"))
     ours = head.state_dict()
     assert torch.equal(ours[fmt.model_key(first.removeprefix("module."))], public[first])
+
+    # the published head on a published-width map: one clip, two actors, one logit per published class
+    batch = clips([2], channels=2304, height=4, width=5)
+    batch.context = torch.randn(1, 2304, 32)
+    with torch.no_grad():
+        assert head.eval()(batch).shape == (2, {"acar": 60, "acrn": 80, "cycleacr": 80}[name])
 
     missing = {k: v for k, v in public.items() if k != first}
     with pytest.raises(ConfigError, match=r"missing \(1\): " + fmt.model_key(first.removeprefix("module."))):
@@ -236,6 +242,15 @@ def test_memory_gather_from_a_bank():
     assert mem.mask[0].sum(1).tolist() == [0, 2, 0, 0, 3]  # 899 absent, 900: 2, centre skipped, 903: 3 of 7
     assert mem.mask[1].sum() == 0  # w's own keyframe is the centre, nothing else in the bank
     assert torch.all(mem.features[0, 4] == 2.0)
+
+
+def test_cycleacr_bias_quirk_is_an_option():
+    published = {k for k in build_head("cycleacr", **SMALL["cycleacr"]).state_dict() if k.endswith(".bias")}
+    plain = {k for k in build_head("cycleacr", conv_bias=False, **SMALL["cycleacr"]).state_dict()
+             if k.endswith(".bias")}
+    assert "cycleacr_module.cycle_modeling.local_a2c_blocks.0.query.bias" in published
+    # without the quirk only roi_dim_reduce (built without the flag) and the linear layers keep biases
+    assert plain == {"cycleacr_module.roi_dim_reduce.bias", "fc1.bias", "fc2.bias", "cls_score.bias"}
 
 
 def test_build_head_rejects_unknown_names_and_options():
