@@ -247,7 +247,8 @@ class CycleACRHead(Head):
             person_mask = layout.mask
         else:
             # published: exactly max_person person keys, padded ones included (extra actors dropped)
-            person_mask = (torch.arange(layout.num_slots, device=roi.device) < self.max_person)[None].expand_as(layout.mask)
+            first = torch.arange(layout.num_slots, device=roi.device) < self.max_person
+            person_mask = first[None].expand_as(layout.mask)
             memory_mask = None
         final = self.cycleacr_module.instance_interaction(pooled, layout, person_mask, memory, memory_mask)
         x = F.relu(self.fc1(roi + final))
