@@ -76,16 +76,6 @@ def random_batches(n: int, clips: int, channels: int, size: int, tokens: int, nu
     return out
 
 
-def _to(batch: HeadInput, device: str) -> HeadInput:
-    mem = batch.memory
-    if mem is not None:
-        mem = ActorMemory(mem.features.to(device), mem.mask.to(device), mem.before)
-    return HeadInput(maps=batch.maps.to(device), rois=batch.rois.to(device),
-                     clip_index=batch.clip_index.to(device), image_size=batch.image_size.to(device),
-                     feature_stride=batch.feature_stride,
-                     context=None if batch.context is None else batch.context.to(device), memory=mem)
-
-
 def _sync(device: str):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -102,7 +92,7 @@ def measure(head_name: str, batches, *, cfg: dict | None = None, device: str = "
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
     base = _status_bytes("VmRSS") if device == "cpu" else 0
     head = build_head(head_name, **(cfg or {})).to(device)
-    batches = [(_to(b, device), t.to(device)) for b, t in batches]
+    batches = [(b.to(device), t.to(device)) for b, t in batches]
     optimizer = torch.optim.SGD(head.recipe.param_groups(head), lr=head.recipe.lr, momentum=0.9)
     autocast = dict(device_type=device, dtype=amp, enabled=amp is not None)
 

@@ -260,3 +260,13 @@ def test_build_head_rejects_unknown_names_and_options():
         build_head("acar", padding="reflect", reduce_dim=8, hidden_dim=8, in_channels=8)
     with pytest.raises(ValueError, match="needs HeadInput.context"):
         small("cycleacr")(HeadInput(**{**clips([1]).__dict__, "context": None}))
+
+
+def test_a_batch_moves_to_a_device_whole():
+    batch = clips([2, 1])
+    batch.memory = ActorMemory(torch.zeros(2, 3, 2, 4), torch.zeros(2, 3, 2, dtype=torch.bool), before=1)
+    moved = batch.to("meta")
+    tensors = [moved.maps, moved.rois, moved.clip_index, moved.image_size, moved.context,
+               moved.memory.features, moved.memory.mask]
+    assert all(t.device.type == "meta" for t in tensors)
+    assert moved.feature_stride == batch.feature_stride and moved.memory.before == 1
