@@ -4,8 +4,9 @@ torch is imported inside the functions: the CLI imports this module while planni
 
 Outputs of ``localize``: ``config.json`` (resolved config, classes, the extract store it read),
 ``checkpoint.pt`` (after every epoch, for resuming), ``train_log.csv``, ``model.pt`` (final weights and
-EMA weights). Outputs of ``localize_eval``: ``detections.json`` (ActivityNet submission format) and
-``metrics.json``.
+EMA weights). Outputs of ``localize_eval``: ``detections.json`` (ActivityNet submission format), the same
+detections as ``results.pkl`` (ActionFormer's) and ``detections_thumos14.txt`` (THUMOS14's evaluator),
+and ``metrics.json`` (mAP per tIoU and per-class AP over the videos that have features).
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ def _items(store, videos: Mapping, cfg, label_index, where: str, check_segments:
     present = [vid for vid in sorted(videos) if vid in store]
     missing = len(videos) - len(present)
     if missing:
-        log(f"localize: {missing} of {len(videos)} annotated videos have no features; skipped")
+        first = ", ".join(vid for vid in sorted(videos) if vid not in store)[:200]
+        log(f"localize: {missing} of {len(videos)} annotated videos have no features in {store.path}; "
+            f"left out ({first}...)" if missing > 3 else f"left out ({first})")
     if not present:
         raise ConfigError(f"{where}: none of the {len(videos)} videos has features in the extract store")
     if cfg.model.num_classes == 1:  # class-agnostic (ActivityNet with external video-level scores)
@@ -69,7 +72,7 @@ def _items(store, videos: Mapping, cfg, label_index, where: str, check_segments:
     items = [make_item(vid, store.shape(vid), store.grid(vid), videos[vid].duration, videos[vid].segments,
                        videos[vid].labels, label_index, cfg.model.input_dim, cfg.model.strides[-1],
                        cfg.data.resize_to, where=where, check_segments=check_segments,
-                       outside=cfg.data.segments_outside)
+                       outside=cfg.data.segments_outside, features=str(store.path))
              for vid in present]
     dropped = sum(len(videos[vid].segments) for vid in present) - sum(len(item.segments) for item in items)
     if dropped:
@@ -134,6 +137,7 @@ def evaluate(ctx: StageContext) -> dict:
     from localizers.anet_map import ANET_TIOUS, THUMOS_TIOUS, evaluate_detections
     from localizers.checkpoint_compat import load_checkpoint
     from localizers.config import LocalizeConfig, TestConfig, as_config_value, validate
+    from localizers.formats import write_results_pickle, write_thumos_txt
     from pipeline.store import open_stage_store
 
     params = dict(ctx.params)
@@ -171,8 +175,16 @@ def evaluate(ctx: StageContext) -> dict:
                    for item in ctx.progress(items, total=len(items), desc="localize_eval", unit="video")}
     out = Path(ctx.out_dir)
     write_json_atomic(out / "detections.json", {"version": "VERSION 1.3", "results": results, "external_data": {}})
-    metrics = evaluate_detections(ann, results, subset=subset, tious=tious)
+    write_results_pickle(out / "results.pkl", results, ann.classes)
+    write_thumos_txt(out / "detections_thumos14.txt", results, ann.classes)
+    # Videos without features have no detections: evaluated, they would count as misses of the model.
+    metrics = evaluate_detections(ann, results, subset=subset, tious=tious, only_videos=results,
+                                  dataset=ctx.dataset.name)
     write_json_atomic(out / "metrics.json", metrics.to_json())
     map_at = dict(zip([round(t, 2) for t in metrics.tious], metrics.mAP.tolist()))
-    return {"summary": metrics.table(), "mAP@0.5": map_at.get(0.5), "average_mAP": float(metrics.average_mAP),
-            "videos": len(items), "weights": weights}
+    summary = metrics.table()
+    if metrics.n_videos < len(videos):
+        summary = (f"localize_eval: evaluated {metrics.n_videos} of the {len(videos)} videos of split {split} "
+                   f"({subset}): the others have no features\n" + summary)
+    return {"summary": summary, "mAP@0.5": map_at.get(0.5), "average_mAP": float(metrics.average_mAP),
+            "videos": len(items), "split_videos": len(videos), "weights": weights}
