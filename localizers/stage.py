@@ -24,18 +24,23 @@ CONFIG_FILE = "config.json"
 EVAL_PARAMS = ("split", "weights", "tious", "checkpoint")
 
 
-def _device(runtime: Mapping[str, Any]):
+def _device(runtime: Mapping[str, Any], log=print):
     import torch
 
-    threads = runtime.get("threads")
-    if threads:  # small models on a shared CPU: fewer intra-op threads avoid spinning on busy cores
-        torch.set_num_threads(int(threads))
+    from pipeline.threads import choose_threads
+
     wanted = str(runtime.get("device", "auto"))
     if wanted == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if wanted.startswith("cuda") and not torch.cuda.is_available():
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif wanted.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"runtime.device: {wanted} requested but CUDA is not available")
-    return torch.device(wanted)
+    else:
+        device = torch.device(wanted)
+    if device.type == "cpu":  # on a busy CPU, threads spinning for a held core stall every step
+        threads, why = choose_threads(runtime.get("threads"))
+        torch.set_num_threads(threads)
+        log(f"localize: {threads} torch thread{'s' if threads > 1 else ''} ({why})")
+    return device
 
 
 def _annotations(ctx: StageContext):
@@ -103,14 +108,14 @@ def train(ctx: StageContext) -> dict:
         # relative: the cache may move as a whole
         "extract_dir": os.path.relpath(extract_dir, out.parent / ctx.key),
     })
-    device = _device(ctx.runtime)
+    device = _device(ctx.runtime, ctx.log)
     if not (out / MODEL_FILE).exists():
         ctx.log(f"localize: training {cfg.preset} on {len(items)} videos of {subset} "
                 f"({cfg.train.total_epochs} epochs, {device})")
         source = FeatureReader(extract_dir, [it.id for it in items], ctx.runtime.get("in_memory", "auto"))
         result = fit(cfg, items, source, out, device=device, log=ctx.log)
         tmp = out / f".{MODEL_FILE}.tmp"
-        torch.save({"model": result.model.state_dict(), "ema": result.ema.state_dict(),
+        torch.save({"model": result.model.state_dict(), "ema": result.ema.state_dict(), "steps": result.steps,
                     "config": cfg.to_json(), "classes": list(ann.classes)}, tmp)
         os.replace(tmp, out / MODEL_FILE)
     last = _last_log_row(out / "train_log.csv")
@@ -133,11 +138,14 @@ def _last_log_row(path: Path) -> dict:
 def evaluate(ctx: StageContext) -> dict:
     from dataclasses import replace
 
+    import torch
+
     from localizers.actionformer import build_model, load_video_scores, video_detections
     from localizers.anet_map import ANET_TIOUS, THUMOS_TIOUS, evaluate_detections
     from localizers.checkpoint_compat import load_checkpoint
     from localizers.config import LocalizeConfig, TestConfig, as_config_value, validate
     from localizers.formats import write_results_pickle, write_thumos_txt
+    from localizers.train import ema_warning
     from pipeline.store import open_stage_store
 
     params = dict(ctx.params)
@@ -166,10 +174,16 @@ def evaluate(ctx: StageContext) -> dict:
     subset, videos = _subset(ctx, ann, split)
     with open_stage_store(train_dir / saved["extract_dir"]) as store:
         items = _items(store, videos, cfg, ann.label_index(), str(ann.path), False, ctx.log)
-        device = _device(ctx.runtime)
+        device = _device(ctx.runtime, ctx.log)
         model = build_model(cfg).to(device).eval()
         # an official epoch_034.pth.tar (or another model.pt) may replace the trained weights
-        load_checkpoint(model, params.get("checkpoint") or train_dir / MODEL_FILE, weights)
+        checkpoint = Path(params.get("checkpoint") or train_dir / MODEL_FILE)
+        if not checkpoint.is_file():
+            raise ConfigError(f"{checkpoint}: checkpoint file not found")
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        load_checkpoint(model, state, weights, where=str(checkpoint))
+        if weights == "ema" and (note := ema_warning(state.get("steps"), cfg.train.ema_decay)):
+            ctx.log(f"localize_eval: warning: {note}")
         ext = load_video_scores(cfg.test.ext_score_file, ann.classes) if cfg.test.ext_score_file else None
         results = {item.id: video_detections(model, store, item, cfg.test, ann.classes, ext, device)
                    for item in ctx.progress(items, total=len(items), desc="localize_eval", unit="video")}

@@ -1,6 +1,7 @@
 """The demo dataset: short generated videos with known, visual, temporal actions.
 
-Each video is a background (drifting noise or a shifting colour gradient) on which a few action
+Each video is a background (drifting noise, a shifting colour gradient or a grey level that slowly
+brightens and darkens) on which a few action
 instances happen, one at a time. The
 class is in the motion, not in a still frame: a square sweeping left to right (``sweep``), a disc
 whose radius pulses (``pulse``), a bar spinning about its centre (``spin``), a block blinking
@@ -31,7 +32,7 @@ from pipeline.errors import ConfigError
 GENERATOR_VERSION = 2
 
 CLASSES = ("sweep", "pulse", "spin", "blink")
-BACKGROUNDS = ("noise", "gradient")
+BACKGROUNDS = ("noise", "gradient", "flat")
 
 
 @dataclass(frozen=True)
@@ -278,7 +279,7 @@ def _background(kind: str, n: int, demo: DemoSpec, rng: np.random.Generator) -> 
     if kind == "noise":
         # Blotchy texture (coarse noise blown up) drifting slowly, plus a little per-frame grain.
         # Mostly grey levels with a faint tint, so the shapes' colours stay the strongest colours.
-        coarse = rng.uniform(40, 150, (size // 8, size // 8, 1)) + rng.uniform(-12, 12, (size // 8, size // 8, 3))
+        coarse = rng.uniform(60, 125, (size // 8, size // 8, 1)) + rng.uniform(-10, 10, (size // 8, size // 8, 3))
         coarse = coarse.astype(np.float32)
         texture = np.repeat(np.repeat(coarse, 8, 0), 8, 1)
         shift = (np.arange(n) * rng.uniform(0.05, 0.2)).astype(int) % size
@@ -286,6 +287,10 @@ def _background(kind: str, n: int, demo: DemoSpec, rng: np.random.Generator) -> 
         frames = texture[rows]
         grain = np.random.default_rng(rng.integers(1 << 31)).normal(0, 4, (n, 1, 1, 1)).astype(np.float32)
         return frames + grain
+    if kind == "flat":
+        # One grey level breathing slowly: the background of a plain wall under changing light.
+        level = rng.uniform(50, 120) + 12 * np.sin(2 * np.pi * t / (rng.uniform(6, 12) * demo.fps) + rng.uniform(0, 6))
+        return np.broadcast_to(level, (n, size, size, 3)).astype(np.float32)
     # gradient
     a, b = rng.uniform(20, 140, (2, 3)).astype(np.float32)
     angle = rng.uniform(0, 2 * np.pi)

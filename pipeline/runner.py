@@ -175,7 +175,7 @@ class Planner:
 
     def imported(self) -> dict | None:
         if self._imports is False:
-            self._imports = lookup_import(self.ws.cache.root, self.dataset.name)
+            self._imports = lookup_import(self.ws.cache.root, self.dataset)
         return self._imports
 
     def annotations_fingerprint(self) -> str | None:
@@ -297,10 +297,10 @@ class Planner:
         return states
 
 
-def lookup_import(cache_root: Path, dataset_name: str) -> dict | None:
+def lookup_import(cache_root: Path, dataset: Dataset) -> dict | None:
     from pipeline.store.imports import lookup  # light: numpy, zarr and h5py load only with a store
 
-    return lookup(cache_root, dataset_name)
+    return lookup(cache_root, dataset)
 
 
 # ---------------------------------------------------------------- running
