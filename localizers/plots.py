@@ -1,10 +1,13 @@
 """Pictures of a localizer's output: a video's timeline over its features, and precision-recall curves.
 
-Matplotlib (the optional ``plot`` extra) with the Agg back-end: files only, no display needed.
+Matplotlib (the optional ``plot`` extra) with the Agg back-end: files only, no display needed; the
+format follows the file's suffix (.png, .pdf, .svg). Figures stay bounded (MAX_ROWS class rows, at most
+MAX_PANELS PR panels) whatever the number of classes, and library warnings stay off the terminal.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -16,6 +19,16 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
 GT_COLOUR = "#222222"
+MAX_ROWS = 20     # class rows of a timeline
+MAX_PANELS = 16   # panels of a PR figure
+
+
+def _save(fig, path: Path) -> None:
+    with warnings.catch_warnings():  # tight_layout and font notices are not the user's business
+        warnings.simplefilter("ignore")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def class_colours(classes: Sequence[str]) -> dict[str, tuple]:
@@ -33,6 +46,9 @@ def draw_timeline(path: Path, video_id: str, duration: float, classes: Sequence[
     ``ground_truth``: (label, start, end); ``predictions``: (label, score, start, end); ``features``
     (T, C) at the centre times ``times`` (T,) in seconds.
     """
+    classes = list(classes)[:MAX_ROWS]
+    ground_truth = [g for g in ground_truth if g[0] in classes]
+    predictions = [p for p in predictions if p[0] in classes]
     colours = class_colours(classes)
     row = {name: k for k, name in enumerate(classes)}
     fig, (ax_seg, ax_feat) = plt.subplots(
@@ -45,7 +61,8 @@ def draw_timeline(path: Path, video_id: str, duration: float, classes: Sequence[
     # Weakest first, so strong predictions are drawn on top.
     for label, score, start, end in sorted(predictions, key=lambda p: p[1]):
         ax_seg.add_patch(Rectangle((start, row[label] + 0.54), end - start, 0.38,
-                                   color=colours[label], alpha=float(np.clip(score, 0.0, 1.0)), linewidth=0))
+                                   color=colours[label], alpha=float(np.clip(score, 0.1, 1.0)), linewidth=0))
+        ax_seg.text(start, row[label] + 0.9, f"{score:.2f}", fontsize=6, va="bottom")
     ax_seg.set_ylim(len(classes), 0)
     ax_seg.set_yticks(np.arange(len(classes)) + 0.5, list(classes))
     for k in range(1, len(classes)):
@@ -63,16 +80,14 @@ def draw_timeline(path: Path, video_id: str, duration: float, classes: Sequence[
                    extent=(times[0] - half, times[-1] + half, feats.shape[0], 0))
     ax_feat.set_ylabel(f"feature channel\n({feats.shape[0]}, standardised)", fontsize=9)
     ax_feat.set_xlabel("time (s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def draw_pr_curves(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
                    tious: Sequence[float], ap: np.ndarray) -> None:
     """One panel per class, one precision-recall curve per tIoU threshold; ``ap`` (n_tiou, n_class)
     in the order of ``curves``."""
-    names = list(curves)
+    names = list(curves)[:MAX_PANELS]
     cols = min(4, max(1, len(names)))
     rows = -(-len(names) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False,
@@ -97,6 +112,35 @@ def draw_pr_curves(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray
     for ax in axes[:, 0]:
         ax.set_ylabel("precision")
     fig.suptitle("Precision-recall per class at each tIoU threshold", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
+
+
+def draw_pr_compare(path: Path, classes: Sequence[str], results: Mapping, tiou_index: int) -> None:
+    """One panel per class, one precision-recall curve per run (``results``: label -> MapResult of the
+    same ground truth) at the threshold ``tiou_index``."""
+    classes = list(classes)[:MAX_PANELS]
+    cols = min(4, max(1, len(classes)))
+    rows = -(-len(classes) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False, sharex=True, sharey=True)
+    colours = plt.get_cmap("tab10")
+    tiou = next(iter(results.values())).tious[tiou_index]
+    for k, name in enumerate(classes):
+        ax = axes[k // cols, k % cols]
+        for j, (label, r) in enumerate(results.items()):
+            if name not in r.classes:
+                continue
+            c = r.classes.index(name)
+            precision, recall = r.pr_curves()[name]
+            if precision.size:
+                ax.plot(np.concatenate([[0.0], recall[tiou_index]]),
+                        np.concatenate([[precision[tiou_index][0]], precision[tiou_index]]), color=colours(j % 10),
+                        linewidth=1.2, label=f"{label}: AP {100 * r.ap[tiou_index, c]:.1f}")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, loc="lower left")
+    for k in range(len(classes), rows * cols):
+        axes[k // cols, k % cols].axis("off")
+    fig.suptitle(f"Precision-recall per class at tIoU {tiou:.2f}", fontsize=11)
+    _save(fig, path)

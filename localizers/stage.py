@@ -113,7 +113,7 @@ def train(ctx: StageContext) -> dict:
         ctx.log(f"localize: training {cfg.preset} on {len(items)} videos of {subset} "
                 f"({cfg.train.total_epochs} epochs, {device})")
         source = FeatureReader(extract_dir, [it.id for it in items], ctx.runtime.get("in_memory", "auto"))
-        result = fit(cfg, items, source, out, device=device, log=ctx.log)
+        result = fit(cfg, items, source, out, device=device, log=ctx.log, board_dir=ctx.board_dir)
         tmp = out / f".{MODEL_FILE}.tmp"
         torch.save({"model": result.model.state_dict(), "ema": result.ema.state_dict(), "steps": result.steps,
                     "config": cfg.to_json(), "classes": list(ann.classes)}, tmp)
@@ -194,7 +194,8 @@ def evaluate(ctx: StageContext) -> dict:
     # Videos without features have no detections: evaluated, they would count as misses of the model.
     metrics = evaluate_detections(ann, results, subset=subset, tious=tious, only_videos=results,
                                   dataset=ctx.dataset.name)
-    write_json_atomic(out / "metrics.json", metrics.to_json())
+    # what a PR plot needs to evaluate the detections again (pipeline compare --plot)
+    write_json_atomic(out / "metrics.json", {**metrics.to_json(), "annotations": str(ann.path), "subset": subset})
     map_at = dict(zip([round(t, 2) for t in metrics.tious], metrics.mAP.tolist()))
     summary = metrics.table()
     if metrics.n_videos < len(videos):

@@ -97,12 +97,13 @@ def _atomic_save(obj, path: Path) -> None:
 
 def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, out_dir: Path,
         device: str | torch.device = "cpu", log: Callable[[str], None] = print,
-        max_epochs: int | None = None) -> FitResult:
+        max_epochs: int | None = None, board_dir: Path | None = None) -> FitResult:
     """Train on ``items`` (features read from ``source``), writing ``checkpoint.pt`` (after every epoch)
     and ``train_log.csv`` into ``out_dir``; resumes from a checkpoint found there.
 
     ``max_epochs``: stop after that many epochs of the schedule (the schedule itself is unchanged),
-    e.g. to time one epoch or to simulate an interruption.
+    e.g. to time one epoch or to simulate an interruption. ``board_dir``: the TensorBoard run directory
+    (default ``out_dir/tensorboard``).
     """
     device = torch.device(device)
     out_dir = Path(out_dir)
@@ -142,7 +143,7 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
     log_path = out_dir / LOG
     times = []
     model.train()
-    with _tensorboard(out_dir) as board:  # one writer (one event file) per run
+    with _tensorboard(board_dir or out_dir / "tensorboard") as board:  # one writer (one event file) per run
         for epoch in range(start_epoch, end_epoch):
             t0 = time.perf_counter()
             rng = np.random.default_rng([tc.seed, epoch])
@@ -228,14 +229,14 @@ def _trim_csv(path: Path, last_epoch: int) -> None:
             _append_csv(path, r)
 
 
-def _tensorboard(out_dir: Path):
-    """A SummaryWriter into ``out_dir/tensorboard`` (a context manager), or a null context yielding None
-    without tensorboard."""
+def _tensorboard(board_dir: Path):
+    """A SummaryWriter into ``board_dir`` (a context manager), or a null context yielding None without
+    tensorboard."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return contextlib.nullcontext()
-    return SummaryWriter(str(out_dir / "tensorboard"))
+    return SummaryWriter(str(board_dir))
 
 
 def _log_scalars(writer, row: dict) -> None:

@@ -223,9 +223,13 @@ def test_gc_removes_what_no_current_key_refers_to(toy):
     current = toy.run()
     old = toy.run("--set", "total.scale=3")
     old_dir = toy.cache / "total" / old["by_stage"]["total"]["key"]
-    dry = toy.cli("gc", "--dry-run")
-    assert str(old_dir) in dry.stdout and old_dir.exists()
+    # an anonymous experiment (a --set run) is kept, and gc says why; --experiments removes it
     proc = toy.cli("gc")
+    assert f"keep {old_dir}: anonymous experiment (pipeline gc --experiments removes it)" in proc.stdout
+    assert old_dir.exists()
+    dry = toy.cli("gc", "--dry-run", "--experiments")
+    assert f"would remove {old_dir}" in dry.stdout and old_dir.exists()
+    proc = toy.cli("gc", "--experiments")
     assert "reclaimed" in proc.stdout and not old_dir.exists()
     for name in ("upper", "total"):
         assert (toy.cache / name / current["by_stage"][name]["key"]).exists()
