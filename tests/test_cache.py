@@ -73,8 +73,9 @@ def test_param_change_reruns_that_stage_and_dependants_only(toy):
     out = toy.run()
     assert statuses(out) == {"upper": "cached", "total": "cached"}
     status = toy.status("--set", "total.fmt.width=4")
-    assert status["upper"]["state"] == "done" and status["total"]["state"] == "stale"
-    assert status["total"]["reasons"] == ["param total.fmt.width: 0 -> 4"]
+    # a configuration that never ran is "not run" (not stale), with how it differs from the closest run
+    assert status["upper"]["state"] == "done" and status["total"]["state"] == "not run"
+    assert status["total"]["reasons"] == ["closest earlier run: param total.fmt.width: 0 -> 4"]
 
 
 def test_touch_without_change_rehashes_once_and_reruns_nothing(toy):
