@@ -67,9 +67,10 @@ def _items(store, videos: Mapping, cfg, label_index, where: str, check_segments:
     present = [vid for vid in sorted(videos) if vid in store]
     missing = len(videos) - len(present)
     if missing:
-        first = ", ".join(vid for vid in sorted(videos) if vid not in store)[:200]
+        absent = [vid for vid in sorted(videos) if vid not in store]
+        named = ", ".join(absent[:3]) + (", ..." if missing > 3 else "")
         log(f"localize: {missing} of {len(videos)} annotated videos have no features in {store.path}; "
-            f"left out ({first}...)" if missing > 3 else f"left out ({first})")
+            f"left out ({named})")
     if not present:
         raise ConfigError(f"{where}: none of the {len(videos)} videos has features in the extract store")
     if cfg.model.num_classes == 1:  # class-agnostic (ActivityNet with external video-level scores)

@@ -55,7 +55,7 @@ def roots(ws: Workspace, extra_datasets: list[str]) -> tuple[dict[tuple[str, str
             unknown.add(Path(source).stem)
             continue
         try:
-            states = Planner(ws, dataset).plan_all(list(ws.graph.order))
+            states = Planner(ws, dataset).plan_all(ws.graph.for_task(dataset.task) or list(ws.graph.order))
         except ConfigError:
             unknown.add(dataset.name)
             continue
