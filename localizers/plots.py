@@ -7,6 +7,7 @@ MAX_PANELS PR panels) whatever the number of classes, and library warnings stay 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -23,11 +24,19 @@ MAX_ROWS = 20     # class rows of a timeline
 MAX_PANELS = 16   # panels of a PR figure
 
 
+def _quiet(draw):
+    """Library warnings (tight_layout, empty legends, fonts) are not the user's business."""
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return draw(*args, **kwargs)
+    return wrapper
+
+
 def _save(fig, path: Path) -> None:
-    with warnings.catch_warnings():  # tight_layout and font notices are not the user's business
-        warnings.simplefilter("ignore")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -36,6 +45,7 @@ def class_colours(classes: Sequence[str]) -> dict[str, tuple]:
     return {name: cmap(k % cmap.N) for k, name in enumerate(classes)}
 
 
+@_quiet
 def draw_timeline(path: Path, video_id: str, duration: float, classes: Sequence[str],
                   ground_truth: Sequence[tuple[str, float, float]],
                   predictions: Sequence[tuple[str, float, float, float]],
@@ -83,6 +93,7 @@ def draw_timeline(path: Path, video_id: str, duration: float, classes: Sequence[
     _save(fig, path)
 
 
+@_quiet
 def draw_pr_curves(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
                    tious: Sequence[float], ap: np.ndarray) -> None:
     """One panel per class, one precision-recall curve per tIoU threshold; ``ap`` (n_tiou, n_class)
@@ -115,6 +126,7 @@ def draw_pr_curves(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray
     _save(fig, path)
 
 
+@_quiet
 def draw_pr_compare(path: Path, classes: Sequence[str], results: Mapping, tiou_index: int) -> None:
     """One panel per class, one precision-recall curve per run (``results``: label -> MapResult of the
     same ground truth) at the threshold ``tiou_index``."""

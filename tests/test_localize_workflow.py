@@ -160,3 +160,24 @@ def test_gc_keeps_imports_and_named_experiments_and_removes_dead_partials(partia
     assert "base" in out and "short" in out
     reg = json.loads(next((cache / "imports").iterdir()).read_text())
     assert (Path(reg["dir"]) / "manifest.json").is_file()
+
+
+def test_plots_stay_bounded_with_200_classes_and_print_no_warnings(tmp_path, recwarn):
+    pytest.importorskip("matplotlib")
+    import struct
+
+    from localizers import plots
+
+    classes = [f"class_{k:03d}" for k in range(200)]
+    truth = [(c, 10.0 * k % 100, 10.0 * k % 100 + 5) for k, c in enumerate(classes)]
+    preds = [(c, 0.5, 10.0 * k % 100, 10.0 * k % 100 + 4) for k, c in enumerate(classes)]
+    feats, times = np.random.default_rng(0).random((50, 8)), np.arange(50) * 2.0
+    plots.draw_timeline(tmp_path / "t.png", "v", 100.0, classes, truth, preds, feats, times)
+    curves = {c: (np.ones((1, 3)), np.linspace(0.3, 1, 3)[None]) for c in classes}
+    plots.draw_pr_curves(tmp_path / "pr.png", curves, (0.5,), np.ones((1, 200)))
+    for name in ("t.png", "pr.png"):
+        width, height = struct.unpack(">II", (tmp_path / name).read_bytes()[16:24])
+        assert width <= 1500 and height <= 3000, (name, width, height)
+    plots.draw_pr_curves(tmp_path / "pr.pdf", dict(list(curves.items())[:2]), (0.5,), np.ones((1, 2)))
+    assert (tmp_path / "pr.pdf").read_bytes()[:4] == b"%PDF"
+    assert not [w for w in recwarn if "matplotlib" in str(w.filename)]
