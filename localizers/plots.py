@@ -98,61 +98,54 @@ def draw_pr_curves(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray
                    tious: Sequence[float], ap: np.ndarray) -> None:
     """One panel per class, one precision-recall curve per tIoU threshold; ``ap`` (n_tiou, n_class)
     in the order of ``curves``."""
-    names = list(curves)[:MAX_PANELS]
-    cols = min(4, max(1, len(names)))
-    rows = -(-len(names) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False,
-                             sharex=True, sharey=True)
-    tiou_colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, len(tious)))
-    for k, name in enumerate(names):
-        ax = axes[k // cols, k % cols]
-        precision, recall = curves[name]
-        for i, t in enumerate(tious):
-            if precision.size:
-                ax.plot(np.concatenate([[0.0], recall[i]]), np.concatenate([[precision[i][0]], precision[i]]),
-                        color=tiou_colours[i], linewidth=1.2, label=f"tIoU {t:.2f}: AP {100 * ap[i, k]:.1f}")
-        ax.set_title(name, fontsize=10)
-        ax.set_xlim(0, 1.02)
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5, loc="lower left")
-    for k in range(len(names), rows * cols):
-        axes[k // cols, k % cols].axis("off")
-    for ax in axes[-1]:
-        ax.set_xlabel("recall")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("precision")
-    fig.suptitle("Precision-recall per class at each tIoU threshold", fontsize=11)
-    _save(fig, path)
+    colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, len(tious)))
+    panels = [(name, [(precision[i], recall[i], colours[i], f"tIoU {t:.2f}: AP {100 * ap[i, k]:.1f}")
+                      for i, t in enumerate(tious) if precision.size])
+              for k, (name, (precision, recall)) in enumerate(curves.items())]
+    _pr_panels(path, "Precision-recall per class at each tIoU threshold", panels)
 
 
 @_quiet
 def draw_pr_compare(path: Path, classes: Sequence[str], results: Mapping, tiou_index: int) -> None:
     """One panel per class, one precision-recall curve per run (``results``: label -> MapResult of the
     same ground truth) at the threshold ``tiou_index``."""
-    classes = list(classes)[:MAX_PANELS]
-    cols = min(4, max(1, len(classes)))
-    rows = -(-len(classes) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False, sharex=True, sharey=True)
     colours = plt.get_cmap("tab10")
-    tiou = next(iter(results.values())).tious[tiou_index]
-    for k, name in enumerate(classes):
-        ax = axes[k // cols, k % cols]
+    panels = []
+    for name in classes:
+        lines = []
         for j, (label, r) in enumerate(results.items()):
-            if name not in r.classes:
-                continue
-            c = r.classes.index(name)
-            precision, recall = r.pr_curves()[name]
-            if precision.size:
-                ax.plot(np.concatenate([[0.0], recall[tiou_index]]),
-                        np.concatenate([[precision[tiou_index][0]], precision[tiou_index]]), color=colours(j % 10),
-                        linewidth=1.2, label=f"{label}: AP {100 * r.ap[tiou_index, c]:.1f}")
+            if name in r.classes:
+                precision, recall = r.pr_curves()[name]
+                if precision.size:
+                    lines.append((precision[tiou_index], recall[tiou_index], colours(j % 10),
+                                  f"{label}: AP {100 * r.ap[tiou_index, r.classes.index(name)]:.1f}"))
+        panels.append((name, lines))
+    tiou = next(iter(results.values())).tious[tiou_index]
+    _pr_panels(path, f"Precision-recall per class at tIoU {tiou:.2f}", panels)
+
+
+def _pr_panels(path: Path, title: str, panels: Sequence[tuple[str, Sequence[tuple]]]) -> None:
+    """A grid of at most MAX_PANELS panels ``(class, [(precision, recall, colour, legend label)])``."""
+    panels = list(panels)[:MAX_PANELS]
+    cols = min(4, max(1, len(panels)))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False,
+                             sharex=True, sharey=True)
+    for k, (name, lines) in enumerate(panels):
+        ax = axes[k // cols, k % cols]
+        for precision, recall, colour, label in lines:
+            ax.plot(np.concatenate([[0.0], recall]), np.concatenate([[precision[0]], precision]),
+                    color=colour, linewidth=1.2, label=label)
         ax.set_title(name, fontsize=10)
         ax.set_xlim(0, 1.02)
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6.5, loc="lower left")
-    for k in range(len(classes), rows * cols):
+    for k in range(len(panels), rows * cols):
         axes[k // cols, k % cols].axis("off")
-    fig.suptitle(f"Precision-recall per class at tIoU {tiou:.2f}", fontsize=11)
+    for ax in axes[-1]:
+        ax.set_xlabel("recall")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("precision")
+    fig.suptitle(title, fontsize=11)
     _save(fig, path)
