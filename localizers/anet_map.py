@@ -122,7 +122,7 @@ class MapResult:
                 aps = " ".join(f"{100 * a:6.2f}" for a in self.ap[:, k])
                 avg = 100 * float(self.ap[:, k].mean())
                 lines.append(f"{name:<{width}} {self.n_gt[k]:>5d} {self.n_pred[k]:>6d}  {aps} {avg:6.2f}")
-        return "\n".join(lines)
+        return "\n".join(lines + [f"note: {n}" for n in self.notes()])
 
     def to_json(self) -> dict:
         return {
