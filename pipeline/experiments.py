@@ -6,8 +6,8 @@ those keys. A run that is not named is known by its key (anonymous).
 
 Generic over stages: a stage's output is a run to list when it holds ``metrics.json`` of the shape
 ``{"mAP": number | [one per threshold], "tious": [thresholds] (optional), "average_mAP": number
-(optional), "per_class": {class: {"ap": number | [one per threshold]}}}`` (localize_eval and
-detect_eval write it). No torch, no domain import: the PR-curve plot of ``compare --plot`` is the
+(optional), "per_class": {class: {"ap": number | [one per threshold]}}}`` (evaluation stages
+write it). No torch, no domain import: the PR-curve plot of ``compare --plot`` is the
 compared stage's ``compare-plot`` command (stages.yaml ``commands:``).
 """
 
