@@ -18,7 +18,7 @@ from pipeline.errors import ConfigError, PipelineError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STORE_COMMANDS = {"verify": "verify", "import-features": "import_features", "export": "export_features"}
-BUILTIN = ("run", "status", "gc")
+BUILTIN = ("run", "status", "gc", "runs", "compare")
 _GLOBAL_VALUES = ("--cache-dir", "--stages")
 _GLOBAL_FLAGS = ("--debug", "--json")
 
@@ -28,7 +28,10 @@ commands:
   run <stage>|train|eval|all [--stage S] --dataset D [--set stage.param=value ...] [--force]
         [--backend local|ray|dask] [--workers N] [--fail-fast|--keep-going] [--no-wait]
   status [--dataset D] [--set ...]        done / stale (and what changed) / missing, per stage
-  gc [--dry-run] [--dataset D ...]        remove cache entries no current key refers to
+  gc [--dry-run] [--experiments] [--dataset D ...]
+                                          remove what no current key, import or named experiment keeps
+  runs [--dataset D]                      every experiment: name or key, what differs, status, mAP, time
+  compare A B ... [--plot FILE]           experiments (names or key prefixes) side by side
   verify | import-features | export ...   feature stores (see `pipeline <command> --help`)
   <verb> [<stage>] ...                    a stage's domain command from stages.yaml `commands:`
                                           (evaluate localize, show localize, weights, ...)"""
@@ -110,7 +113,58 @@ def _main(argv: list[str]) -> int:
         return _run(ws, opts, rest)
     if verb == "status":
         return _status(ws, opts, rest)
+    if verb == "runs":
+        return _runs(ws, opts, rest)
+    if verb == "compare":
+        return _compare(ws, opts, rest)
     return _gc(ws, opts, rest)
+
+
+def _runs(ws, opts: dict, argv: list[str]) -> int:
+    from pipeline.experiments import format_runs, list_runs
+
+    p = CommandParser(prog="pipeline runs", allow_abbrev=False)
+    p.add_argument("--dataset", action="append", default=[], help="only this dataset's runs (its name)")
+    a = p.parse_args(argv)
+    runs = list_runs(ws, a.dataset or None)
+    if opts["json"]:
+        print(json.dumps({"command": "runs", "runs": [
+            {"name": r.name, "key": r.key, "stage": r.stage, "dataset": r.dataset, "status": r.status,
+             "dir": str(r.dir), "seconds": r.seconds, "differs": r.differs, "mAP": dict(r.columns()),
+             "per_class": r.per_class()} for r in runs]}, default=str))
+    else:
+        print(format_runs(runs))
+    return 0
+
+
+def _compare(ws, opts: dict, argv: list[str]) -> int:
+    from pipeline.experiments import find_run, format_compare, list_runs
+
+    p = CommandParser(prog="pipeline compare", allow_abbrev=False)
+    p.add_argument("refs", nargs="+", metavar="NAME_OR_KEY", help="experiment names or key prefixes (pipeline runs)")
+    p.add_argument("--plot", type=Path, metavar="FILE", help="PR curves side by side (.png, .pdf, .svg): the "
+                                                             "compared stage's compare-plot command")
+    p.add_argument("--classes", help="comma-separated classes to plot (default: every class, up to 12)")
+    a = p.parse_args(argv)
+    if len(a.refs) < 2:
+        raise ConfigError("compare: give at least two experiments (names or key prefixes)")
+    all_runs = list_runs(ws)
+    runs = [find_run(all_runs, ref) for ref in a.refs]
+    if len({r.stage for r in runs}) > 1:
+        raise ConfigError(f"compare: the runs belong to different stages ({', '.join(sorted({r.stage for r in runs}))})")
+    if opts["json"]:
+        print(json.dumps({"command": "compare", "runs": [
+            {"name": r.name, "key": r.key, "stage": r.stage, "dataset": r.dataset, "params": r.params,
+             "mAP": dict(r.columns()), "per_class": r.per_class()} for r in runs]}, default=str))
+    else:
+        print(format_compare(runs))
+    if a.plot is not None:
+        verb = "compare-plot"
+        if verb not in ws.graph[runs[0].stage].commands:
+            raise ConfigError(f"compare --plot: stage {runs[0].stage} declares no {verb} command in {ws.graph.path}")
+        argv = ["--out", str(a.plot)] + [x for r in runs for x in ("--run", f"{r.label}={r.dir}")]
+        return _domain(ws, opts, verb, [runs[0].stage] + argv + (["--classes", a.classes] if a.classes else []))
+    return 0
 
 
 def _run(ws, opts: dict, argv: list[str]) -> int:
@@ -130,15 +184,20 @@ def _run(ws, opts: dict, argv: list[str]) -> int:
     g.add_argument("--fail-fast", action="store_true")
     g.add_argument("--keep-going", action="store_true")
     p.add_argument("--no-wait", action="store_true")
+    p.add_argument("--name", help="name this experiment (pipeline runs / compare; gc keeps it)")
     a = p.parse_args(argv)
     if a.workers < 1:
         raise ConfigError(f"--workers {a.workers}: expected a positive number")
+    if a.name is not None:
+        from pipeline.experiments import check_name
+
+        check_name(a.name)
     sets = parse_sets(a.sets)
     dataset = ws.load_dataset(a.dataset)
     targets = targets_for(ws.graph, dataset, a.what, a.stage)
     dataset = ensure_generated(dataset, ws.cache.root)
     options = RunOptions(workers=a.workers, backend=a.backend, fail_fast=a.fail_fast, force=a.force,
-                         debug=opts["debug"], json=opts["json"])
+                         debug=opts["debug"], json=opts["json"], name=a.name)
     reports = run(ws, dataset, targets, sets, options, wait=not a.no_wait)
     failed = any(r.status in ("failed", "skipped") or r.items.get("failed") for r in reports)
     code = 1 if failed else 0
@@ -207,13 +266,18 @@ def _gc(ws, opts: dict, argv: list[str]) -> int:
 
     p = CommandParser(prog="pipeline gc", allow_abbrev=False)
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--experiments", action="store_true",
+                   help="also remove anonymous experiments (outputs of keys no longer current, not named)")
     p.add_argument("--dataset", action="append", default=[])
     a = p.parse_args(argv)
-    res = collect_garbage(ws, a.dataset, a.dry_run)
+    res = collect_garbage(ws, a.dataset, a.dry_run, experiments=a.experiments)
     if opts["json"]:
         print(json.dumps({"command": "gc", "dry_run": a.dry_run, "removed": [p for p, _ in res.removed],
+                          "kept": [{"dir": d, "why": why} for d, why in res.kept],
                           "bytes": res.bytes, "kept_unknown": res.kept_unknown}))
         return 0
+    for path, why in res.kept:
+        print(f"keep {path}: {why}")
     verb = "would remove" if a.dry_run else "removed"
     for path, size in res.removed:
         print(f"{verb} {path} ({_human(size)})")

@@ -36,6 +36,7 @@ class RunOptions:
     force: bool = False
     debug: bool = False
     json: bool = False
+    name: str | None = None  # the experiment's name (--name): labels its logs, never its key
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -75,6 +76,9 @@ class StageContext:
     options: RunOptions = field(default_factory=RunOptions)
     failures: list[dict] = field(default_factory=list)
     done_count: int = 0
+    # TensorBoard run directory: one log root for the cache, runs named after the experiment (or
+    # dataset and key); None: the stage's own out_dir/tensorboard.
+    board_dir: Path | None = None
 
     @property
     def records_dir(self) -> Path:

@@ -1,10 +1,14 @@
-"""``pipeline gc``: remove what no current stage key refers to.
+"""``pipeline gc``: remove what nothing keeps, and say what it keeps and why.
 
-Roots are the current keys (default params) of every stage for every manifest in ``data/`` plus the
-datasets named on the command line, and the imported feature stores. A stage directory is swept
-unless it is a root (or the partial of one), is locked by a running stage, or belongs to a dataset
-whose keys cannot be computed now (unset variable, videos not mounted; a manifest that does not load
-is known by its file stem): those are kept whole, as is every output without a manifest then.
+Kept always: the outputs of the current keys (default params, plus ``--set``-free plans) of every
+manifest in ``data/`` and of the datasets named on the command line; every imported feature store
+(any registration in ``<cache>/imports``, whatever manifest it belongs to); every stage key of a named
+experiment (``run --name``); what a running stage holds locked; the resumable partial of a current key;
+and whatever a kept output reads (its upstream outputs). Anonymous experiments (complete outputs of
+whole stages under a key that is no longer current) go only with ``--experiments``. Dead partials
+(``<key>.partial`` of a key that is not current and not locked: a crashed or abandoned run) go always,
+even when a dataset's keys cannot be computed (an unset ``${VAR}``); its complete outputs are then
+kept whole, as is every output without a manifest.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pipeline.runner import Planner, Workspace
 @dataclass
 class GcResult:
     removed: list[tuple[str, int]] = field(default_factory=list)
+    kept: list[tuple[str, str]] = field(default_factory=list)  # (directory, why)
     kept_unknown: list[str] = field(default_factory=list)  # datasets whose outputs were kept whole
 
     @property
@@ -30,10 +35,18 @@ class GcResult:
         return sum(n for _, n in self.removed)
 
 
-def roots(ws: Workspace, extra_datasets: list[str]) -> tuple[set[tuple[str, str]], set[str]]:
-    """(stage, key) roots, and the names of datasets whose keys cannot all be computed now."""
-    keep: set[tuple[str, str]] = set()
+def roots(ws: Workspace, extra_datasets: list[str]) -> tuple[dict[tuple[str, str], str], set[str]]:
+    """(stage, key) -> why it is kept, and the names of datasets whose keys cannot all be computed now."""
+    from pipeline.experiments import experiments
+    from pipeline.store.imports import registrations
+
+    keep: dict[tuple[str, str], str] = {}
     unknown: set[str] = set()
+    for _, reg in registrations(ws.cache.root):
+        keep[("extract", reg["key"])] = f"imported features of {reg.get('manifest') or reg.get('dataset')}"
+    for e in experiments(ws.cache.root):
+        for stage, key in e.get("keys", {}).items():
+            keep.setdefault((stage, key), f"named experiment {e['name']}")
     sources = [str(p) for p in known_manifests(ws.project_root)] + list(extra_datasets)
     for source in sources:
         try:
@@ -42,34 +55,58 @@ def roots(ws: Workspace, extra_datasets: list[str]) -> tuple[set[tuple[str, str]
             unknown.add(Path(source).stem)
             continue
         try:
-            planner = Planner(ws, dataset)
-            reg = planner.imported()  # looked up once: planning extract reads the same registration
-            if reg is not None:
-                keep.add(("extract", reg["key"]))
-            states = planner.plan_all(list(ws.graph.order))
+            states = Planner(ws, dataset).plan_all(ws.graph.for_task(dataset.task) or list(ws.graph.order))
         except ConfigError:
             unknown.add(dataset.name)
             continue
-        keep |= {(name, st.key) for name, st in states.items() if st.key is not None}
+        for name, st in states.items():
+            if st.key is not None:
+                keep.setdefault((name, st.key), f"current key of dataset {dataset.name}")
         if any(st.state == "unknown" for st in states.values()):
             unknown.add(dataset.name)  # e.g. its videos are not mounted: its downstream keys are unknown
     return keep, unknown
 
 
-def collect_garbage(ws: Workspace, extra_datasets: list[str], dry_run: bool) -> GcResult:
+def collect_garbage(ws: Workspace, extra_datasets: list[str], dry_run: bool, experiments: bool = False) -> GcResult:
     keep, unknown = roots(ws, extra_datasets)
     result = GcResult(kept_unknown=sorted(unknown))
+    kept: dict[Path, str] = {}
+    doomed: list[Path] = []
+    undecided: list[tuple[Path, dict | None]] = []
     for stage in ws.graph.order:
+        per_item = ws.graph[stage].per_item
         for d in ws.cache.stage_outputs(stage):
+            partial = d.name.endswith(".partial")
             key = d.name.removesuffix(".partial")
-            if (stage, key) in keep or is_locked(ws.cache.root, stage, key):
-                continue
-            manifest = ws.cache.read_manifest(d)
-            owner = manifest.get("dataset") if manifest else None
-            if unknown and (owner is None or owner in unknown):
-                continue
-            size = dir_size(d)
-            if not dry_run:
-                shutil.rmtree(d, ignore_errors=True)
-            result.removed.append((str(d), size))
+            if is_locked(ws.cache.root, stage, key):
+                kept[d] = "in use by a running stage (locked)"
+            elif (stage, key) in keep:
+                kept[d] = keep[(stage, key)] + (" (resumable partial run)" if partial else "")
+            elif partial and not per_item:
+                doomed.append(d)  # a dead run: nothing current will resume it
+            else:
+                undecided.append((d, ws.cache.read_manifest(d)))
+    for d, manifest in undecided:
+        owner = manifest.get("dataset") if manifest else None
+        stage = d.parent.name
+        if unknown and (owner is None or owner in unknown):
+            kept[d] = f"dataset {owner or '?'}: its current keys cannot be computed now"
+        elif not ws.graph[stage].per_item and not experiments:
+            kept[d] = "anonymous experiment (pipeline gc --experiments removes it)"
+    # what a kept output reads stays too
+    todo = [d for d in kept]
+    while todo:
+        manifest = ws.cache.read_manifest(todo.pop())
+        for up in ((manifest or {}).get("upstream") or {}).values():
+            up = Path(up)
+            if up not in kept and up.exists():
+                kept[up] = "read by a kept output"
+                todo.append(up)
+    doomed += [d for d, _ in undecided if d not in kept]
+    for d in sorted(doomed):
+        size = dir_size(d)
+        if not dry_run:
+            shutil.rmtree(d, ignore_errors=True)
+        result.removed.append((str(d), size))
+    result.kept = sorted((str(d), why) for d, why in kept.items())
     return result

@@ -175,7 +175,7 @@ class Planner:
 
     def imported(self) -> dict | None:
         if self._imports is False:
-            self._imports = lookup_import(self.ws.cache.root, self.dataset.name)
+            self._imports = lookup_import(self.ws.cache.root, self.dataset)
         return self._imports
 
     def annotations_fingerprint(self) -> str | None:
@@ -297,10 +297,10 @@ class Planner:
         return states
 
 
-def lookup_import(cache_root: Path, dataset_name: str) -> dict | None:
+def lookup_import(cache_root: Path, dataset: Dataset) -> dict | None:
     from pipeline.store.imports import lookup  # light: numpy, zarr and h5py load only with a store
 
-    return lookup(cache_root, dataset_name)
+    return lookup(cache_root, dataset)
 
 
 # ---------------------------------------------------------------- running
@@ -396,6 +396,11 @@ def run(ws: Workspace, dataset: Dataset, targets: list[str], sets: list[Override
                 break
         else:  # what dependants see: the committed output, the records now complete
             states[name] = planner.plan(name, states)
+    if options.name:
+        from pipeline.experiments import record_experiment
+
+        record_experiment(ws.cache.root, options.name, dataset, [o.source for o in sets],
+                          {n: st.key for n, st in states.items() if st.key is not None})
     return reports
 
 
@@ -434,9 +439,11 @@ def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, s
     else:
         out_dir = ws.cache.begin_whole(spec.name, st.key, force)
         items = []
+    run_name = options.name or f"{planner.dataset.name}-{st.key[:12]}"
     ctx = StageContext(name=spec.name, key=st.key, params=st.params, runtime=st.runtime, dataset=planner.dataset,
                        out_dir=out_dir, upstream={n: states[n].dir for n in spec.needs}, items=items,
-                       all_items=st.all_items(), options=options)
+                       all_items=st.all_items(), options=options,
+                       board_dir=ws.cache.root / "tensorboard" / run_name / spec.name)
     started = time.time()
     report = StageReport(spec.name, "ran", key=st.key, dir=str(st.dir))
     # under --json stdout carries one JSON object: whatever the stage prints goes to stderr

@@ -18,7 +18,7 @@ from pipeline.errors import ConfigError
 STAGE_FIELDS = ("entry", "needs", "code", "version", "per_item", "tasks", "file_params", "commands",
                 "params", "runtime")
 TOP_FIELDS = ("stages",)
-CACHE_ROOT_NAMES = ("datasets", "imports")
+CACHE_ROOT_NAMES = ("datasets", "imports", "experiments", "tensorboard")
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,7 @@ def test_bad_input_names_the_video_and_field():
     kept = make_item("v2", feats.shape, segments_s=[[1, 2], [18, 30]], labels=["run", "run"], outside="drop",
                      **args)
     assert kept.segments.shape == (1, 2) and kept.labels.tolist() == [INDEX["run"]]
-    with pytest.raises(ConfigError, match="video v3: features: 5 steps, shorter than one step"):
+    with pytest.raises(ConfigError, match="video v3: 5 feature steps, shorter than one step"):
         make_item("v3", (5, DIM), segments_s=[[1, 2]], labels=["run"], **args)
-    with pytest.raises(ConfigError, match="video v4: features: dimension 8 != localize.input_dim 16"):
+    with pytest.raises(ConfigError, match="video v4: feature dimension 8 != localize.input_dim 16"):
         make_item("v4", (40, 8), segments_s=[[1, 2]], labels=["run"], **args)
