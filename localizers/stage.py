@@ -2,7 +2,8 @@
 
 torch is imported inside the functions: the CLI imports this module while planning.
 
-Outputs of ``localize``: ``config.json`` (resolved config, classes, the extract store it read),
+Outputs of ``localize``: ``config.json`` (resolved config, classes, the extract store it read, and under
+``params`` the resolved values of this stage and extract: a valid ``--config`` file),
 ``checkpoint.pt`` (after every epoch, for resuming), ``train_log.csv``, ``model.pt`` (final weights and
 EMA weights). Outputs of ``localize_eval``: ``detections.json`` (ActivityNet submission format) and
 ``metrics.json``.
@@ -98,6 +99,8 @@ def train(ctx: StageContext) -> dict:
         "train_videos": [it.id for it in items],
         # relative: the cache may move as a whole
         "extract_dir": os.path.relpath(extract_dir, out.parent / ctx.key),
+        # what made this model, by stage: `pipeline run ... --config <this file>` makes it again
+        "params": dict(ctx.config),
     })
     device = _device(ctx.runtime)
     if not (out / MODEL_FILE).exists():
