@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Annotated, Any, Literal, Mapping
 
 from pipeline.errors import ConfigError
-from pipeline.schema import Alias, Device, Len, Range, SplitName, Threads, check_instance
+from pipeline.schema import Alias, Device, Len, Range, SplitName, Threads, apply, check_instance, frozen
 
 Positive = Annotated[int, Range(ge=1)]
 NonNegative = Annotated[int, Range(ge=0)]
@@ -121,7 +121,7 @@ class LocalizeConfig:
     @classmethod
     def from_json(cls, obj: Mapping) -> "LocalizeConfig":
         def build(kind, values):
-            return kind(**{f.name: as_config_value(values[f.name]) for f in fields(kind) if f.name in values})
+            return kind(**{f.name: frozen(values[f.name]) for f in fields(kind) if f.name in values})
         return cls(preset=obj["preset"], model=build(ModelConfig, obj["model"]),
                    train=build(TrainConfig, obj["train"]), data=build(DataConfig, obj["data"]),
                    test=build(TestConfig, obj["test"]))
@@ -166,33 +166,13 @@ PRESETS: dict[str, LocalizeConfig] = {
     ),
 }
 
-_SECTIONS = (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig), ("test", TestConfig))
-
-
-def as_config_value(value: Any) -> Any:
-    """JSON/YAML gives lists; the frozen configs hold tuples (hashable, comparable)."""
-    if isinstance(value, list):
-        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
-    return value
-
-
 def resolve(params: Mapping[str, Any]) -> LocalizeConfig:
     """``localize`` stage params (checked against the :class:`LocalizeConfig` schema by the planner:
     ``preset`` and any section field, flat) -> the validated config."""
-    params = dict(params)
-    name = params.pop("preset", "thumos_i3d")
+    name = params.get("preset") or "thumos_i3d"
     if name not in PRESETS:
         raise ConfigError(f"localize.preset: unknown preset {name!r} (known: {', '.join(sorted(PRESETS))})")
-    base = PRESETS[name]
-    owners = {f.name: section for section, kind in _SECTIONS for f in fields(kind)}
-    updates: dict[str, dict] = {section: {} for section, _ in _SECTIONS}
-    for key, value in params.items():
-        if value is None:  # not set: the preset's value
-            continue
-        if key not in owners:
-            raise ConfigError(f"localize.{key}: unknown parameter")
-        updates[owners[key]][key] = as_config_value(value)
-    cfg = replace(base, **{s: replace(getattr(base, s), **u) for s, u in updates.items() if u})
+    cfg = apply(PRESETS[name], params)
     validate(cfg)
     return cfg
 

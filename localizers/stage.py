@@ -135,19 +135,18 @@ def evaluate(ctx: StageContext) -> dict:
     from localizers.actionformer import build_model, load_video_scores, video_detections
     from localizers.anet_map import ANET_TIOUS, THUMOS_TIOUS, evaluate_detections
     from localizers.checkpoint_compat import load_checkpoint
-    from localizers.config import LocalizeConfig, TestConfig, as_config_value, validate
+    from localizers.config import LocalizeConfig, validate
+    from pipeline.schema import apply
     from pipeline.store import open_stage_store
 
     params = dict(ctx.params)  # checked against localizers.config.EvalParams when the run was planned
     split = params.get("split", "test")
     weights = params.get("weights", "ema")
-    test_fields = {f for f in TestConfig.__dataclass_fields__}
     train_dir = Path(ctx.upstream["localize"])
     with open(train_dir / CONFIG_FILE) as f:
         saved = json.load(f)
     cfg = LocalizeConfig.from_json(saved["config"])
-    overrides = {k: as_config_value(v) for k, v in params.items() if k in test_fields and v is not None}
-    cfg = replace(cfg, test=replace(cfg.test, **overrides))
+    cfg = replace(cfg, test=apply(cfg.test, params))  # the test settings set here, over the trained ones
     validate(cfg)
     if cfg.model.num_classes == 1 and len(saved["classes"]) > 1 and not cfg.test.ext_score_file:
         raise ConfigError("localize_eval.ext_score_file: a class-agnostic model (num_classes 1) needs "

@@ -196,6 +196,25 @@ def hints(cls: type) -> dict[str, Any]:
     return get_type_hints(cls, include_extras=True)
 
 
+def apply(base: Any, params: Mapping[str, Any]) -> Any:
+    """``base`` (a schema dataclass instance, e.g. a preset) with the stage's flat ``params`` set on the
+    section that holds each name; a null or absent one keeps ``base``'s value; lists become tuples."""
+    changes = {}
+    for name, hint in hints(type(base)).items():
+        value = getattr(base, name)
+        if dataclasses.is_dataclass(_strip(hint)):
+            if (section := apply(value, params)) is not value:
+                changes[name] = section
+        elif params.get(name) is not None:
+            changes[name] = frozen(params[name])
+    return dataclasses.replace(base, **changes) if changes else base
+
+
+def frozen(value: Any) -> Any:
+    """JSON/YAML lists -> tuples, as frozen dataclasses hold them (hashable, comparable)."""
+    return tuple(frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def check_instance(obj: Any, where: str) -> None:
     """Every field of a (frozen) dataclass instance against its annotation; sections recursively."""
     for name, hint in hints(type(obj)).items():
@@ -223,16 +242,19 @@ class StageSchema:
         self.names: dict[str, Param] = {}  # every accepted spelling: key, section.key, aliases
         self.sections: set[str] = set()
         for cls, runtime in ((params_cls, False), (runtime_cls, True)):
-            for name, hint in (hints(cls) if cls else {}).items():
-                section = _strip(hint)
-                if not dataclasses.is_dataclass(section):
-                    self._add(name, Param(name, hint, runtime), hint)
-                    continue
-                self.sections.add(name)
-                for sub, sub_hint in hints(section).items():
-                    param = Param(sub, sub_hint | None, runtime, name)  # null: not set here
-                    self._add(sub, param, sub_hint)
-                    self.names[f"{name}.{sub}"] = param
+            if cls is not None:
+                self._add_fields(cls, runtime, ())
+
+    def _add_fields(self, cls: type, runtime: bool, section: tuple[str, ...]) -> None:
+        for name, hint in hints(cls).items():
+            path = ".".join((*section, name))
+            if dataclasses.is_dataclass(_strip(hint)):  # a section (sections nest)
+                self.sections.add(path)
+                self._add_fields(_strip(hint), runtime, (*section, name))
+                continue
+            # in a section, null means "not set here"
+            self._add(name, Param(name, hint | None if section else hint, runtime, ".".join(section) or None), hint)
+            self.names[path] = self.names[name]
 
     def _add(self, name: str, param: Param, hint: Any) -> None:
         if name in self.names:
@@ -246,8 +268,8 @@ class StageSchema:
 
     def expand(self, path: tuple[str, ...], value: Any) -> list[tuple[tuple[str, ...], Any]]:
         """A section given as a mapping (``model: {embed_dim: 256}``) -> one (path, value) per field."""
-        if len(path) == 1 and path[0] in self.sections and isinstance(value, Mapping):
-            return [((path[0], str(k)), v) for k, v in value.items()]
+        if ".".join(path) in self.sections and isinstance(value, Mapping):
+            return [leaf for k, v in value.items() for leaf in self.expand((*path, str(k)), v)]
         return [(path, value)]
 
     def locate(self, path: tuple[str, ...]) -> tuple[Param, tuple[str, ...]]:

@@ -215,3 +215,70 @@ def test_the_config_json_of_a_training_run_makes_the_same_key(mini, capsys):
     evals = {_keys(capsys, manifest, cache, "--config", str(config), *a)["localize_eval"][0] for a in
              ([], ["--set", "localize_eval.test.nms_sigma=0.3"], ["--set", "localize_eval.nms_sigma=0.3"])}
     assert len(evals) == 2 and None not in evals
+
+
+# ---------------------------------------------------------------- any stage plugs in its own schema
+
+TOY_SCHEMA = '''\
+from dataclasses import dataclass
+from typing import Annotated
+
+from pipeline.errors import ConfigError
+from pipeline.schema import Range
+
+
+@dataclass(frozen=True)
+class Format:
+    width: Annotated[int, Range(ge=0, le=80)] = 0
+
+
+@dataclass(frozen=True)
+class TotalParams:
+    scale: Annotated[int, Range(ge=1, le=1000)] = 1
+    fmt: Format = Format()
+
+    @classmethod
+    def check_params(cls, params):
+        if params.get("scale", 1) * 10 < (params.get("width") or 0):
+            raise ConfigError("total.width: wider than ten times the scale")
+'''
+
+
+TOY_TOTAL = '''\
+import json
+
+from pipeline.schema import apply
+from toytotal.config import TotalParams
+from toytotal.fmt import render
+
+
+def total(ctx):
+    p = apply(TotalParams(), ctx.params)  # flat params onto the sections
+    records = sorted((ctx.upstream["upper"] / "items").glob("*.json"))
+    value = sum(json.loads(r.read_text())["chars"] for r in records) * p.scale
+    (ctx.out_dir / "total.txt").write_text(render(value, p.fmt.width))
+'''
+
+
+def test_a_stage_declares_its_schema_class_in_stages_yaml(toy):
+    """The mechanism is generic: the toy's stage plugs in a schema with a nested section and a check."""
+    toy.write("toytotal/config.py", TOY_SCHEMA)
+    toy.write("toytotal/stage.py", TOY_TOTAL)
+    stages = toy.root / "stages.yaml"
+    stages.write_text(stages.read_text().replace("    params: {scale: 1, fmt: {width: 0}}\n",
+                                                 "    schema: {params: toytotal.config:TotalParams}\n"
+                                                 "    params: {scale: 1}\n"))
+    for value, fragment in (("total.scale=0", "must be >= 1"), ("total.fmt.width=x", "expected an integer"),
+                            ("total.width=81", "must be <= 80"), ("total.scal=2", "did you mean total.scale"),
+                            ("total.width=30", "total.width: wider than ten times the scale")):
+        proc = toy.cli("run", "total", "--dataset", "toy", "--set", value, check=2)
+        assert fragment in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert toy.work("upper") == []
+    out = toy.run("--set", "total.fmt.width=12", "--set", "total.scale=2")
+    assert out["by_stage"]["total"]["status"] == "ran"
+    assert (toy.cache / "total" / out["by_stage"]["total"]["key"] / "total.txt").read_text() == "36".rjust(12)
+    # the flat name is the same key
+    assert toy.run("--set", "total.width=12", "--set", "total.scale=2")["by_stage"]["total"]["status"] == "cached"
+    stages.write_text(stages.read_text().replace("toytotal.config:TotalParams", "toytotal.nope:TotalParams"))
+    proc = toy.cli("status", "--dataset", "toy", check=2)
+    assert "stages.total.schema.params: cannot import toytotal.nope:TotalParams" in proc.stderr
