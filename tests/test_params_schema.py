@@ -282,3 +282,6 @@ def test_a_stage_declares_its_schema_class_in_stages_yaml(toy):
     stages.write_text(stages.read_text().replace("toytotal.config:TotalParams", "toytotal.nope:TotalParams"))
     proc = toy.cli("status", "--dataset", "toy", check=2)
     assert "stages.total.schema.params: cannot import toytotal.nope:TotalParams" in proc.stderr
+    stages.write_text(stages.read_text().replace("schema: {params:", "schema: {parms:"))
+    proc = toy.cli("status", "--dataset", "toy", check=2)
+    assert "stages.total.schema.parms: unknown field; known: params, runtime" in proc.stderr
