@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
+import functools
 import importlib
 import math
 import re
@@ -191,8 +192,9 @@ def problem(hint: Any, value: Any) -> str | None:
     return None if isinstance(value, hint) else f"expected {describe(hint)}, got {value!r}"
 
 
+@functools.lru_cache(maxsize=None)
 def hints(cls: type) -> dict[str, Any]:
-    """Field name -> annotation (markers kept) of a dataclass."""
+    """Field name -> annotation (markers kept) of a dataclass (evaluated once: planning pays for it)."""
     return get_type_hints(cls, include_extras=True)
 
 
