@@ -22,7 +22,7 @@ import numpy as np
 from extractors.clip_sampling import frames_needed
 from extractors.frame_rate import native_fps, resample_indices
 from extractors.preprocess import resize_shape
-from extractors.presets import Preset
+from extractors.presets import DECODERS, Preset  # DECODERS: named by the extract schema
 from pipeline.timemap import TimeGrid
 
 # decord reads these once, when its library loads (decord #248): they must be set before the first
@@ -30,8 +30,6 @@ from pipeline.timemap import TimeGrid
 os.environ.setdefault("DECORD_EOF_RETRY_MAX", "2048")
 os.environ.setdefault("DECORD_REWIND_RETRY_MAX", "8")
 os.environ.setdefault("DECORD_DUPLICATE_WARNING_THRESHOLD", "1.0")
-
-DECODERS = ("decord", "pyav")
 
 
 class DecodeError(Exception):

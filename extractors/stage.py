@@ -25,8 +25,6 @@ from extractors.presets import Preset, resolve_preset
 from pipeline.context import Item, StageContext
 from pipeline.errors import ConfigError
 
-_STORE_BACKENDS = ("zarr", "hdf5")
-_DTYPES = ("float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -43,8 +41,7 @@ class ExtractJob:
 
 def extract(ctx: StageContext) -> dict:
     started = time.perf_counter()
-    preset = resolve_preset(ctx.params)
-    _check_params(ctx.params)
+    preset = resolve_preset(ctx.params)  # params and runtime were checked against the schema when planned
     device = _resolve_device(ctx.runtime.get("device", "auto"))
     workers = max(0, int(ctx.options.workers))
     job = ExtractJob(dict(ctx.params), dict(ctx.runtime), Path(ctx.out_dir), workers, device)
@@ -227,20 +224,10 @@ def _decoders(runtime: Mapping[str, Any]) -> tuple[str, ...]:
     from extractors.decoding import DECODERS, available_decoders
 
     wanted = tuple(runtime.get("decoders") or DECODERS)
-    unknown = [d for d in wanted if d not in DECODERS]
-    if unknown:
-        raise ConfigError(f"extract.decoders: unknown decoder {unknown[0]!r}; known: {', '.join(DECODERS)}")
     usable = available_decoders(wanted)
     if not usable:
         raise ConfigError(f"extract.decoders: none of {list(wanted)} can be imported here")
     return usable
-
-
-def _check_params(params: Mapping[str, Any]) -> None:
-    if params.get("store", "zarr") not in _STORE_BACKENDS:
-        raise ConfigError(f"extract.store: must be one of {_STORE_BACKENDS}, got {params.get('store')!r}")
-    if params.get("dtype", "float16") not in _DTYPES:
-        raise ConfigError(f"extract.dtype: must be one of {_DTYPES}, got {params.get('dtype')!r}")
 
 
 def _resolve_device(device: str) -> str:

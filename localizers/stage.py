@@ -2,7 +2,8 @@
 
 torch is imported inside the functions: the CLI imports this module while planning.
 
-Outputs of ``localize``: ``config.json`` (resolved config, classes, the extract store it read),
+Outputs of ``localize``: ``config.json`` (resolved config, classes, the extract store it read, and under
+``params`` the resolved values of this stage and extract: a valid ``--config`` file),
 ``checkpoint.pt`` (after every epoch, for resuming), ``train_log.csv``, ``model.pt`` (final weights and
 EMA weights). Outputs of ``localize_eval``: ``detections.json`` (ActivityNet submission format), the same
 detections as ``results.pkl`` (ActionFormer's) and ``detections_thumos14.txt`` (THUMOS14's evaluator),
@@ -21,7 +22,6 @@ from pipeline.errors import ConfigError
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.json"
-EVAL_PARAMS = ("split", "weights", "tious", "checkpoint")
 
 
 def _device(runtime: Mapping[str, Any], log=print):
@@ -108,6 +108,8 @@ def train(ctx: StageContext) -> dict:
         "train_videos": [it.id for it in items],
         # relative: the cache may move as a whole
         "extract_dir": os.path.relpath(extract_dir, out.parent / ctx.key),
+        # what made this model, by stage: `pipeline run ... --config <this file>` makes it again
+        "params": dict(ctx.config),
     })
     device = _device(ctx.runtime, ctx.log)
     if not (out / MODEL_FILE).exists():
@@ -144,26 +146,20 @@ def evaluate(ctx: StageContext) -> dict:
     from localizers.actionformer import build_model, load_video_scores, video_detections
     from localizers.anet_map import ANET_TIOUS, THUMOS_TIOUS, evaluate_detections
     from localizers.checkpoint_compat import load_checkpoint
-    from localizers.config import LocalizeConfig, TestConfig, as_config_value, validate
+    from localizers.config import LocalizeConfig, validate
     from localizers.formats import write_results_pickle, write_thumos_txt
     from localizers.train import ema_warning
+    from pipeline.schema import apply
     from pipeline.store import open_stage_store
 
-    params = dict(ctx.params)
+    params = dict(ctx.params)  # checked against localizers.config.EvalParams when the run was planned
     split = params.get("split", "test")
     weights = params.get("weights", "ema")
-    if weights not in ("ema", "model"):
-        raise ConfigError(f"localize_eval.weights: must be ema or model, got {weights!r}")
-    test_fields = {f for f in TestConfig.__dataclass_fields__}
-    unknown = set(params) - test_fields - set(EVAL_PARAMS)
-    if unknown:
-        raise ConfigError(f"localize_eval.{sorted(unknown)[0]}: unknown parameter")
     train_dir = Path(ctx.upstream["localize"])
     with open(train_dir / CONFIG_FILE) as f:
         saved = json.load(f)
     cfg = LocalizeConfig.from_json(saved["config"])
-    overrides = {k: as_config_value(v) for k, v in params.items() if k in test_fields and v is not None}
-    cfg = replace(cfg, test=replace(cfg.test, **overrides))
+    cfg = replace(cfg, test=apply(cfg.test, params))  # the test settings set here, over the trained ones
     validate(cfg)
     if cfg.model.num_classes == 1 and len(saved["classes"]) > 1 and not cfg.test.ext_score_file:
         raise ConfigError("localize_eval.ext_score_file: a class-agnostic model (num_classes 1) needs "

@@ -25,9 +25,10 @@ _GLOBAL_FLAGS = ("--debug", "--json")
 USAGE = """pipeline [--cache-dir DIR] [--stages FILE] [--debug] [--json] COMMAND ...
 
 commands:
-  run <stage>|train|eval|all [--stage S] --dataset D [--set stage.param=value ...] [--force]
+  run <stage>|train|eval|all [--stage S] --dataset D [--config FILE] [--set stage.param=value ...] [--force]
         [--backend local|ray|dask] [--workers N] [--fail-fast|--keep-going] [--no-wait]
-  status [--dataset D] [--set ...]        done / stale (and what changed) / missing, per stage
+  status [--dataset D] [--config F] [--set ...]
+                                          done / stale (and what changed) / not run / missing, per stage
   gc [--dry-run] [--experiments] [--dataset D ...]
                                           remove what no current key, import or named experiment keeps
   runs [--dataset D]                      every experiment: name or key, what differs, status, mAP, time
@@ -50,6 +51,8 @@ def _split_globals(argv: list[str]) -> tuple[dict, list[str]]:
                 if i + 1 >= len(argv):
                     raise ConfigError(f"{name}: expected a value")
                 value, i = argv[i + 1], i + 1
+            if not value.strip():
+                raise ConfigError(f"{name}: expected a path, got {value!r}")
             opts[name[2:].replace("-", "_")] = value
         elif arg in _GLOBAL_FLAGS:
             opts[arg[2:]] = True
@@ -69,8 +72,13 @@ def _workspace(opts: dict):
     else:
         stages = Path("stages.yaml")
     stages = stages.resolve()
-    cache = opts["cache_dir"] or os.environ.get("PIPELINE_CACHE") or stages.parent / "cache"
-    return Workspace.open(stages, Path(cache).expanduser().resolve())
+    env = os.environ.get("PIPELINE_CACHE")
+    if env is not None and not env.strip() and not opts["cache_dir"]:
+        raise ConfigError("PIPELINE_CACHE: set but empty (unset it, or name the cache directory)")
+    cache = Path(opts["cache_dir"] or env or stages.parent / "cache").expanduser().resolve()
+    if cache.exists() and not cache.is_dir():
+        raise ConfigError(f"--cache-dir {cache}: not a directory")
+    return Workspace.open(stages, cache)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,14 +177,14 @@ def _compare(ws, opts: dict, argv: list[str]) -> int:
 
 def _run(ws, opts: dict, argv: list[str]) -> int:
     from pipeline.context import RunOptions
-    from pipeline.datasets import ensure_generated
-    from pipeline.runner import parse_sets, run, targets_for
+    from pipeline.runner import parse_config, parse_sets, run, targets_for
 
     p = CommandParser(prog="pipeline run", allow_abbrev=False)
     p.add_argument("what", help="a stage name, or train / eval (with --stage), or all")
     p.add_argument("--stage")
     p.add_argument("--dataset", required=True)
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="STAGE.PARAM=VALUE")
+    p.add_argument("--config", metavar="FILE", help="stage -> {param: value} (YAML or JSON), under --set")
     p.add_argument("--force", action="store_true")
     p.add_argument("--backend", choices=("local", "ray", "dask"), default="local")
     p.add_argument("--workers", type=int, default=1)
@@ -192,10 +200,9 @@ def _run(ws, opts: dict, argv: list[str]) -> int:
         from pipeline.experiments import check_name
 
         check_name(a.name)
-    sets = parse_sets(a.sets)
+    sets = (parse_config(a.config) if a.config else []) + parse_sets(a.sets)
     dataset = ws.load_dataset(a.dataset)
     targets = targets_for(ws.graph, dataset, a.what, a.stage)
-    dataset = ensure_generated(dataset, ws.cache.root)
     options = RunOptions(workers=a.workers, backend=a.backend, fail_fast=a.fail_fast, force=a.force,
                          debug=opts["debug"], json=opts["json"], name=a.name)
     reports = run(ws, dataset, targets, sets, options, wait=not a.no_wait)
@@ -231,14 +238,15 @@ def _print_run(reports) -> None:
 
 def _status(ws, opts: dict, argv: list[str]) -> int:
     from pipeline.datasets import known_manifests
-    from pipeline.runner import parse_sets
+    from pipeline.runner import parse_config, parse_sets
     from pipeline.status import explain, format_text
 
     p = CommandParser(prog="pipeline status", allow_abbrev=False)
     p.add_argument("--dataset", action="append", default=[])
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="STAGE.PARAM=VALUE")
+    p.add_argument("--config", metavar="FILE")
     a = p.parse_args(argv)
-    sets = parse_sets(a.sets)
+    sets = (parse_config(a.config) if a.config else []) + parse_sets(a.sets)
     out = []
     if a.dataset:  # named datasets: any error in them is the user's to fix (exit 2)
         for name in a.dataset:

@@ -62,6 +62,8 @@ class StageContext:
       get their persistent ``<key>`` directory, which accumulates items over runs.
     - ``upstream``: name -> output directory of each stage in ``needs`` (complete).
     - ``items`` / ``all_items``: per-item stages only: the items to (re)process now, and every item.
+    - ``config``: stage -> params and runtime values, for this stage and every stage it needs, as
+      resolved for this run: a valid ``--config`` file, so an output can say how to make it again.
     """
 
     name: str
@@ -74,6 +76,7 @@ class StageContext:
     items: list[Item] = field(default_factory=list)
     all_items: list[Item] = field(default_factory=list)
     options: RunOptions = field(default_factory=RunOptions)
+    config: Mapping[str, Any] = field(default_factory=dict)
     failures: list[dict] = field(default_factory=list)
     done_count: int = 0
     # TensorBoard run directory: one log root for the cache, runs named after the experiment (or

@@ -23,10 +23,12 @@ import shutil
 from dataclasses import dataclass, fields
 from fractions import Fraction
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 
 from pipeline.errors import ConfigError
+from pipeline.schema import Range, hints, problem
 
 # Bump when the drawn videos or their annotations change for the same spec.
 GENERATOR_VERSION = 2
@@ -35,21 +37,27 @@ CLASSES = ("sweep", "pulse", "spin", "blink")
 BACKGROUNDS = ("noise", "gradient", "flat")
 
 
+Count = Annotated[int, Range(ge=0, le=10000, why="a demo, not a benchmark")]
+Seconds = Annotated[float, Range(gt=0, le=3600)]
+# One video's frames are drawn in memory as float32 before encoding: bound them well under a small machine's RAM.
+MAX_VIDEO_BYTES = 2 << 30
+
+
 @dataclass(frozen=True)
 class DemoSpec:
-    """The `generate:` block of a demo manifest, validated once."""
+    """The `generate:` block of a demo manifest, validated once (bounds on the fields, then the whole)."""
 
-    seed: int = 0
-    train_videos: int = 24
-    test_videos: int = 8
-    duration_s: tuple[float, float] = (20.0, 40.0)
-    fps: int = 12
-    size: int = 64
-    classes: tuple[str, ...] = CLASSES
-    instances: tuple[int, int] = (2, 5)
-    action_s: tuple[float, float] = (3.0, 8.0)
-    min_gap_s: float = 1.0
-    backgrounds: tuple[str, ...] = BACKGROUNDS
+    seed: Annotated[int, Range(ge=0, le=2**32 - 1)] = 0
+    train_videos: Count = 24
+    test_videos: Count = 8
+    duration_s: tuple[Seconds, Seconds] = (20.0, 40.0)
+    fps: Annotated[int, Range(ge=2, le=120)] = 12
+    size: Annotated[int, Range(ge=32, le=1024)] = 64
+    classes: tuple[Literal[CLASSES], ...] = CLASSES
+    instances: tuple[Annotated[int, Range(ge=1, le=100)], Annotated[int, Range(ge=1, le=100)]] = (2, 5)
+    action_s: tuple[Seconds, Seconds] = (3.0, 8.0)
+    min_gap_s: Annotated[float, Range(ge=0, le=3600)] = 1.0
+    backgrounds: tuple[Literal[BACKGROUNDS], ...] = BACKGROUNDS
 
     @classmethod
     def from_dict(cls, spec: dict) -> "DemoSpec":
@@ -57,11 +65,10 @@ class DemoSpec:
         unknown = sorted(set(spec) - known)
         if unknown:
             raise ConfigError(f"generate.{unknown[0]}: unknown key; known: {', '.join(sorted(known))}")
-        values = {}
         for name, value in spec.items():
-            default = getattr(cls, name)
-            values[name] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
-        made = cls(**values)
+            if p := problem(hints(cls)[name], value):
+                raise ConfigError(f"generate.{name}: {p}")
+        made = cls(**{name: tuple(v) if isinstance(v, list) else v for name, v in spec.items()})
         made._check()
         return made
 
@@ -69,28 +76,25 @@ class DemoSpec:
         def bad(field: str, why: str) -> ConfigError:
             return ConfigError(f"generate.{field}: {why} (got {getattr(self, field)!r})")
 
-        for name in ("train_videos", "test_videos", "fps", "size", "seed"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise bad(name, "must be a non-negative integer")
         if self.train_videos + self.test_videos == 0:
             raise bad("train_videos", "the dataset needs at least one video")
-        if self.fps < 2:
-            raise bad("fps", "must be at least 2")
-        if self.size < 32 or self.size % 2:
-            raise bad("size", "must be even (H.264 in yuv420p) and at least 32")
+        if self.size % 2:
+            raise bad("size", "must be even (H.264 in yuv420p)")
         for name in ("duration_s", "instances", "action_s"):
             pair = getattr(self, name)
-            if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
-                raise bad(name, "must be [low, high] with 0 < low <= high")
-        unknown_classes = set(self.classes) - set(CLASSES)
-        if not self.classes or unknown_classes or len(set(self.classes)) != len(self.classes):
+            if not pair[0] <= pair[1]:
+                raise bad(name, "must be [low, high] with low <= high")
+        if not self.classes or len(set(self.classes)) != len(self.classes):
             raise bad("classes", f"a non-empty list of distinct names from {', '.join(CLASSES)}")
-        if not self.backgrounds or set(self.backgrounds) - set(BACKGROUNDS):
+        if not self.backgrounds:
             raise bad("backgrounds", f"a non-empty list from {', '.join(BACKGROUNDS)}")
-        if self.min_gap_s < 0:
-            raise bad("min_gap_s", "must be >= 0")
         if self.instances[0] * self.action_s[0] + (self.instances[0] + 1) * self.min_gap_s > self.duration_s[0]:
             raise bad("instances", "the fewest, shortest instances and their gaps do not fit the shortest video")
+        video_bytes = self.duration_s[1] * self.fps * self.size ** 2 * 3 * 4
+        if video_bytes > MAX_VIDEO_BYTES:
+            raise bad("duration_s", f"the longest video at fps {self.fps} and size {self.size} is "
+                                    f"{video_bytes / 2**30:.1f} GiB of frames in memory; at most "
+                                    f"{MAX_VIDEO_BYTES / 2**30:.0f} GiB (shorter videos, a lower fps or size)")
 
 
 def ensure_generated(spec: dict, out_dir: Path) -> tuple[Path, Path]:
