@@ -75,6 +75,9 @@ class TrainConfig:
     focal_gamma: Annotated[float, Range(ge=0, le=10)] = 2.0
     seed: Annotated[int, Range(ge=0, le=2**32 - 1, why="numpy seeds are 32-bit")] = 1234567891
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA and on AMX CPUs
+    # validation mAP@0.5 of the EMA weights on the dataset's `val` split every this many epochs (0: none)
+    val_every: Annotated[int, Range(ge=0, le=10000)] = 0
+    early_stop: Annotated[int, Range(ge=0, le=10000)] = 0  # stop after this many validations without gain (0: never)
 
     @property
     def total_epochs(self) -> int:

@@ -102,6 +102,9 @@ def train(ctx: StageContext) -> dict:
         feature_dim = store.attrs.get("feature_dim") or store.shape(store.videos()[0])[1]
         cfg = cfg.with_dims(int(feature_dim), len(ann.classes))
         items = _items(store, videos, cfg, ann.label_index(), str(ann.path), True, ctx.log)
+        if cfg.train.val_every:
+            val_subset, val_videos = _subset(ctx, ann, "val")
+            val_items = _items(store, val_videos, cfg, ann.label_index(), str(ann.path), False, ctx.log)
     out = Path(ctx.out_dir)
     write_json_atomic(out / CONFIG_FILE, {
         "config": cfg.to_json(), "classes": list(ann.classes), "train_subset": subset,
@@ -116,7 +119,12 @@ def train(ctx: StageContext) -> dict:
         ctx.log(f"localize: training {cfg.preset} on {len(items)} videos of {subset} "
                 f"({cfg.train.total_epochs} epochs, {device})")
         source = FeatureReader(extract_dir, [it.id for it in items], ctx.runtime.get("in_memory", "auto"))
-        result = fit(cfg, items, source, out, device=device, log=ctx.log, board_dir=ctx.board_dir)
+        validate = None
+        if cfg.train.val_every:
+            val_source = FeatureReader(extract_dir, [it.id for it in val_items], "auto")
+            validate = _validator(cfg, ann, val_subset, val_items, val_source, device)
+        result = fit(cfg, items, source, out, device=device, log=ctx.log, board_dir=ctx.board_dir,
+                     validate=validate)
         tmp = out / f".{MODEL_FILE}.tmp"
         torch.save({"model": result.model.state_dict(), "ema": result.ema.state_dict(), "steps": result.steps,
                     "config": cfg.to_json(), "classes": list(ann.classes)}, tmp)
@@ -126,6 +134,18 @@ def train(ctx: StageContext) -> dict:
                f"final loss {float(last.get('loss', 'nan')):.4f}")
     return {"summary": summary, "videos": len(items), "epochs": cfg.train.total_epochs,
             "final_loss": float(last.get("loss", "nan"))}
+
+
+def _validator(cfg, ann, subset: str, items: list, source, device):
+    """EMA weights -> mAP@0.5 on the ``val`` split (the periodic validation of training)."""
+    from localizers.actionformer import video_detections
+    from localizers.anet_map import evaluate_detections
+
+    def metric(model) -> float:
+        dets = {it.id: video_detections(model, source, it, cfg.test, ann.classes, device=device) for it in items}
+        return float(evaluate_detections(ann, dets, subset=subset, tious=[0.5], only_videos=dets).mAP[0])
+
+    return metric
 
 
 def _last_log_row(path: Path) -> dict:
