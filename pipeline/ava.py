@@ -143,7 +143,7 @@ def _read_text(path: Path, what: str) -> str:
         raise ConfigError(f"{path}: {what} file not readable ({e})") from None
 
 
-def _table(path: Path, what: str, ncols: tuple[int, ...], columns: str) -> tuple[list[list[str]], list[int]]:
+def read_table(path: Path, what: str, ncols: tuple[int, ...], columns: str) -> tuple[list[list[str]], list[int]]:
     """The rows of a header-less CSV (blank lines skipped) and their line numbers; every row has the
     column count of the first, which must be one of ``ncols``."""
     rows, lines = [], []
@@ -162,7 +162,7 @@ def _table(path: Path, what: str, ncols: tuple[int, ...], columns: str) -> tuple
     return rows, lines
 
 
-def _column(path: Path, rows: list[list[str]], lines: list[int], col: int, name: str,
+def number_column(path: Path, rows: list[list[str]], lines: list[int], col: int, name: str,
             integer: bool = False) -> np.ndarray:
     """One column as float64 (vectorised; the slow scan runs only to name the first bad row)."""
     values = [r[col] for r in rows]
@@ -184,7 +184,7 @@ def _column(path: Path, rows: list[list[str]], lines: list[int], col: int, name:
 
 
 def _boxes(path: Path, rows, lines) -> np.ndarray:
-    return np.stack([_column(path, rows, lines, 2 + i, name) for i, name in enumerate(_BOX_COLUMNS)], axis=1)
+    return np.stack([number_column(path, rows, lines, 2 + i, name) for i, name in enumerate(_BOX_COLUMNS)], axis=1)
 
 
 def _fix_boxes(boxes: np.ndarray, stats: ReadStats) -> tuple[np.ndarray, np.ndarray]:
@@ -201,8 +201,8 @@ def _fix_boxes(boxes: np.ndarray, stats: ReadStats) -> tuple[np.ndarray, np.ndar
 def read_exclusions(path: str | Path) -> set[tuple[str, int]]:
     """``video_id, timestamp`` rows (``ava_*_excluded_timestamps_*.csv``)."""
     path = Path(path)
-    rows, lines = _table(path, "excluded timestamps", (2,), "video_id, timestamp")
-    ts = _column(path, rows, lines, 1, "timestamp", integer=True)
+    rows, lines = read_table(path, "excluded timestamps", (2,), "video_id, timestamp")
+    ts = number_column(path, rows, lines, 1, "timestamp", integer=True)
     return {(r[0], int(t)) for r, t in zip(rows, ts)}
 
 
@@ -212,12 +212,12 @@ def read_boxes(path: str | Path, label_ids: set[int] | None = None) -> KeyframeT
     merged. ``label_ids``: the label map's ids; rows of other AVA actions are dropped and counted (their
     boxes stay, with the listed actions only, so training still sees those people)."""
     path = Path(path)
-    rows, lines = _table(path, "annotations", (7, 8), "video_id, timestamp, x1, y1, x2, y2, action_id, person_id")
+    rows, lines = read_table(path, "annotations", (7, 8), "video_id, timestamp, x1, y1, x2, y2, action_id, person_id")
     stats = ReadStats(str(path), rows=len(rows))
-    ts = _column(path, rows, lines, 1, "timestamp", integer=True).astype(np.int64)
+    ts = number_column(path, rows, lines, 1, "timestamp", integer=True).astype(np.int64)
     boxes = _boxes(path, rows, lines)
-    actions = _column(path, rows, lines, 6, "action_id", integer=True).astype(np.int64)
-    persons = (_column(path, rows, lines, 7, "person_id", integer=True).astype(np.int64) if rows and len(rows[0]) == 8
+    actions = number_column(path, rows, lines, 6, "action_id", integer=True).astype(np.int64)
+    persons = (number_column(path, rows, lines, 7, "person_id", integer=True).astype(np.int64) if rows and len(rows[0]) == 8
                else np.full(len(rows), -1, dtype=np.int64))
     listed = np.ones(len(rows), dtype=bool)
     if label_ids is not None:
@@ -289,11 +289,11 @@ def read_proposals(path: str | Path, min_score: float = 0.0) -> KeyframeTable:
 
 
 def _read_proposal_csv(path: Path) -> tuple[dict[tuple[str, int], np.ndarray], ReadStats]:
-    rows, lines = _table(path, "proposals", (7, 8), "video_id, timestamp, x1, y1, x2, y2, [action_id,] score")
+    rows, lines = read_table(path, "proposals", (7, 8), "video_id, timestamp, x1, y1, x2, y2, [action_id,] score")
     stats = ReadStats(str(path), rows=len(rows))
-    ts = _column(path, rows, lines, 1, "timestamp", integer=True).astype(np.int64)
+    ts = number_column(path, rows, lines, 1, "timestamp", integer=True).astype(np.int64)
     boxes = _boxes(path, rows, lines)
-    scores = _column(path, rows, lines, len(rows[0]) - 1, "score") if rows else np.zeros(0)
+    scores = number_column(path, rows, lines, len(rows[0]) - 1, "score") if rows else np.zeros(0)
     data = np.concatenate([boxes, scores[:, None]], axis=1)
     order: dict[tuple[str, int], list[int]] = {}
     for i, row in enumerate(rows):

@@ -1,0 +1,194 @@
+"""AVA frame-mAP: the vectorised evaluator (detectors/ava_map.py) against a straightforward one that walks
+the protocol row by row, keyframe by keyframe and class by class, as the reference code does.
+
+Data: the head of the real v2.1 validation GT (27,163 rows, 6,470 keyframes) from ../shared, and ~100k
+seeded detections around it: each GT box jittered, scored for its true actions and for random others,
+plus boxes on keyframes without GT, degenerate boxes and crowded keyframes that hit the top-50 cap.
+Scores with 3 decimals (as ACAR-Net writes them, so ties are common) or full precision.
+Both evaluators must give identical per-class APs; the script exits 1 otherwise.
+
+    python bench/ava_eval.py [--detections 100000] [--repeat 3] [--decimals 3|none]
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import math
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from detectors.ava_map import PROTOCOLS, DetectionRows, evaluate_frame_map  # noqa: E402
+from pipeline.ava import read_boxes, read_exclusions, read_labelmap  # noqa: E402
+
+
+def ava_dir() -> Path:
+    for d in (ROOT.parent / "shared/data/annotations/ava", ROOT.parent.parent / "shared/data/annotations/ava"):
+        if d.is_dir():
+            return d
+    sys.exit("bench/ava_eval.py: ../shared/data/annotations/ava not found")
+
+
+# ------------------------------------------------------------------------------- the straightforward one
+
+def _iou_matrix(det: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """det (N, 4), gt (M, 4) as [y1, x1, y2, x2]; float64 intersections as the reference box ops."""
+    inter_h = np.maximum(np.zeros((len(det), len(gt))), np.minimum(det[:, None, 2], gt[None, :, 2])
+                         - np.maximum(det[:, None, 0], gt[None, :, 0]))
+    inter_w = np.maximum(np.zeros((len(det), len(gt))), np.minimum(det[:, None, 3], gt[None, :, 3])
+                         - np.maximum(det[:, None, 1], gt[None, :, 1]))
+    inter = inter_h * inter_w
+    area_d = (det[:, 2] - det[:, 0]) * (det[:, 3] - det[:, 1])
+    area_g = (gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])
+    return inter / (area_d[:, None] + area_g[None, :] - inter)
+
+
+def _ap(scores: np.ndarray, tp: np.ndarray, num_gt: int) -> float:
+    order = np.argsort(scores)[::-1]
+    labels = tp[order].astype(int)
+    ctp, cfp = np.cumsum(labels), np.cumsum(1 - labels)
+    precision = np.concatenate([[0], ctp.astype(float) / (ctp + cfp), [0]])
+    recall = np.concatenate([[0], ctp.astype(float) / num_gt, [1]])
+    for i in range(len(precision) - 2, -1, -1):
+        precision[i] = max(precision[i], precision[i + 1])
+    steps = [i for i in range(1, len(recall)) if recall[i] != recall[i - 1]]
+    return float(np.sum([(recall[i] - recall[i - 1]) * precision[i] for i in steps]))
+
+
+def loop_frame_map(gt, rows: DetectionRows, labelmap, exclusions, protocol: str) -> dict[int, float]:
+    official = protocol == "official"
+    whitelist = set(labelmap)
+    entries: dict = defaultdict(list)
+    for i in range(len(rows)):
+        label = int(rows.label[i])
+        if label not in whitelist:
+            continue
+        x1, y1, x2, y2 = (float(v) for v in rows.boxes[i])
+        item = (float(rows.score[i]), label, y1, x1, y2, x2)
+        heap = entries[rows.frames[rows.frame[i]]]
+        if not official or len(heap) < 50:
+            (heapq.heappush if official else list.append)(heap, item)
+        elif item[0] > heap[0][0]:
+            heapq.heapreplace(heap, item)
+    dets = {k: sorted(v, key=lambda t: -t[0]) for k, v in entries.items()}
+    gt_rows: dict = defaultdict(list)
+    num_gt: dict = defaultdict(int)
+    for key, kf in gt.items():
+        for (x1, y1, x2, y2), actions in zip(kf.boxes.tolist(), kf.labels):
+            for a in actions:
+                if a in whitelist:
+                    gt_rows[key].append((a, [y1, x1, y2, x2]))
+                    if not official or key not in exclusions:
+                        num_gt[a] += 1
+    keys = [k for k in (dets if official else gt_rows) if k not in exclusions]
+    dtype = np.float64 if official else np.float32
+    scores: dict = defaultdict(list)
+    tps: dict = defaultdict(list)
+    for key in keys:
+        d = dets.get(key, [])
+        if official:
+            d = [t for t in d if t[4] > t[2] and t[5] > t[3]]
+        for c in (labelmap if official else {t[1] for t in d}):
+            dc = [t for t in d if t[1] == c]
+            gc = np.array([b for a, b in gt_rows.get(key, []) if a == c], dtype=dtype).reshape(-1, 4)
+            tp = np.zeros(len(dc), dtype=bool)
+            if len(gc) and dc:
+                iou = _iou_matrix(np.array([t[2:] for t in dc], dtype=dtype), gc)
+                taken = np.zeros(len(gc), dtype=bool)
+                for i in range(len(dc)):
+                    j = int(np.argmax(iou[i]))
+                    if iou[i, j] >= 0.5 and not taken[j]:
+                        tp[i] = taken[j] = True
+            scores[c].append(np.array([t[0] for t in dc], dtype=dtype))
+            tps[c].append(tp)
+    out = {}
+    for c in labelmap:
+        if num_gt[c] == 0 or (not official and c not in scores):
+            out[c] = math.nan
+        else:
+            out[c] = _ap(np.concatenate(scores[c]) if scores[c] else np.zeros(0), np.concatenate(tps[c])
+                         if tps[c] else np.zeros(0, bool), num_gt[c])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the data
+
+def make_detections(gt, labelmap, n: int, decimals: int | None, seed: int = 0) -> DetectionRows:
+    rng = np.random.default_rng(seed)
+    ids = np.array(sorted(labelmap))
+    index: dict = {}
+    frame, boxes, label, score = [], [], [], []
+
+    def emit(key, box, actions, scores):
+        frame.extend([index.setdefault(key, len(index))] * len(actions))
+        boxes.extend([box] * len(actions))
+        label.extend(actions)
+        score.extend(scores)
+
+    keys = list(gt)
+    while len(label) < n:
+        key = keys[rng.integers(len(keys))]
+        kf = gt[key]
+        for box, actions in zip(kf.boxes.astype(np.float64), kf.labels):
+            w, h = box[2] - box[0], box[3] - box[1]
+            jittered = box + rng.uniform(-0.15, 0.15, 4) * np.array([w, h, w, h])
+            others = rng.choice(ids, size=rng.integers(4, 12), replace=False)
+            emit(key, jittered.tolist(), list(actions) + others.tolist(),
+                 rng.uniform(0.3, 1.0, len(actions)).tolist() + rng.uniform(0, 0.6, len(others)).tolist())
+        if rng.random() < 0.05:  # a crowded keyframe: more than the cap
+            for _ in range(70):
+                x, y = rng.uniform(0, 0.8, 2)
+                emit(key, [x, y, x + 0.2, y + 0.2], [int(rng.choice(ids))], [float(rng.uniform(0, 0.3))])
+        if rng.random() < 0.1:  # a keyframe without GT, and a degenerate box
+            emit((key[0], key[1] + 10_000), [0.1, 0.1, 0.5, 0.9], [int(rng.choice(ids))], [0.9])
+            emit(key, [0.5, 0.1, 0.5, 0.9], [int(rng.choice(ids))], [0.95])
+    s = np.array(score)
+    if decimals is not None:
+        s = np.round(s, decimals)
+    return DetectionRows(list(index), np.array(frame), np.array(boxes), np.array(label), s)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--detections", type=int, default=100_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--decimals", default="3", help="score decimals, or 'none' for full precision")
+    args = ap.parse_args()
+    d = ava_dir()
+    labelmap = read_labelmap(d / "ava_action_list_v2.1_for_activitynet_2018.pbtxt")
+    gt = read_boxes(d / "ava_val_v2.1_head27163.csv", set(labelmap))
+    excluded = read_exclusions(d / "ava_val_excluded_timestamps_v2.1.csv")
+    rng = np.random.default_rng(1)
+    excluded |= {list(gt)[i] for i in rng.choice(len(gt), 40, replace=False)}  # the real ones miss the head
+    rows = make_detections(gt, labelmap, args.detections, None if args.decimals == "none" else int(args.decimals))
+    print(f"GT: {gt.stats.rows} rows, {len(gt)} keyframes; detections: {len(rows)} rows on {len(rows.frames)} "
+          f"keyframes; scores: {args.decimals} decimals; {len(excluded)} excluded keyframes")
+    ok = True
+    for protocol in PROTOCOLS:
+        times = []
+        for _ in range(args.repeat):
+            t = time.perf_counter()
+            ours = evaluate_frame_map(gt, rows, labelmap, excluded, protocol=protocol)
+            times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        loop = loop_frame_map(gt, rows, labelmap, excluded, protocol)
+        t_loop = time.perf_counter() - t
+        same = all((math.isnan(a) and math.isnan(loop[c])) or a == loop[c] for c, a in ours.per_class.items())
+        ok &= same
+        fast = statistics.median(times)
+        print(f"{protocol:>9}: vectorised {fast * 1000:7.1f} ms (median of {args.repeat}), loop "
+              f"{t_loop * 1000:8.1f} ms, ratio {t_loop / fast:5.1f}x; mAP {ours.mAP:.6f}; "
+              f"per-class APs {'identical' if same else 'DIFFER'}; {ours.counts}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
