@@ -82,7 +82,9 @@ def loop_frame_map(gt, rows: DetectionRows, labelmap, exclusions, protocol: str)
     gt_rows: dict = defaultdict(list)
     num_gt: dict = defaultdict(int)
     for key, kf in gt.items():
-        for (x1, y1, x2, y2), actions in zip(kf.boxes.tolist(), kf.labels):
+        # the reference readers sort a keyframe's GT rows by their 8th column (the person id), decreasing
+        people = sorted(zip(kf.person_ids, kf.boxes.tolist(), kf.labels), key=lambda p: -p[0])
+        for _, (x1, y1, x2, y2), actions in people:
             for a in actions:
                 if a in whitelist:
                     gt_rows[key].append((a, [y1, x1, y2, x2]))

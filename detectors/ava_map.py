@@ -223,18 +223,23 @@ def evaluate_frame_map(gt: Mapping[Frame, KeyframeBoxes], detections, labelmap: 
 
 
 def _gt_instances(gt, labelmap, index: dict, excluded: set):
-    """One (frame, class, box) per GT box and listed action, in file order; frames registered in ``index``
-    (a keyframe without listed actions is no GT keyframe, as the whitelisting reader has it)."""
+    """One (frame, class, box) per GT box and listed action; frames registered in ``index`` (a keyframe
+    without listed actions is no GT keyframe, as the whitelisting reader has it). Within a keyframe the
+    GT are in the reference readers' order: the 8th column (the person id) read as a score and sorted
+    decreasing, stably; it decides which GT an IoU tie goes to."""
     keys = list(gt)
     if not keys:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros(0, bool)
     boxes = np.concatenate([kf.boxes for kf in gt.values()]).astype(np.float64)
     box_frame = np.repeat(np.arange(len(keys)), [len(kf.labels) for kf in gt.values()])
+    person = np.fromiter((p for kf in gt.values() for p in kf.person_ids), dtype=np.int64, count=len(boxes))
     per_box = [acts for kf in gt.values() for acts in kf.labels]
     label = np.fromiter((a for acts in per_box for a in acts), dtype=np.int64)
     box = np.repeat(np.arange(len(per_box)), [len(a) for a in per_box])
     listed = np.isin(label, np.fromiter(labelmap, dtype=np.int64))
     label, box = label[listed], box[listed]
+    order = np.lexsort((np.arange(len(box)), -person[box], box_frame[box]))
+    label, box = label[order], box[order]
     frame_pos = box_frame[box]
     has = np.zeros(len(keys), dtype=bool)
     has[frame_pos] = True

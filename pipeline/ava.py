@@ -163,7 +163,7 @@ def read_table(path: Path, what: str, ncols: tuple[int, ...], columns: str) -> t
 
 
 def number_column(path: Path, rows: list[list[str]], lines: list[int], col: int, name: str,
-            integer: bool = False) -> np.ndarray:
+                  integer: bool = False) -> np.ndarray:
     """One column as float64 (vectorised; the slow scan runs only to name the first bad row)."""
     values = [r[col] for r in rows]
     try:
@@ -217,8 +217,8 @@ def read_boxes(path: str | Path, label_ids: set[int] | None = None) -> KeyframeT
     ts = number_column(path, rows, lines, 1, "timestamp", integer=True).astype(np.int64)
     boxes = _boxes(path, rows, lines)
     actions = number_column(path, rows, lines, 6, "action_id", integer=True).astype(np.int64)
-    persons = (number_column(path, rows, lines, 7, "person_id", integer=True).astype(np.int64) if rows and len(rows[0]) == 8
-               else np.full(len(rows), -1, dtype=np.int64))
+    persons = (number_column(path, rows, lines, 7, "person_id", integer=True).astype(np.int64)
+               if rows and len(rows[0]) == 8 else np.full(len(rows), -1, dtype=np.int64))
     listed = np.ones(len(rows), dtype=bool)
     if label_ids is not None:
         allowed = np.fromiter(set(label_ids), dtype=np.int64)
@@ -229,6 +229,7 @@ def read_boxes(path: str | Path, label_ids: set[int] | None = None) -> KeyframeT
             raise ConfigError(f"{path}:{lines[i]}: action_id: unknown label id {actions[i]} (not in the label map "
                               f"nor among AVA's actions 1..80)")
         stats.unlisted_rows = int((~listed).sum())
+    raw = boxes.tolist()
     boxes, changed = clip_boxes(boxes)
     keep = valid_boxes(boxes)
     merged: dict[tuple, list] = {}
@@ -236,7 +237,7 @@ def read_boxes(path: str | Path, label_ids: set[int] | None = None) -> KeyframeT
     degenerate, clipped = set(), set()  # counted per distinct box, not per row
     for i, row in enumerate(rows):
         frame = (row[0], int(ts[i]))
-        box_key = (frame, int(persons[i]), *row[2:6])
+        box_key = (frame, int(persons[i]), *raw[i])
         if not keep[i]:
             degenerate.add(box_key)
             continue

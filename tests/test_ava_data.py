@@ -198,7 +198,8 @@ def _detect_manifest(tmp_path, extra: str = "") -> Path:
     write(tmp_path, "train.csv", csv_rows([("v", 902, 0.1, 0.1, 0.5, 0.9, 12, 0), ("v", 903, 0.1, 0.1, 0.5, 0.9, 80, 0),
                                            ("w", 950, 0.1, 0.1, 0.5, 0.9, 79, 0)]))
     write(tmp_path, "excl.csv", "v,0903\nv,0905\n")
-    write(tmp_path, "boxes.csv", csv_rows([("v", 904, 0.1, 0.1, 0.5, 0.9, "", 0.9), ("v", 905, 0.1, 0.1, 0.5, 0.9, "", 0.9),
+    write(tmp_path, "boxes.csv", csv_rows([("v", 904, 0.1, 0.1, 0.5, 0.9, "", 0.9),
+                                           ("v", 905, 0.1, 0.1, 0.5, 0.9, "", 0.9),
                                            ("w", 950, 0.2, 0.1, 0.5, 0.9, "", 0.3)]))
     (tmp_path / "videos").mkdir(exist_ok=True)
     return write(tmp_path, "ava.yaml", f"""name: toyava

@@ -139,7 +139,9 @@ def test_greedy_matching_without_fallback_and_first_gt_on_iou_ties():
     # Matching runs in score order, not file order: the better-scored det takes g1 first.
     r = evaluate_frame_map(gt, dets(("v", 902, [0.04, 0.0, 0.54, 1.0], 12, 0.8), ("v", 902, g1, 12, 0.9)), LM)
     assert ap(r, 12) == 0.5
-    # Equal IoU with both GT (7/9): argmax takes the first GT; the next det can then take g2, not g1.
+    # Equal IoU with both GT (7/9): argmax takes the first GT in the readers' order, the higher person id
+    # first (the 8th column is read as a score and sorted): listed second with id 1, g1 still goes first.
+    gt = gt_of((("v", 902), [(g2, (12,)), (g1, (12,))]))
     between = [0.0625, 0.0, 0.5625, 1.0]
     r = evaluate_frame_map(gt, dets(("v", 902, between, 12, 0.9), ("v", 902, g2, 12, 0.8)), LM)
     assert ap(r, 12) == 1.0
