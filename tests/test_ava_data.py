@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ava_fixtures import LABELMAP_ID, LABELMAP_LABEL_ID, ROOT, csv_rows, needs_real_ava, real, write
+from ava_fixtures import LABELMAP_2019, LABELMAP_ID, LABELMAP_LABEL_ID, ROOT, csv_rows, needs_real_ava, real, write
 from pipeline.ava import (keyframe_id, load_split, parse_keyframe_id, read_boxes, read_exclusions, read_labelmap,
                           read_proposals)
 from pipeline.boxes import box_iou, clip_boxes, valid_boxes
@@ -40,7 +40,7 @@ def test_box_helpers():
         [True, False, False, False]
 
 
-@pytest.mark.parametrize("text", [LABELMAP_ID, LABELMAP_LABEL_ID, "12: stand\n79: talk to (e.g., self, a person, "
+@pytest.mark.parametrize("text", [LABELMAP_ID, LABELMAP_LABEL_ID, LABELMAP_2019, "12: stand\n79: talk to (e.g., self, a person, "
                                   "a group)\n\n80: watch (a person)\n"])
 def test_labelmap_syntaxes(tmp_path, text):
     assert read_labelmap(write(tmp_path, "map.pbtxt", text)) == {
