@@ -17,6 +17,7 @@ import heapq
 import math
 import statistics
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -26,7 +27,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from detectors.ava_map import PROTOCOLS, DetectionRows, evaluate_frame_map  # noqa: E402
+from detectors.ava_map import (PROTOCOLS, DetectionRows, evaluate_frame_map, read_detections_csv,  # noqa: E402
+                               write_detections_csv)
 from pipeline.ava import read_boxes, read_exclusions, read_labelmap  # noqa: E402
 
 
@@ -173,6 +175,15 @@ def main() -> int:
     rows = make_detections(gt, labelmap, args.detections, None if args.decimals == "none" else int(args.decimals))
     print(f"GT: {gt.stats.rows} rows, {len(gt)} keyframes; detections: {len(rows)} rows on {len(rows.frames)} "
           f"keyframes; scores: {args.decimals} decimals; {len(excluded)} excluded keyframes")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "detections.csv"
+        t = time.perf_counter()
+        write_detections_csv(path, rows)
+        t_write = time.perf_counter() - t
+        t = time.perf_counter()
+        read_detections_csv(path)
+        t_read = time.perf_counter() - t
+    print(f"detections CSV: write {t_write * 1000:.0f} ms, read {t_read * 1000:.0f} ms")
     ok = True
     for protocol in PROTOCOLS:
         times = []

@@ -32,6 +32,7 @@ import numpy as np
 
 from pipeline.ava import KeyframeBoxes, keyframe_id, number_column, read_table
 from pipeline.boxes import box_iou_pairs, valid_boxes
+from pipeline.context import write_text_atomic
 from pipeline.errors import ConfigError
 
 PROTOCOLS = ("official", "mmaction2")
@@ -82,14 +83,14 @@ def write_detections_csv(path: str | Path, detections, labelmap: Mapping[int, st
     score below ``min_score`` are left out (mmaction2 writes from 0.002). ``decimals=None`` writes every
     number exactly (what is read back is what was scored); ACAR-Net writes 3. Returns the rows written."""
     rows = detections if isinstance(detections, DetectionRows) else DetectionRows.from_keyframes(detections, labelmap)
-    keep = np.flatnonzero(rows.score >= min_score)
-    fmt = repr if decimals is None else (lambda x, d=decimals: f"{x:.{d}f}")
+    keep = rows.score >= min_score
     keys = [keyframe_id(v, t) for v, t in rows.frames]
-    lines = [f"{keys[rows.frame[i]]},{','.join(repr(float(c)) for c in rows.boxes[i])},{rows.label[i]},"
-             f"{fmt(float(rows.score[i]))}\n" for i in keep]
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text("".join(lines))
-    tmp.replace(path)
+    coords = iter([repr(c) for c in rows.boxes[keep].ravel().tolist()])
+    fmt = repr if decimals is None else (lambda x, d=decimals: f"{x:.{d}f}")
+    lines = [f"{keys[f]},{x1},{y1},{x2},{y2},{c},{fmt(s)}\n" for f, x1, y1, x2, y2, c, s in
+             zip(rows.frame[keep].tolist(), coords, coords, coords, coords, rows.label[keep].tolist(),
+                 rows.score[keep].tolist())]
+    write_text_atomic(Path(path), "".join(lines))
     return len(lines)
 
 

@@ -10,10 +10,12 @@ Planning never imports this module (it imports numpy).
 
 from __future__ import annotations
 
+import csv
 import pickle
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -143,26 +145,28 @@ def _read_text(path: Path, what: str) -> str:
         raise ConfigError(f"{path}: {what} file not readable ({e})") from None
 
 
-def read_table(path: Path, what: str, ncols: tuple[int, ...], columns: str) -> tuple[list[list[str]], list[int]]:
+def read_table(path: Path, what: str, ncols: tuple[int, ...], columns: str) -> tuple[list[list[str]], Sequence[int]]:
     """The rows of a header-less CSV (blank lines skipped) and their line numbers; every row has the
     column count of the first, which must be one of ``ncols``."""
-    rows, lines = [], []
-    width = None
-    for n, line in enumerate(_read_text(path, what).splitlines(), 1):
-        if not line.strip():
-            continue
-        row = [f.strip() for f in line.split(",")]
-        if width is None and len(row) in ncols:
-            width = len(row)
-        if len(row) != width:
-            expected = width if width is not None else " or ".join(map(str, ncols))
-            raise ConfigError(f"{path}:{n}: expected {expected} columns ({columns}), got {len(row)}")
-        rows.append(row)
-        lines.append(n)
+    text = _read_text(path, what)
+    rows = list(csv.reader(text.splitlines()))
+    if " " in text or "\t" in text:
+        rows = [[f.strip() for f in row] for row in rows]
+    lines: Sequence[int] = range(1, len(rows) + 1)
+    widths = set(map(len, rows))
+    if len(widths) != 1 or widths & {0, 1}:  # the slow path only for blank lines or a bad row
+        lines = [n for n, row in zip(lines, rows) if len(row) > 1 or (row and row[0])]
+        rows = [rows[n - 1] for n in lines]
+    width = next((len(row) for row in rows if len(row) in ncols), None)
+    if width is None or len(set(map(len, rows))) > 1:
+        for n, row in zip(lines, rows):
+            if len(row) != width:
+                expected = width if width is not None else " or ".join(map(str, ncols))
+                raise ConfigError(f"{path}:{n}: expected {expected} columns ({columns}), got {len(row)}")
     return rows, lines
 
 
-def number_column(path: Path, rows: list[list[str]], lines: list[int], col: int, name: str,
+def number_column(path: Path, rows: list[list[str]], lines: Sequence[int], col: int, name: str,
                   integer: bool = False) -> np.ndarray:
     """One column as float64 (vectorised; the slow scan runs only to name the first bad row)."""
     values = [r[col] for r in rows]
