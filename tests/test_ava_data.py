@@ -164,6 +164,11 @@ def test_proposal_pickle_as_mmaction2_writes_it(tmp_path):
     p = tmp_path / "dense_proposals.pkl"
     p.write_bytes(pickle.dumps({k: np.array(v, dtype=np.float32) for k, v in data.items()}, protocol=4))
     _check_proposals(read_proposals(p, min_score=0.5))
+    old = tmp_path / "numpy1.pkl"  # written under numpy 1, whose arrays pickle as numpy.core.multiarray
+    old.write_bytes(pickle.dumps({k: np.array(v) for k, v in data.items()}, protocol=2)
+                    .replace(b"numpy._core.", b"numpy.core."))
+    assert b"numpy.core.multiarray" in old.read_bytes()
+    _check_proposals(read_proposals(old, min_score=0.5))
     p5 = tmp_path / "proposals.bin"  # told apart from a CSV by its first byte too; protocol 5 buffers
     p5.write_bytes(pickle.dumps({k: np.array(v) for k, v in data.items()}, protocol=5))
     _check_proposals(read_proposals(p5, min_score=0.5))

@@ -76,6 +76,17 @@ def test_detections_on_keyframes_without_gt_are_false_positives_officially_and_i
     assert ap(mm, 12) == 1.0 and mm.counts["ignored_no_gt_frame"] == 1
 
 
+def test_the_reference_notes_synthetic_check():
+    """ava_heads.md §3: two GT keyframes and one extra detection at 0.95 on a keyframe without GT give
+    class AP 0.50 / mAP 0.75 under the official code and 0.833 / 0.917 under mmaction2 1.2.0."""
+    gt = gt_of((("v", 902), [(LEFT, (12,)), (RIGHT, (79,))]), (("v", 903), [(LEFT, (12,))]))
+    d = dets(("v", 902, LEFT, 12, 0.9), ("v", 902, RIGHT, 12, 0.8), ("v", 903, LEFT, 12, 0.7),
+             ("v", 902, RIGHT, 79, 0.6), ("v", 904, LEFT, 12, 0.95))
+    official, mm = (evaluate_frame_map(gt, d, LM, protocol=p) for p in ("official", "mmaction2"))
+    assert (ap(official, 12), official.mAP) == (pytest.approx(0.5), pytest.approx(0.75))
+    assert (ap(mm, 12), mm.mAP) == (pytest.approx(5 / 6), pytest.approx(11 / 12))
+
+
 def test_top_50_per_keyframe_across_classes():
     gt = gt_of((("v", 902), [(LEFT, (12,))]))
     crowd = [("v", 902, RIGHT, 79, 0.9 - i * 1e-3) for i in range(50)]
