@@ -126,38 +126,45 @@ def loop_frame_map(gt, rows: DetectionRows, labelmap, exclusions, protocol: str)
 # ------------------------------------------------------------------------------------------------ the data
 
 def make_detections(gt, labelmap, n: int, decimals: int | None, seed: int = 0) -> DetectionRows:
+    """~n seeded rows: GT boxes picked at random and jittered, each scored for one true action (0.3-1) and
+    4-11 random ones (0-0.6); 5 % of picks add 70 small boxes to their keyframe (over the cap of 50);
+    10 % add a box on a keyframe without GT and a zero-width box."""
     rng = np.random.default_rng(seed)
     ids = np.array(sorted(labelmap))
-    index: dict = {}
-    frame, boxes, label, score = [], [], [], []
-
-    def emit(key, box, actions, scores):
-        frame.extend([index.setdefault(key, len(index))] * len(actions))
-        boxes.extend([box] * len(actions))
-        label.extend(actions)
-        score.extend(scores)
-
     keys = list(gt)
-    while len(label) < n:
-        key = keys[rng.integers(len(keys))]
-        kf = gt[key]
-        for box, actions in zip(kf.boxes.astype(np.float64), kf.labels):
-            w, h = box[2] - box[0], box[3] - box[1]
-            jittered = box + rng.uniform(-0.15, 0.15, 4) * np.array([w, h, w, h])
-            others = rng.choice(ids, size=rng.integers(4, 12), replace=False)
-            emit(key, jittered.tolist(), list(actions) + others.tolist(),
-                 rng.uniform(0.3, 1.0, len(actions)).tolist() + rng.uniform(0, 0.6, len(others)).tolist())
-        if rng.random() < 0.05:  # a crowded keyframe: more than the cap
-            for _ in range(70):
-                x, y = rng.uniform(0, 0.8, 2)
-                emit(key, [x, y, x + 0.2, y + 0.2], [int(rng.choice(ids))], [float(rng.uniform(0, 0.3))])
-        if rng.random() < 0.1:  # a keyframe without GT, and a degenerate box
-            emit((key[0], key[1] + 10_000), [0.1, 0.1, 0.5, 0.9], [int(rng.choice(ids))], [0.9])
-            emit(key, [0.5, 0.1, 0.5, 0.9], [int(rng.choice(ids))], [0.95])
-    s = np.array(score)
+    people = [(k, box, acts) for k, kf in enumerate(gt.values()) for box, acts in zip(kf.boxes, kf.labels)
+              if acts]
+    picks = rng.integers(len(people), size=max(1, round(n / 12.2)))  # 12.2 rows per pick on average
+    frame_of = np.array([people[i][0] for i in picks])
+    box = np.array([people[i][1] for i in picks], dtype=np.float64)
+    true = np.array([people[i][2][rng.integers(len(people[i][2]))] for i in picks])
+    wh = np.tile(box[:, 2:] - box[:, :2], 2)
+    box = box + rng.uniform(-0.15, 0.15, box.shape) * wh
+    k = rng.integers(4, 12, size=len(picks))
+    parts = [(frame_of, box, true, rng.uniform(0.3, 1.0, len(picks))),
+             (np.repeat(frame_of, k), np.repeat(box, k, axis=0), rng.choice(ids, k.sum()),
+              rng.uniform(0, 0.6, k.sum()))]
+    crowd = frame_of[rng.random(len(picks)) < 0.05]
+    xy = rng.uniform(0, 0.8, (len(crowd) * 70, 2))
+    parts.append((np.repeat(crowd, 70), np.concatenate([xy, xy + 0.2], axis=1), rng.choice(ids, len(xy)),
+                  rng.uniform(0, 0.3, len(xy))))
+    odd = frame_of[rng.random(len(picks)) < 0.1]
+    parts.append((odd + len(keys), np.tile([0.1, 0.1, 0.5, 0.9], (len(odd), 1)), rng.choice(ids, len(odd)),
+                  np.full(len(odd), 0.9)))  # frame ids past the GT ones: keyframes 10,000 s later
+    parts.append((odd, np.tile([0.5, 0.1, 0.5, 0.9], (len(odd), 1)), rng.choice(ids, len(odd)),
+                  np.full(len(odd), 0.95)))
+    frame, boxes, label, score = (np.concatenate(x) for x in zip(*parts))
+    order = rng.permutation(len(frame))  # file order: interleaved, as a writer's keyframes are not
+    frame, boxes, label, score = frame[order], boxes[order], label[order], score[order]
     if decimals is not None:
-        s = np.round(s, decimals)
-    return DetectionRows(list(index), np.array(frame), np.array(boxes), np.array(label), s)
+        score = np.round(score, decimals)
+    seen, first = np.unique(frame, return_index=True)
+    by_first = seen[np.argsort(first)]
+    rank = np.empty(by_first.max() + 1, dtype=np.int64)
+    rank[by_first] = np.arange(len(by_first))
+    frames = [keys[f] if f < len(keys) else (keys[f - len(keys)][0], keys[f - len(keys)][1] + 10_000)
+              for f in by_first.tolist()]
+    return DetectionRows(frames, rank[frame], boxes, label.astype(np.int64), score)
 
 
 def main() -> int:
