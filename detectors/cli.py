@@ -17,7 +17,8 @@ PROG = "pipeline evaluate detect"
 
 
 def _parser() -> CommandParser:
-    p = CommandParser(prog=PROG, description="AVA frame-mAP@0.5 of a detections file.")
+    p = CommandParser(prog=PROG, description="AVA frame-mAP@0.5 of a detections file.",
+                      json_help="print one JSON object instead of the table")
     p.add_argument("--annotations", required=True, type=Path,
                    help="ground truth: AVA CSV (video_id, timestamp, x1, y1, x2, y2, action_id, person_id)")
     p.add_argument("--detections", required=True, type=Path,
@@ -29,7 +30,6 @@ def _parser() -> CommandParser:
     p.add_argument("--protocol", choices=("official", "mmaction2"), default="official",
                    help="official (ActivityNet / ACAR-Net calc_mAP: top 50 per keyframe, detections on "
                         "keyframes without GT are false positives) or mmaction2 1.x's variant")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 
 
