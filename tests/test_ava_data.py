@@ -40,8 +40,8 @@ def test_box_helpers():
         [True, False, False, False]
 
 
-@pytest.mark.parametrize("text", [LABELMAP_ID, LABELMAP_LABEL_ID, LABELMAP_2019, "12: stand\n79: talk to (e.g., self, a person, "
-                                  "a group)\n\n80: watch (a person)\n"])
+@pytest.mark.parametrize("text", [LABELMAP_ID, LABELMAP_LABEL_ID, LABELMAP_2019,
+                                  "12: stand\n79: talk to (e.g., self, a person, a group)\n\n80: watch (a person)\n"])
 def test_labelmap_syntaxes(tmp_path, text):
     assert read_labelmap(write(tmp_path, "map.pbtxt", text)) == {
         12: "stand", 79: "talk to (e.g., self, a person, a group)", 80: "watch (a person)"}
