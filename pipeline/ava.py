@@ -203,13 +203,13 @@ class CsvTable:
             out = values.astype(np.float64)
         else:
             try:
-                out = np.array([float(v) for v in values], dtype=np.float64)
+                out = np.array([float(str(v)) for v in values], dtype=np.float64)
             except ValueError:
                 pass
         if out is None or not np.isfinite(out).all() or (integer and (out != np.round(out)).any()):
             for i, v in enumerate(values.tolist()):
                 try:
-                    x = float(v)
+                    x = float(str(v))
                 except ValueError:
                     x = None
                 if x is None or not math.isfinite(x) or (integer and x != round(x)):
