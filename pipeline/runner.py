@@ -357,6 +357,16 @@ def run(ws: Workspace, dataset: Dataset, targets: list[str], sets: list[Override
             planner.check_files(name)  # a missing checkpoint fails now, not after hours of upstream work
     dataset.check_paths(need_videos=any(ws.graph[n].per_item and not (n == "extract" and imported)
                                         for n in names))
+    from pipeline.locking import Holds
+
+    with Holds(ws.cache.root) as holds:
+        return _run_stages(ws, planner, names, targets, options, wait, holds)
+
+
+def _run_stages(ws: Workspace, planner: Planner, names: list[str], targets: list[str], options: RunOptions,
+                wait: bool, holds) -> list[StageReport]:
+    from pipeline.locking import stage_lock
+
     states: dict[str, StageState] = {}
     reports: list[StageReport] = []
     failed: set[str] = set()
@@ -369,6 +379,11 @@ def run(ws: Workspace, dataset: Dataset, targets: list[str], sets: list[Override
             continue
         force = options.force and name in targets
         st = planner.plan(name, states)
+        if st.key is not None:
+            # Held until the run ends, so gc leaves it alone; planned again once held, in case a gc
+            # was deleting it just then.
+            holds.hold(name, st.key)
+            st = planner.plan(name, states)
         states[name] = st
         if st.state == "imported":
             reports.append(_cached_report(ws, st, "imported"))
@@ -380,15 +395,13 @@ def run(ws: Workspace, dataset: Dataset, targets: list[str], sets: list[Override
         if st.done and not force:
             reports.append(_cached_report(ws, st, "cached"))
             continue
-        from pipeline.locking import stage_lock
-
         with stage_lock(ws.cache.root, name, st.key, wait=wait, quiet=options.json):
             st = planner.plan(name, states)  # another run may have finished it while we waited
             states[name] = st
             if st.done and not force:
                 reports.append(_cached_report(ws, st, "cached"))
                 continue
-            report = _execute(ws, planner, spec, st, states, options, force)
+            report = _execute(ws, planner, ws.graph[name], st, states, options, force)
         reports.append(report)
         if report.status == "failed":
             failed.add(name)
