@@ -139,6 +139,7 @@ class StageState:
     runtime: dict = field(default_factory=dict)
     inputs: list[tuple[str, str, str]] = field(default_factory=list)  # per-item: (id, path, fingerprint)
     todo: list[Item] = field(default_factory=list)  # per-item: items missing or changed
+    unusable: list[tuple[str, str, str]] = field(default_factory=list)  # per-item: (file, path, reason)
     records: dict = field(default_factory=dict)      # per-item: id -> record of current, complete items
     reasons: list[str] = field(default_factory=list)
 
@@ -161,6 +162,7 @@ class Planner:
         self.dataset = dataset
         self.resolved = resolve_params(ws.graph, dataset, list(sets))
         self._inputs: list[tuple[str, str, str]] | None = None
+        self._unusable: list[tuple[str, str, str]] = []
         self._imports: dict | None | bool = False  # False: not looked up yet
         self._annotations_fp: str | None | bool = False
 
@@ -168,7 +170,7 @@ class Planner:
         """(id, absolute path, fingerprint) of every item of the dataset (Path objects are built only
         for the items a stage processes: on a no-op rerun over thousands of videos they would dominate)."""
         if self._inputs is None:
-            pairs = list_items(self.dataset)
+            pairs, self._unusable = list_items(self.dataset)
             fps = self.ws.index.fingerprints(p for _, p in pairs)
             self._inputs = [(vid, p, fps[p]) for vid, p in pairs]
         return self._inputs
@@ -229,6 +231,11 @@ class Planner:
             st.reasons.append(self.dataset.videos_error or f"videos directory not found: {self.dataset.videos}")
             return
         st.inputs = self.inputs()
+        st.unusable = self._unusable
+        if st.unusable:
+            shown = ", ".join(f"{name} ({why})" for name, _, why in st.unusable[:5])
+            st.reasons.append(f"{len(st.unusable)} file(s) are not usable videos: {shown}"
+                              + (" ..." if len(st.unusable) > 5 else ""))
         records = self.ws.cache.read_records(st.dir)
         st.todo = [Item(vid, Path(path), fp) for vid, path, fp in st.inputs
                    if records.get(vid, {}).get("source_fingerprint") != fp]
@@ -455,6 +462,8 @@ def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, s
     # under --json stdout carries one JSON object: whatever the stage prints goes to stderr
     quiet_stdout = contextlib.redirect_stdout(sys.stderr) if options.json else contextlib.nullcontext()
     try:
+        for name, path, why in st.unusable:  # into the failures file; the videos go on
+            ctx.item_failed(Item(name, Path(path), ""), "unusable_file", why)
         with quiet_stdout:
             result = fn(ctx)
         if result is not None and not isinstance(result, dict):
@@ -486,8 +495,9 @@ def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, s
                 report.failures.append({"id": it.id, "stage": spec.name, "kind": "not-recorded",
                                         "message": "the stage returned without recording this item",
                                         "path": str(it.path)})
+        n_unusable = len({name for name, _, _ in st.unusable})
         n_failed = len({f["id"] for f in report.failures})
-        report.items = {"total": len(st.inputs), "done": len(items) - n_failed,
+        report.items = {"total": len(st.inputs) + n_unusable, "done": len(items) - (n_failed - n_unusable),
                         "skipped": len(st.inputs) - len(items), "failed": n_failed}
         manifest["items"] = report.items
         ws.cache.write_records_snapshot(out_dir, records)
