@@ -32,3 +32,43 @@ def test_odd_files_fail_alone_and_the_dataset_goes_on(toy):
     assert why["dangling.mp4"].startswith("dangling symlink")
     assert "directory" in why["folder.mp4"] and "FIFO" in why["pipe.mp4"]
     assert "a.mkv and a.mp4" in why["a.mp4"] and why["a.mp4"] == why["a.mkv"]
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_user_checkpoints_are_read_as_weights_only(tmp_path, monkeypatch):
+    """A checkpoint that would run code on load is refused with the reason, in one line; so is a file
+    that is not a checkpoint at all."""
+    import pickle
+
+    import torch
+
+    from localizers.actionformer import build_model
+    from localizers.checkpoint_compat import load_checkpoint
+    from localizers.config import PRESETS
+    from pipeline.errors import ConfigError
+    from pipeline.untrusted import load_pickle
+
+    monkeypatch.chdir(tmp_path)
+    model = build_model(PRESETS["demo"].with_dims(16, 2))
+    evil = tmp_path / "epoch_034.pth.tar"
+    torch.save({"state_dict_ema": model.state_dict(), "extra": _RunsCode()}, evil)
+    with pytest.raises(ConfigError, match=r"epoch_034\.pth\.tar: refused: loading it would run code named in "
+                                          r"the file \((posix|os)\.system\)") as err:
+        load_checkpoint(model, evil)
+    assert "\n" not in str(err.value) and not (tmp_path / "pwned").exists()
+    junk = tmp_path / "notes.pt"
+    junk.write_text("these are my notes, not weights")
+    with pytest.raises(ConfigError, match=r"notes\.pt: cannot read as a PyTorch checkpoint"):
+        load_checkpoint(model, junk)
+    plain = tmp_path / "plain.pt"
+    torch.save({"state_dict_ema": model.state_dict(), "epoch": 34}, plain)
+    load_checkpoint(model, plain)  # a plain official-layout file still loads
+    feats = tmp_path / "v.pkl"
+    feats.write_bytes(pickle.dumps({"feats": _RunsCode()}))
+    with pytest.raises(ConfigError, match=r"v\.pkl: refused: .*\((posix|os)\.system\)"):
+        load_pickle(feats)
+    assert not (tmp_path / "pwned").exists()
