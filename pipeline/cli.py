@@ -212,11 +212,14 @@ def _gc(ws, opts: dict, argv: list[str]) -> int:
     res = collect_garbage(ws, a.dataset, a.dry_run)
     if opts["json"]:
         print(json.dumps({"command": "gc", "dry_run": a.dry_run, "removed": [p for p, _ in res.removed],
-                          "bytes": res.bytes, "kept_unknown": res.kept_unknown, "held": res.held}))
+                          "bytes": res.bytes, "kept_unknown": res.kept_unknown, "held": res.held,
+                          "leftovers": res.leftovers}))
         return 0
     verb = "would remove" if a.dry_run else "removed"
     for path, size in res.removed:
         print(f"{verb} {path} ({_human(size)})")
+    for path in res.leftovers:
+        print(f"{verb} {path} (left by a killed write)")
     for path in res.held:
         print(f"kept {path}: a running stage reads or writes it", file=sys.stderr)
     for name in res.kept_unknown:

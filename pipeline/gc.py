@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.cache import dir_size
+from pipeline.cache import dir_size, leftovers, remove_leftovers
 from pipeline.datasets import known_manifests
 from pipeline.errors import ConfigError
 from pipeline.locking import claim
@@ -26,6 +26,7 @@ class GcResult:
     removed: list[tuple[str, int]] = field(default_factory=list)
     kept_unknown: list[str] = field(default_factory=list)  # datasets whose outputs were kept whole
     held: list[str] = field(default_factory=list)  # entries a running stage reads or writes
+    leftovers: list[str] = field(default_factory=list)  # temporary files of killed writes
 
     @property
     def bytes(self) -> int:
@@ -78,4 +79,8 @@ def collect_garbage(ws: Workspace, extra_datasets: list[str], dry_run: bool) -> 
                 if not dry_run:
                     shutil.rmtree(d, ignore_errors=True)
             result.removed.append((str(d), size))
+    found = leftovers(ws.cache.root)
+    if not dry_run:
+        remove_leftovers(ws.cache.root)
+    result.leftovers = [str(p) for p in found]
     return result

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import Cache
+from pipeline.cache import Cache, remove_leftovers
 from pipeline.context import Item, RunOptions, StageContext
 from pipeline.datasets import Dataset, list_items, load_dataset
 from pipeline.errors import ConfigError, PipelineError, WorkFailed
@@ -454,6 +454,10 @@ def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, s
     else:
         out_dir = ws.cache.begin_whole(spec.name, st.key, force)
         items = []
+    # Temporary files of a killed earlier attempt (they would end up inside the finished output);
+    # a per-item stage's records only: its store may hold many files.
+    remove_leftovers(out_dir, recursive=False)
+    remove_leftovers(out_dir / "items", recursive=False)
     ctx = StageContext(name=spec.name, key=st.key, params=st.params, runtime=st.runtime, dataset=planner.dataset,
                        out_dir=out_dir, upstream={n: states[n].dir for n in spec.needs}, items=items,
                        all_items=st.all_items(), options=options)

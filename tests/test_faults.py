@@ -72,3 +72,36 @@ def test_user_checkpoints_are_read_as_weights_only(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"v\.pkl: refused: .*\((posix|os)\.system\)"):
         load_pickle(feats)
     assert not (tmp_path / "pwned").exists()
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_leftovers_of_killed_writes_are_reported_and_cleaned(toy):
+    out = toy.run("--set", "total.scale=2")
+    upper_key, total_key = out["by_stage"]["upper"]["key"], out["by_stage"]["total"]["key"]
+    dead = _dead_pid()
+    items = toy.cache / "upper" / upper_key / "items"
+    stale = items / f".a.json.{dead}.tmp"
+    live = items / f".b.json.{os.getpid()}.tmp"  # a write in flight: never touched
+    stale.write_text("{")
+    live.write_text("{")
+    # a killed training attempt's checkpoint inside the partial output the next run resumes
+    partial = toy.cache / "total" / f"{total_key}.partial"
+    partial.mkdir()
+    (partial / f".checkpoint.pt.{dead}.tmp").write_bytes(b"half")
+    proc = toy.cli("--json", "verify", check=1)
+    assert json.loads(proc.stdout)["leftovers"] == [str(partial / f".checkpoint.pt.{dead}.tmp"), str(stale)]
+    (toy.cache / "total" / total_key).rename(toy.cache / "total" / "elsewhere")  # make total run again
+    toy.run("--set", "total.scale=2")
+    assert not (partial / f".checkpoint.pt.{dead}.tmp").exists()
+    assert not list((toy.cache / "total" / total_key).glob(".*.tmp"))
+    proc = toy.cli("--json", "gc")
+    assert json.loads(proc.stdout)["leftovers"] == [str(stale)]
+    assert not stale.exists() and live.exists()
