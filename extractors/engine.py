@@ -35,6 +35,7 @@ from extractors.decoding import DecodeError, DecodeSpec, VideoMeta, decode_video
 from extractors.preprocess import FramePreprocessor
 from extractors.presets import Preset
 from pipeline.context import Item
+from pipeline.errors import describe_error
 from pipeline.timemap import TimeGrid
 
 # Frame chunks in flight between decode workers and the main process, per worker.
@@ -476,7 +477,7 @@ class Engine:
             try:
                 on_done(item, feats, meta, seconds)
             except Exception as e:
-                self.write_errors.put((item, f"{type(e).__name__}: {e}"))
+                self.write_errors.put((item, describe_error(e)))
 
     def _drain_write_errors(self) -> None:
         while True:

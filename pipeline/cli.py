@@ -1,6 +1,8 @@
 """The ``pipeline`` command.
 
-Exit codes: 0 done, 1 some work failed, 2 usage or configuration error. Every user-caused error is one
+Exit codes: 0 done, 1 some work failed (or the machine did: no space, disk quota, I/O error), 2 usage or
+configuration error (also a path the machine refuses: not writable, read-only, a directory where a file
+is expected). Every user-caused error is one
 line ``pipeline: error: <message>`` on stderr (the traceback only with ``--debug``); ``--json`` makes
 stdout one JSON object.
 """
@@ -14,7 +16,7 @@ import traceback
 from pathlib import Path
 
 from pipeline.cli_args import CommandParser
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, environment_fault
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STORE_COMMANDS = {"verify": "verify", "import-features": "import_features", "export": "export_features"}
@@ -86,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `pipeline status | head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as exc:  # the machine, not a bug: the path and the cause
+        if debug:
+            traceback.print_exc()
+        fault = environment_fault(exc)
+        print(f"pipeline: error: {fault}", file=sys.stderr)
+        return fault.exit_code
     except Exception as exc:  # a bug, not a user error: say where to look
         if debug:
             traceback.print_exc()

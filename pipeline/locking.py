@@ -74,8 +74,11 @@ def stage_lock(cache_root: Path, stage: str, key: str, wait: bool = True, quiet:
             if not quiet:
                 print(f"{stage}: waiting for {holder} to finish key {key}", file=sys.stderr, flush=True)
             fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        try:  # who holds it, for the message of a second run; a full disk must not stop this one
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        except OSError:
+            pass
         yield
     finally:
         _close(fd)

@@ -22,7 +22,7 @@ from typing import Any
 from pipeline.cache import Cache, remove_leftovers
 from pipeline.context import Item, RunOptions, StageContext
 from pipeline.datasets import Dataset, list_items, load_dataset
-from pipeline.errors import ConfigError, PipelineError, WorkFailed
+from pipeline.errors import ConfigError, PipelineError, WorkFailed, environment_fault
 from pipeline.fingerprints import FingerprintIndex
 from pipeline.keys import KEY_FORMAT, code_files, records_digest, stage_key
 from pipeline.stage_graph import StageGraph, StageSpec, load_stage_graph, load_yaml, locate_module
@@ -477,6 +477,10 @@ def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, s
         return _failed(report, str(exc), ctx, started)
     except PipelineError:
         raise
+    except OSError as exc:  # the machine refused (space, permissions): the run stops, in one line
+        if options.debug:
+            traceback.print_exc()
+        raise environment_fault(exc, out_dir) from exc
     except Exception as exc:
         if options.debug:
             traceback.print_exc()

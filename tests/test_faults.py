@@ -105,3 +105,35 @@ def test_leftovers_of_killed_writes_are_reported_and_cleaned(toy):
     proc = toy.cli("--json", "gc")
     assert json.loads(proc.stdout)["leftovers"] == [str(stale)]
     assert not stale.exists() and live.exists()
+
+
+@pytest.mark.parametrize("case", ["file as cache dir", "directory as stages file", "read-only cache"])
+def test_environment_errors_are_one_line_naming_path_and_cause(toy, case, tmp_path):
+    import subprocess
+
+    argv = toy.argv("run", "upper", "--dataset", "toy")
+    if case == "file as cache dir":
+        blocker = toy.write("blocker", "x")
+        argv[argv.index("--cache-dir") + 1] = str(blocker)
+        want = f"pipeline: error: {blocker}/"
+        cause = "a file where a directory is expected"
+    elif case == "directory as stages file":
+        argv[argv.index("--stages") + 1] = str(toy.root)
+        want, cause = f"pipeline: error: {toy.root}: ", "is a directory where a file is expected"
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)],
+                          capture_output=True).returncode:
+            pytest.skip("cannot mount a read-only tmpfs here")
+        argv[argv.index("--cache-dir") + 1] = str(ro / "cache")
+        want, cause = f"pipeline: error: {ro}/cache: ", "read-only file system"
+    try:
+        proc = subprocess.run(argv, cwd=toy.root, env=toy.env, capture_output=True, text=True, timeout=60)
+    finally:
+        if case == "read-only cache":
+            subprocess.run(["umount", str(tmp_path / "ro")])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(want) and lines[0].endswith(cause), lines[0]
+    assert "Error" not in lines[0]
