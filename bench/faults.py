@@ -73,6 +73,9 @@ CORE_BAD_SETS = ["extract.nope=1", "nostage.x=1", "extract=1", "extract.=1", ".x
                  "extract.store=parquet", "extract.dtype=int8"]
 
 
+KILL_MODES = ("driver-9", "driver-term", "mid-write", "worker")
+
+
 class Campaign:
     def __init__(self, work: Path, seed: int, log=print):
         self.work = work
@@ -151,10 +154,12 @@ class Campaign:
         return out
 
     # -- kills ----------------------------------------------------------------------------------
-    def kills(self, n: int, reference: bool = True) -> None:
+    def kills(self, n: int, reference: bool = True, videos: tuple[int, int] = (6, 3),
+              modes: tuple[str, ...] = ()) -> None:
+        """``n`` chained runs, each killed (``modes`` in turn, else a random one), then a final run."""
         cache = self.work / "kills"
         shutil.rmtree(cache, ignore_errors=True)
-        manifest = self.mini("kills", train=6, test=3)
+        manifest = self.mini("kills", *videos)
         args = ("run", "extract", "--dataset", str(manifest), "--workers", "2")
         # generate the videos first: the kills are aimed at extraction
         self.cli(cache, "run", "extract", "--dataset", str(manifest), "--set", "extract.stride=1000000",
@@ -166,7 +171,7 @@ class Campaign:
             if len(self.records(cache)) == n_videos:  # the last run finished: kill the next from scratch
                 shutil.rmtree(cache / "extract", ignore_errors=True)
                 kept = {}
-            mode = self.rng.choice(["driver-9", "driver-term", "mid-write", "worker"])
+            mode = modes[trial % len(modes)] if modes else self.rng.choice(KILL_MODES)
             proc = subprocess.Popen(self.argv(cache, *args, "--no-wait"), cwd=self.work, env=self.env,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             fired = self._fire(proc, cache, mode)
@@ -316,16 +321,21 @@ class Campaign:
             subprocess.run(["umount", str(mnt)], capture_output=True)
 
     # -- fuzzer -----------------------------------------------------------------------------------
-    def fuzz(self, n: int, bad_sets: list[str] = (), sets: bool = True) -> None:
-        """``n`` random manifests, stages files and annotation files, then (``sets``) the --set values."""
+    def fuzz(self, n: int, bad_sets: list[str] = (), sets: tuple[str, ...] = ("core", "schema"),
+             kinds: tuple[str, ...] = ("manifest", "stages", "annotations")) -> None:
+        """``n`` random manifests, stages files and annotation files (``kinds``), then the known-bad --set
+        values of ``sets`` (core: refused by the core; schema: the parameter validation's)."""
         cache = self.work / "fuzz"
         base = self.mini("fuzzmini", train=3, test=2)
-        self.cli(cache, "run", "extract", "--dataset", str(base), allowed=(0,), what="fuzz base")
-        ann = next(cache.glob("datasets/fuzzmini-*/*/annotations.json"))
-        videos = ann.parent / "videos"
-        cases = ([("set-core", v) for v in CORE_BAD_SETS] + [("set-schema", v) for v in SCHEMA_BAD_SETS]
-                 + [("set-schema", v) for v in bad_sets]) if sets else []
-        cases += [(self.rng.choice(["manifest", "stages", "annotations"]), None) for _ in range(n)]
+        from pipeline.datasets import ensure_generated, load_dataset
+
+        generated = ensure_generated(load_dataset(base, ROOT, cache), cache)
+        videos, ann = generated.videos, generated.annotations
+        cases = [(self.rng.choice(kinds), None) for _ in range(n)]
+        if "core" in sets:
+            cases += [("set-core", v) for v in CORE_BAD_SETS]
+        if "schema" in sets:
+            cases += [("set-schema", v) for v in SCHEMA_BAD_SETS + list(bad_sets)]
         for i, (kind, value) in enumerate(cases):
             d = self.work / "fuzzcase"
             shutil.rmtree(d, ignore_errors=True)
