@@ -234,3 +234,80 @@ def test_gc_of_an_unknown_dataset_is_an_error(toy):
     proc = toy.cli("gc", "--dataset", "typo.yaml", check=2)
     assert proc.stderr.strip() == "pipeline: error: typo.yaml: dataset manifest not found"
     assert (toy.cache / "upper").is_dir() and len(list((toy.cache / "upper").iterdir())) == 1
+
+
+def _lossless(path, upright, rotation: int, n: int = 40) -> None:
+    """``upright`` frames stored turned so that turning them ``rotation`` degrees counter-clockwise (what the
+    display matrix says) shows them upright."""
+    import av
+    import numpy as np
+
+    out = av.open(str(path), "w")
+    s = out.add_stream("libx264", rate=12, options={"qp": "0"})
+    s.height, s.width = np.rot90(upright, -rotation // 90).shape[:2]
+    s.pix_fmt = "yuv444p"
+    if rotation:
+        s.set_display_rotation(rotation)  # as a phone held sideways writes it
+    for i in range(n):
+        frame = upright.copy()
+        frame[i % 20: i % 20 + 8, :8] = 255  # motion
+        frame = np.ascontiguousarray(np.rot90(frame, -rotation // 90))
+        for p in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            out.mux(p)
+    for p in s.encode():
+        out.mux(p)
+    out.close()
+
+
+def test_rotation_metadata_is_applied_like_a_player_and_recorded(toy, tmp_path):
+    """The same upright picture, stored upright and stored turned with a display matrix, decodes to the
+    same frames (PyAV turns it; decord, which mangles such files, declines them) and the same features;
+    the per-video attrs say how it was stored."""
+    import numpy as np
+
+    from extractors.decoding import DecodeError, DecodeSpec, decode_video
+    from pipeline.store import open_stage_store
+
+    rng = np.random.default_rng(0)
+    upright = rng.integers(0, 256, (96, 64, 3), dtype=np.uint8)  # portrait: 96 high, 64 wide
+    videos = tmp_path / "rot"
+    videos.mkdir()
+    _lossless(videos / "up.mp4", upright, 0)
+    for turn in (90, 180, 270):
+        _lossless(videos / f"r{turn}.mp4", upright, turn)
+    spec = DecodeSpec(fps=None, clip_len=16, frame_interval=1, stride=4, tail="drop", resize="short_side",
+                      size=(64,), decoders=("pyav",))
+
+    def frames(name, s=spec):
+        events = list(decode_video(str(videos / name), s))
+        return events[0][1], np.concatenate([e[2] for e in events if e[0] == "frames"])
+
+    meta_up, ref = frames("up.mp4")
+    for turn in (90, 180, 270):
+        meta, got = frames(f"r{turn}.mp4")
+        assert (meta.height, meta.width, meta.rotation) == (96, 64, turn)
+        np.testing.assert_array_equal(got, ref)
+    meta, got = frames("r90.mp4", DecodeSpec(**{**spec.__dict__, "decoders": ("decord", "pyav")}))
+    assert meta.decoder == "pyav"
+    np.testing.assert_array_equal(got, ref)
+    with pytest.raises(DecodeError, match="rotation"):
+        frames("r90.mp4", DecodeSpec(**{**spec.__dict__, "decoders": ("decord",)}))
+
+    manifest = toy.write("data/rot.yaml", f"name: rot\ntask: localize\nvideos: {videos}\n"
+                                          "params: {extract: {preset: demo, dtype: float32}}\n")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "pipeline.cli", "--stages", str(root / "stages.yaml"),
+                          "--cache-dir", str(toy.cache), "--json", "run", "extract", "--dataset", str(manifest),
+                          "--set", "extract.decoders=[pyav]"], env=toy.env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    (stage,) = json.loads(run.stdout)["stages"]
+    with open_stage_store(Path(stage["dir"])) as store:
+        assert {v: store.video_attrs(v)["rotation"] for v in store.videos()} == \
+            {"up": 0, "r90": 90, "r180": 180, "r270": 270}
+        for v in ("r90", "r180", "r270"):
+            np.testing.assert_array_equal(store.read(v), store.read("up"))
