@@ -109,7 +109,14 @@ class Holds:
         """Waits only while a gc deletes this very entry (then the caller plans it again)."""
         if (stage, key) in self.fds:
             return
-        fd = _open(hold_path(self.cache_root, stage, key))
+        path = hold_path(self.cache_root, stage, key)
+        try:
+            fd = _open(path)
+        except OSError:  # a read-only cache (a shared, finished one): read its lock if there, else no gc can
+            try:
+                fd = _open(path, os.O_RDONLY)
+            except OSError:
+                return
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
         except BaseException:
