@@ -309,5 +309,5 @@ def test_rotation_metadata_is_applied_like_a_player_and_recorded(toy, tmp_path):
     with open_stage_store(Path(stage["dir"])) as store:
         assert {v: store.video_attrs(v)["rotation"] for v in store.videos()} == \
             {"up": 0, "r90": 90, "r180": 180, "r270": 270}
-        for v in ("r90", "r180", "r270"):
-            np.testing.assert_array_equal(store.read(v), store.read("up"))
+        for v in ("r90", "r180", "r270"):  # same frames; batches mixing videos differently: float rounding
+            np.testing.assert_allclose(store.read(v), store.read("up"), rtol=1e-5, atol=1e-6)
