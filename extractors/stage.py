@@ -89,11 +89,20 @@ def run_job(job: ExtractJob, items: Sequence[Item], item_done: Callable, item_fa
                           workers=job.workers, video_timeout_s=float(job.runtime.get("video_timeout_s", 600)))
 
     def on_done(item: Item, feats, meta, seconds: float) -> None:
+        try:
+            _write(item, feats, meta, seconds)
+        except OSError as exc:  # a failed chunk write names no file: name the store
+            if exc.filename is None:
+                exc.filename = str(job.out_dir)
+            raise
+
+    def _write(item: Item, feats, meta, seconds: float) -> None:
         store.write(item.id, feats, {
             "source_fingerprint": item.fingerprint, "native_fps": meta.native_fps,
             "sampled_fps": meta.sampled_fps, "n_frames": meta.n_frames, "duration": meta.duration,
             "start_time": meta.start_time, "decoder": meta.decoder, "decoder_version": meta.decoder_version,
-            "width": meta.width, "height": meta.height, "extract_seconds": round(seconds, 3)})
+            "width": meta.width, "height": meta.height, "rotation": meta.rotation,
+            "extract_seconds": round(seconds, 3)})
         # The record describes the features only: downstream keys digest it, so no timings here.
         item_done(item, {"shape": list(feats.shape), "decoder": meta.decoder, "fps": meta.sampled_fps,
                          "native_fps": meta.native_fps, "n_frames": meta.n_frames})
