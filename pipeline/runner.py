@@ -219,6 +219,7 @@ class Planner:
     def __init__(self, ws: Workspace, dataset: Dataset, sets: list[Override] = ()):
         self.ws = ws
         self.dataset = dataset
+        self.sets = list(sets)
         self.resolved = resolve_params(ws.graph, dataset, list(sets))
         self._inputs: list[tuple[str, str, str]] | None = None
         self._unusable: list[tuple[str, str, str]] = []
@@ -493,7 +494,7 @@ def _run_stages(ws: Workspace, planner: Planner, names: list[str], targets: list
     if options.name:
         from pipeline.experiments import record_experiment
 
-        record_experiment(ws.cache.root, options.name, dataset, [o.source for o in sets],
+        record_experiment(ws.cache.root, options.name, planner.dataset, [o.source for o in planner.sets],
                           {n: st.key for n, st in states.items() if st.key is not None})
     return reports
 

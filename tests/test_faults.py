@@ -115,8 +115,8 @@ def test_environment_errors_are_one_line_naming_path_and_cause(toy, case, tmp_pa
     if case == "file as cache dir":
         blocker = toy.write("blocker", "x")
         argv[argv.index("--cache-dir") + 1] = str(blocker)
-        want = f"pipeline: error: {blocker}/"
-        cause = "a file where a directory is expected"
+        # refused when the options are read, before anything is planned
+        want, cause = f"pipeline: error: --cache-dir {blocker}", "not a directory"
     elif case == "directory as stages file":
         argv[argv.index("--stages") + 1] = str(toy.root)
         want, cause = f"pipeline: error: {toy.root}: ", "is a directory where a file is expected"
@@ -225,8 +225,8 @@ def test_gc_beside_a_run_deletes_nothing_it_reads_or_writes(toy):
     assert total["summary"] == f"total = {3 * len('alphabravo!charlie')}"
     assert json.loads((toy.cache / "total" / total["key"] / "manifest.json").read_text())["result"]["data"] == \
         ["a.txt", "b.txt", "c.txt"]
-    # the run is over: now its outputs are garbage like any other non-root key
-    assert len(json.loads(toy.cli("--json", "gc").stdout)["removed"]) == 2
+    # the run is over: now its outputs are an anonymous experiment like any other
+    assert len(json.loads(toy.cli("--json", "gc", "--experiments").stdout)["removed"]) == 2
 
 
 def test_gc_of_an_unknown_dataset_is_an_error(toy):
