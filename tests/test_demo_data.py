@@ -26,8 +26,10 @@ DEMO_PLAN_DIGEST = "4948dd8a486b0153e8305dbeeee13a5418472aa482bfc3d809e6ff52bddf
 
 
 def _frames(path) -> np.ndarray:
+    """The decoded yuv420p planes, (N, 3H/2, W). Not converted to RGB: swscale run in this process
+    makes PyAV hang in processes forked from it later (the decode workers of the engine tests)."""
     with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+        return np.stack([f.to_ndarray() for f in container.decode(video=0)])
 
 
 def _generate_in_a_fresh_process(out: Path) -> tuple[Path, Path]:
@@ -97,7 +99,7 @@ def test_action_pixels_differ_from_the_background(generated):
     vid, entry = sorted(doc["database"].items())[0]
     frames = _frames(videos / f"{vid}.mp4").astype(np.float32)
     start, end = (round(t * SPEC["fps"]) for t in entry["annotations"][0]["segment"])
-    changed = (np.abs(frames[start:end] - frames[start - 1]).max(axis=-1) > 50).mean(axis=(1, 2))
+    changed = (np.abs(frames[start:end] - frames[start - 1]) > 50).mean(axis=(1, 2))
     assert changed.max() > 0.05
 
 
