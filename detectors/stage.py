@@ -1,18 +1,130 @@
-"""Entries of the detect stages. The AVA detection heads arrive with their own issue; until then the
-stages exist in the graph (so manifests and `status` can name them) and say so when run."""
+"""Stage entries of detection: ``train(ctx)`` (stage ``detect``) and ``evaluate(ctx)`` (``detect_eval``).
 
+Both read the keyframe store of ``extract_keyframes`` only: the backbone is never loaded, so a change of
+head or head parameter retrains in seconds to minutes and never re-extracts. torch is imported inside
+the functions: the CLI imports this module while planning.
+
+Outputs of ``detect``: ``config.json`` (resolved config, label ids, the keyframe store it read),
+``checkpoint.pt`` (after every epoch, for resuming), ``train_log.csv``, ``model.pt`` (final head).
+Outputs of ``detect_eval``: ``detections.csv`` (official AVA format) and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from pipeline.context import StageContext, write_json_atomic
 from pipeline.errors import ConfigError
 
-_NOT_YET = "the {} stage is not built yet: AVA-style detection arrives with its own issue"
+MODEL_FILE = "model.pt"
+CONFIG_FILE = "config.json"
+STORE_STAGE = "extract_keyframes"
 
 
-def extract_keyframes(ctx):
-    raise ConfigError(_NOT_YET.format(ctx.name))
+def _split(ctx: StageContext, name: str):
+    from pipeline.ava import load_split
+
+    split = load_split(ctx.dataset, name)
+    for line in split.log_lines():
+        ctx.log(f"{ctx.name}: {line}")
+    return split
 
 
-def train(ctx):
-    raise ConfigError(_NOT_YET.format(ctx.name))
+def _build_head(cfg, feature_dim: int, num_classes: int):
+    from detectors.heads import build_head
+
+    try:
+        return build_head(cfg.head, in_channels=feature_dim, num_classes=num_classes, **cfg.head_kwargs)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"detect.head: {cfg.head}: {exc}") from None
 
 
-def evaluate(ctx):
-    raise ConfigError(_NOT_YET.format(ctx.name))
+def train(ctx: StageContext) -> dict:
+    import torch
+
+    from detectors.config import detect_config, pose_columns
+    from detectors.data import MapSource, class_ids, training_keyframes
+    from detectors.train import fit
+
+    cfg = detect_config(ctx.params)
+    split = _split(ctx, "train")
+    ids = class_ids(split.labelmap)
+    pose_cols = pose_columns(cfg, ids) if cfg.loss == "pose_softmax" else None
+    from pipeline.store.loader import RecordReader
+
+    store_dir = Path(ctx.upstream[STORE_STAGE])
+
+    stored = set(RecordReader(store_dir).ids)
+    keyframes = training_keyframes(split, stored, cfg.boxes, cfg.min_score, ctx.log)
+    if not keyframes:
+        raise ConfigError(f"{ctx.dataset.path}: no keyframe of split {split.name} with boxes is in the keyframe "
+                          f"store ({len(stored)} records)")
+    source = MapSource(store_dir, [k.rid for k in keyframes])
+    feature_dim = int(source.reader.attrs["feature_dim"])
+    out = Path(ctx.out_dir)
+    write_json_atomic(out / CONFIG_FILE, {
+        "config": cfg.to_json(), "class_ids": list(ids), "labelmap": {str(i): split.labelmap[i] for i in ids},
+        "feature_dim": feature_dim, "train_split": split.name, "keyframes": len(keyframes),
+        "store_dir": os.path.relpath(store_dir, out.parent / ctx.key),  # relative: the cache may move whole
+    })
+    torch.manual_seed(cfg.seed)
+    head = _build_head(cfg, feature_dim, len(ids))
+    n_params = sum(p.numel() for p in head.parameters())
+    boxes = sum(len(k.boxes) for k in keyframes)
+    if not (out / MODEL_FILE).exists():
+        ctx.log(f"detect: training {cfg.head} ({n_params:,} parameters) on {len(keyframes)} keyframes, {boxes} "
+                f"boxes of {split.name} ({cfg.epochs} epochs, batch {cfg.batch_size} clips)")
+        t0 = time.perf_counter()
+        times = fit(cfg, head, keyframes, source, out, pose_cols, log=ctx.log)
+        tmp = out / f".{MODEL_FILE}.tmp"
+        torch.save({"head": head.state_dict(), "config": cfg.to_json(), "class_ids": list(ids),
+                    "feature_dim": feature_dim, "seconds_per_epoch": times,
+                    "train_seconds": time.perf_counter() - t0}, tmp)
+        os.replace(tmp, out / MODEL_FILE)
+    saved = torch.load(out / MODEL_FILE, map_location="cpu", weights_only=False)
+    per_epoch = saved["seconds_per_epoch"]
+    seconds = sum(per_epoch) / len(per_epoch) if per_epoch else float("nan")
+    summary = (f"detect: {cfg.head} ({n_params:,} parameters), {len(keyframes)} keyframes / {boxes} boxes, "
+               f"{cfg.epochs} epochs, {seconds:.2f} s per epoch")
+    return {"summary": summary, "head": cfg.head, "parameters": n_params, "keyframes": len(keyframes),
+            "boxes": boxes, "epochs": cfg.epochs, "seconds_per_epoch": seconds}
+
+
+def evaluate(ctx: StageContext) -> dict:
+    import torch
+
+    from detectors.ava_map import evaluate_frame_map, write_detections_csv
+    from detectors.config import DetectConfig, detect_config, eval_config, pose_columns
+    from detectors.data import MapSource, class_ids, eval_keyframes
+    from detectors.train import predict
+    from pipeline.store.loader import RecordReader
+
+    ecfg = eval_config(ctx.params)
+    train_dir = Path(ctx.upstream["detect"])
+    saved = json.loads((train_dir / CONFIG_FILE).read_text())
+    cfg: DetectConfig = detect_config(saved["config"])
+    split = _split(ctx, ecfg.split)
+    ids = class_ids(split.labelmap)
+    if list(ids) != saved["class_ids"]:
+        raise ConfigError(f"{ctx.dataset.ava.labelmap}: label ids differ from the ones the head was trained on")
+    pose_cols = pose_columns(cfg, ids) if cfg.loss == "pose_softmax" else None
+    store_dir = train_dir / saved["store_dir"]
+    keyframes = eval_keyframes(split, set(RecordReader(store_dir).ids), ecfg.boxes, ecfg.min_score, ctx.log)
+    head = _build_head(cfg, saved["feature_dim"], len(ids))
+    head.load_state_dict(torch.load(train_dir / MODEL_FILE, map_location="cpu", weights_only=False)["head"])
+    source = MapSource(store_dir, [k.rid for k in keyframes])
+    t0 = time.perf_counter()
+    detections = predict(head, keyframes, source, pose_cols, cfg.batch_size)
+    infer_s = time.perf_counter() - t0
+    out = Path(ctx.out_dir)
+    write_detections_csv(out / "detections.csv", detections, ids)
+    result = evaluate_frame_map(split.gt, detections, split.labelmap, split.exclusions, protocol=ecfg.protocol)
+    metrics = {"mAP": result.mAP, "per_class": {str(i): result.per_class[i] for i in ids},
+               "names": {str(i): split.labelmap[i] for i in ids}, "protocol": ecfg.protocol,
+               "split": split.name, "boxes": ecfg.boxes, "keyframes": len(keyframes), "head": cfg.head,
+               "inference_seconds": infer_s}
+    write_json_atomic(out / "metrics.json", metrics)
+    return {"summary": result.table(), "mAP": result.mAP, "keyframes": len(keyframes), "head": cfg.head}
