@@ -84,7 +84,7 @@ class KeyframeBoxes:
 
 # ---------------------------------------------------------------------------------------------- label maps
 
-_PBTXT_ITEM = re.compile(r"item\s*\{(.*?)\}", re.S)
+_PBTXT_ITEM = re.compile(r"\b(?:item|label)\s*\{(.*?)\}", re.S)
 _PBTXT_NAME = re.compile(r"""\b(?:display_)?name\s*:\s*(?:"((?:[^"\\]|\\.)*)"|'([^']*)')""")
 _PBTXT_ID = re.compile(r"\b(?:label_)?id\s*:\s*(-?\d+)\b")
 _TXT_LINE = re.compile(r"^\s*(\d+)\s*:\s*(.*\S)\s*$")
@@ -95,7 +95,7 @@ def read_labelmap(path: str | Path) -> dict[int, str]:
     ``label_id: N`` as in the 2019 one) and mmaction2's ``label_map.txt`` (``N: name`` per line)."""
     path = Path(path)
     text = _read_text(path, "label map")
-    if "item" in text and "{" in text:
+    if "{" in text:
         out = _parse_pbtxt(path, text)
     else:
         out = {}

@@ -140,27 +140,42 @@ class DemoAvaSpec:
             raise bad("false_positives", "must be >= 0")
 
 
-def ensure_generated(spec: dict, out_dir: Path) -> Path:
-    """Generate the dataset of ``spec`` into ``out_dir/g<version>`` unless it is there; return that
-    directory (its files are at the paths of ``LAYOUT``). Crash-safe (temporary directory renamed in)
-    and safe against a concurrent generation of the same spec (the first rename wins)."""
+def ensure_generated(spec: dict, out_dir: Path, timestamp_offset_s: float | None = None) -> Path:
+    """Generate the dataset of ``spec`` into ``out_dir`` (its files at the paths of ``LAYOUT``) unless a
+    complete one of this generator version is there; return ``out_dir``. ``timestamp_offset_s``: the
+    manifest's, which must be the one the timestamps are written with. Crash-safe (built in a
+    temporary directory renamed in) and safe against a concurrent generation (the first rename wins)."""
     demo = DemoAvaSpec.from_dict(dict(spec or {}))
-    final = Path(out_dir) / f"g{GENERATOR_VERSION}"
-    if (final / RECORD).is_file():
+    if timestamp_offset_s is not None and timestamp_offset_s != demo.timestamp_offset_s:
+        raise ConfigError(f"timestamp_offset_s: {timestamp_offset_s:g} differs from the generator's "
+                          f"generate.timestamp_offset_s {demo.timestamp_offset_s} (set both alike)")
+    final = Path(out_dir)
+    if _complete(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _generate(demo, tmp)
+        if final.exists():  # an older generator version's data
+            os.rename(final, old)
         try:
             os.rename(tmp, final)
         except OSError:
-            if not (final / RECORD).is_file():
+            if not _complete(final):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _complete(root: Path) -> bool:
+    try:
+        return json.loads((root / RECORD).read_text())["version"] == f"demo_ava-g{GENERATOR_VERSION}"
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def dataset_digest(root: Path) -> str:
