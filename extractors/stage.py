@@ -209,7 +209,7 @@ def _weights_sha256(weights, reports=()) -> str | dict | list | None:
     loading (``model.weight_reports``) are not read again (a ViT-g checkpoint is several GB)."""
     if weights is None:
         return None
-    from extractors.checkpoints import sha256_file
+    from pipeline.checkpoints import sha256_file
 
     known = {report.path: report.sha256 for report in reports}
 
