@@ -1,9 +1,9 @@
 """The configuration of the detect stages: typed frozen dataclasses, the single source of their field
 names and defaults (stages.yaml lists the same names with ``null`` = the default here), validated once.
 
-Fields left ``None`` in ``DetectConfig`` take the head's published recipe (``head.recipe``), then the
-fallback below, so ``--set detect.head=acar`` brings its optimiser and schedule, and ``--set detect.lr=..``
-still overrides one field.
+The optimiser fields left ``None`` take the head's published recipe (``head.recipe``, scaled to the
+batch size by the linear rule), so ``--set detect.head=acar`` brings ACAR-Net's optimiser and schedule and
+``--set detect.lr=...`` still overrides one field.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from typing import Any, Mapping
 from pipeline.errors import ConfigError
 
 BOX_SOURCES = ("gt", "proposals")
-LOSSES = ("bce", "pose_softmax")
+LOSSES = ("bce", "pose_softmax", "focal")
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("steps", "cosine")
 PROTOCOLS = ("official", "mmaction2")
-AVA_POSE_MAX_ID = 14  # AVA's ids 1..14 are the mutually exclusive pose classes
-# Used where neither the config nor the head's recipe names a value.
-FALLBACK_RECIPE = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 1.0,
-                   "schedule": "cosine"}
+# DetectConfig field -> Recipe field it overrides
+RECIPE_FIELDS = {"optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay", "momentum": "momentum",
+                 "warmup_epochs": "warmup_epochs", "schedule": "schedule", "epochs": "epochs",
+                 "clip_grad": "grad_clip"}
 
 
 @dataclass(frozen=True)
@@ -30,32 +30,30 @@ class DetectConfig:
 
     head: str = "roi_linear"  # a name of the detectors.heads registry
     head_kwargs: Mapping[str, Any] = field(default_factory=dict)  # passed to build_head
-    epochs: int = 12
     batch_size: int = 8  # clips (keyframes) per step, each with all its actors
-    optimizer: str | None = None  # sgd | adamw (None: the head's recipe)
-    lr: float | None = None
+    epochs: float | None = None  # None: the recipe's (rounded to whole epochs)
+    optimizer: str | None = None  # sgd | adamw
+    lr: float | None = None  # at batch_size clips (None: the recipe's, scaled linearly)
     weight_decay: float | None = None
-    momentum: float = 0.9  # sgd only
-    warmup_epochs: float | None = None  # linear warm-up from 0, then the schedule
-    schedule: str | None = None  # cosine | constant
-    clip_grad: float = 40.0  # max gradient norm (0: off)
-    boxes: str = "gt"  # training boxes: gt | proposals (above min_score, labelled by IoU >= 0.5 with GT)
+    momentum: float | None = None
+    warmup_epochs: float | None = None
+    schedule: str | None = None  # steps | cosine
+    clip_grad: float | None = None  # max gradient norm (0: off)
+    loss: str | None = None  # bce | pose_softmax (ACAR-Net) | focal (CycleACR); None: the head's
+    boxes: str = "gt"  # training boxes: gt | proposals (above min_score, labelled by IoU >= 0.5, + GT)
     min_score: float = 0.9  # proposal score threshold for training
-    box_jitter: float = 0.075  # each side moved by U(-j, j) x box size, per epoch, on the cached map
-    loss: str = "bce"  # bce | pose_softmax (ACAR-Net: softmax over the pose classes + sigmoid)
-    pose_ids: tuple[int, ...] | None = None  # the pose classes of pose_softmax (None: ids <= 14, AVA's)
+    box_jitter: float = 0.075  # each side moved by U(-j, j) x box size, per step, on the cached map
     seed: int = 0
 
-    def recipe_value(self, name: str, recipe: Mapping[str, Any] | None) -> Any:
-        value = getattr(self, name)
-        if value is not None:
-            return value
-        return (recipe or {}).get(name, FALLBACK_RECIPE[name])
+    def recipe(self, published, batch_clips: int):
+        """The head's published ``Recipe`` scaled to ``batch_clips``, with this config's overrides."""
+        recipe = published.scaled(batch_clips)
+        overrides = {r: getattr(self, f) for f, r in RECIPE_FIELDS.items() if getattr(self, f) is not None}
+        return replace(recipe, **overrides)
 
     def to_json(self) -> dict:
         out = asdict(self)
         out["head_kwargs"] = dict(self.head_kwargs)
-        out["pose_ids"] = list(self.pose_ids) if self.pose_ids is not None else None
         return out
 
 
@@ -75,8 +73,6 @@ def _build(cls, params: Mapping[str, Any], stage: str):
     if unknown:
         raise ConfigError(f"{stage}.{unknown[0]}: unknown parameter; known: {', '.join(known)}")
     values = {k: v for k, v in params.items() if v is not None}
-    if isinstance(values.get("pose_ids"), list):
-        values["pose_ids"] = tuple(values["pose_ids"])
     try:
         return cls(**values)
     except TypeError as exc:
@@ -94,22 +90,20 @@ def detect_config(params: Mapping[str, Any]) -> DetectConfig:
     s = "detect"
     _check(s, "head", isinstance(cfg.head, str) and cfg.head, "a head name", cfg.head)
     _check(s, "head_kwargs", isinstance(cfg.head_kwargs, Mapping), "a mapping of head arguments", cfg.head_kwargs)
-    for name in ("epochs", "batch_size"):
-        value = getattr(cfg, name)
-        _check(s, name, isinstance(value, int) and not isinstance(value, bool) and value > 0,
-               "a positive integer", value)
+    _check(s, "batch_size", isinstance(cfg.batch_size, int) and not isinstance(cfg.batch_size, bool)
+           and cfg.batch_size > 0, "a positive integer", cfg.batch_size)
     _check(s, "optimizer", cfg.optimizer in (None, *OPTIMIZERS), f"one of {', '.join(OPTIMIZERS)}", cfg.optimizer)
     _check(s, "schedule", cfg.schedule in (None, *SCHEDULES), f"one of {', '.join(SCHEDULES)}", cfg.schedule)
-    for name in ("lr", "weight_decay", "warmup_epochs", "momentum", "clip_grad", "box_jitter", "min_score"):
+    _check(s, "loss", cfg.loss in (None, *LOSSES), f"one of {', '.join(LOSSES)}", cfg.loss)
+    _check(s, "boxes", cfg.boxes in BOX_SOURCES, f"one of {', '.join(BOX_SOURCES)}", cfg.boxes)
+    for name in ("epochs", "lr", "weight_decay", "momentum", "warmup_epochs", "clip_grad", "box_jitter",
+                 "min_score"):
         value = getattr(cfg, name)
         _check(s, name, value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
                                           and value >= 0), "a number >= 0", value)
-    _check(s, "lr", cfg.lr is None or cfg.lr > 0, "a positive number", cfg.lr)
+    for name in ("epochs", "lr"):
+        _check(s, name, getattr(cfg, name) is None or getattr(cfg, name) > 0, "a positive number", getattr(cfg, name))
     _check(s, "box_jitter", cfg.box_jitter < 0.5, "a fraction of the box size below 0.5", cfg.box_jitter)
-    _check(s, "boxes", cfg.boxes in BOX_SOURCES, f"one of {', '.join(BOX_SOURCES)}", cfg.boxes)
-    _check(s, "loss", cfg.loss in LOSSES, f"one of {', '.join(LOSSES)}", cfg.loss)
-    _check(s, "pose_ids", cfg.pose_ids is None or all(isinstance(i, int) for i in cfg.pose_ids),
-           "a list of label ids", cfg.pose_ids)
     return replace(cfg, head_kwargs=dict(cfg.head_kwargs))
 
 
@@ -122,12 +116,3 @@ def eval_config(params: Mapping[str, Any]) -> DetectEvalConfig:
     _check(s, "min_score", isinstance(cfg.min_score, (int, float)) and 0 <= cfg.min_score <= 1,
            "a score in [0, 1]", cfg.min_score)
     return cfg
-
-
-def pose_columns(cfg: DetectConfig, class_ids: tuple[int, ...]) -> list[int]:
-    """Columns (in ``class_ids`` order) of the pose classes of ``pose_softmax``."""
-    wanted = set(cfg.pose_ids) if cfg.pose_ids is not None else {i for i in class_ids if i <= AVA_POSE_MAX_ID}
-    missing = sorted(wanted - set(class_ids))
-    if missing:
-        raise ConfigError(f"detect.pose_ids: {missing[0]} is not a class of the label map")
-    return [c for c, i in enumerate(class_ids) if i in wanted]

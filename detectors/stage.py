@@ -33,26 +33,51 @@ def _split(ctx: StageContext, name: str):
     return split
 
 
-def _build_head(cfg, feature_dim: int, num_classes: int):
-    from detectors.heads import build_head
+def _build_head(cfg, feature_dim: int, ids: tuple[int, ...]):
+    """The head of ``cfg`` for ``ids`` (sorted label ids; AVA groups them pose, object, person, which
+    the pose-softmax and focal losses rely on)."""
+    import inspect
 
+    from detectors.heads import HEADS, build_head
+    from detectors.losses import ava_groups
+
+    if cfg.head not in HEADS:
+        raise ConfigError(f"detect.head: unknown head {cfg.head!r}; known: {', '.join(HEADS)}")
     try:
-        return build_head(cfg.head, in_channels=feature_dim, num_classes=num_classes, **cfg.head_kwargs)
-    except (KeyError, TypeError, ValueError) as exc:
+        groups = ava_groups(ids)
+    except ValueError as exc:
+        groups = None
+        if cfg.loss in ("pose_softmax", "focal"):
+            raise ConfigError(f"detect.loss: {cfg.loss}: {exc}") from None
+    kwargs = {"in_channels": feature_dim, "num_classes": len(ids)}
+    accepted = inspect.signature(HEADS[cfg.head]).parameters
+    if groups is not None:
+        kwargs["num_pose"] = groups[0]
+        if "class_groups" in accepted:
+            kwargs["class_groups"] = groups
+    if cfg.loss is not None:
+        kwargs["loss"] = cfg.loss
+    kwargs.update(cfg.head_kwargs)
+    unknown = sorted(set(cfg.head_kwargs) - set(accepted))
+    if unknown:
+        raise ConfigError(f"detect.head_kwargs.{unknown[0]}: not a parameter of head {cfg.head} "
+                          f"({', '.join(p for p in accepted if p not in ('self',))})")
+    try:
+        return build_head(cfg.head, **kwargs)
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"detect.head: {cfg.head}: {exc}") from None
 
 
 def train(ctx: StageContext) -> dict:
     import torch
 
-    from detectors.config import detect_config, pose_columns
+    from detectors.config import detect_config
     from detectors.data import MapSource, class_ids, training_keyframes
-    from detectors.train import fit
+    from detectors.train import fit, total_epochs
 
     cfg = detect_config(ctx.params)
     split = _split(ctx, "train")
     ids = class_ids(split.labelmap)
-    pose_cols = pose_columns(cfg, ids) if cfg.loss == "pose_softmax" else None
     from pipeline.store.loader import RecordReader
 
     store_dir = Path(ctx.upstream[STORE_STAGE])
@@ -71,14 +96,16 @@ def train(ctx: StageContext) -> dict:
         "store_dir": os.path.relpath(store_dir, out.parent / ctx.key),  # relative: the cache may move whole
     })
     torch.manual_seed(cfg.seed)
-    head = _build_head(cfg, feature_dim, len(ids))
+    head = _build_head(cfg, feature_dim, ids)
+    recipe = cfg.recipe(head.recipe, cfg.batch_size)
+    epochs = total_epochs(recipe)
     n_params = sum(p.numel() for p in head.parameters())
     boxes = sum(len(k.boxes) for k in keyframes)
     if not (out / MODEL_FILE).exists():
         ctx.log(f"detect: training {cfg.head} ({n_params:,} parameters) on {len(keyframes)} keyframes, {boxes} "
-                f"boxes of {split.name} ({cfg.epochs} epochs, batch {cfg.batch_size} clips)")
+                f"boxes of {split.name} ({epochs} epochs, batch {cfg.batch_size} clips, {recipe.optimizer} lr {recipe.lr:g})")
         t0 = time.perf_counter()
-        times = fit(cfg, head, keyframes, source, out, pose_cols, log=ctx.log)
+        times = fit(cfg, recipe, head, keyframes, source, out, log=ctx.log)
         tmp = out / f".{MODEL_FILE}.tmp"
         torch.save({"head": head.state_dict(), "config": cfg.to_json(), "class_ids": list(ids),
                     "feature_dim": feature_dim, "seconds_per_epoch": times,
@@ -88,16 +115,16 @@ def train(ctx: StageContext) -> dict:
     per_epoch = saved["seconds_per_epoch"]
     seconds = sum(per_epoch) / len(per_epoch) if per_epoch else float("nan")
     summary = (f"detect: {cfg.head} ({n_params:,} parameters), {len(keyframes)} keyframes / {boxes} boxes, "
-               f"{cfg.epochs} epochs, {seconds:.2f} s per epoch")
+               f"{epochs} epochs, {seconds:.2f} s per epoch")
     return {"summary": summary, "head": cfg.head, "parameters": n_params, "keyframes": len(keyframes),
-            "boxes": boxes, "epochs": cfg.epochs, "seconds_per_epoch": seconds}
+            "boxes": boxes, "epochs": epochs, "seconds_per_epoch": seconds}
 
 
 def evaluate(ctx: StageContext) -> dict:
     import torch
 
     from detectors.ava_map import evaluate_frame_map, write_detections_csv
-    from detectors.config import DetectConfig, detect_config, eval_config, pose_columns
+    from detectors.config import DetectConfig, detect_config, eval_config
     from detectors.data import MapSource, class_ids, eval_keyframes
     from detectors.train import predict
     from pipeline.store.loader import RecordReader
@@ -110,14 +137,13 @@ def evaluate(ctx: StageContext) -> dict:
     ids = class_ids(split.labelmap)
     if list(ids) != saved["class_ids"]:
         raise ConfigError(f"{ctx.dataset.ava.labelmap}: label ids differ from the ones the head was trained on")
-    pose_cols = pose_columns(cfg, ids) if cfg.loss == "pose_softmax" else None
     store_dir = train_dir / saved["store_dir"]
     keyframes = eval_keyframes(split, set(RecordReader(store_dir).ids), ecfg.boxes, ecfg.min_score, ctx.log)
-    head = _build_head(cfg, saved["feature_dim"], len(ids))
+    head = _build_head(cfg, saved["feature_dim"], ids)
     head.load_state_dict(torch.load(train_dir / MODEL_FILE, map_location="cpu", weights_only=False)["head"])
     source = MapSource(store_dir, [k.rid for k in keyframes])
     t0 = time.perf_counter()
-    detections = predict(head, keyframes, source, pose_cols, cfg.batch_size)
+    detections = predict(head, keyframes, source, cfg.batch_size)
     infer_s = time.perf_counter() - t0
     out = Path(ctx.out_dir)
     write_detections_csv(out / "detections.csv", detections, ids)
