@@ -194,7 +194,11 @@ class Planner:
     def annotations_fingerprint(self) -> str | None:
         if self._annotations_fp is False:
             a = self.dataset.annotations
-            if a is None or not a.exists():
+            if self.dataset.ava is not None:
+                named = {k: p for k, p in self.dataset.ava.files().items() if p.is_file()}
+                fps = self.ws.index.fingerprints(named.values())
+                self._annotations_fp = records_digest({k: fps[os.path.abspath(p)] for k, p in named.items()})
+            elif a is None or not a.exists():
                 self._annotations_fp = None
             elif a.is_dir():
                 files = sorted(p for p in a.rglob("*") if p.is_file())
