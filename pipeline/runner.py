@@ -161,6 +161,7 @@ class Planner:
         self.dataset = dataset
         self.resolved = resolve_params(ws.graph, dataset, list(sets))
         self._inputs: list[tuple[str, str, str]] | None = None
+        self._keyframes: tuple[list[tuple[str, str, str]], list[str]] | None = None
         self._imports: dict | None | bool = False  # False: not looked up yet
         self._annotations_fp: str | None | bool = False
 
@@ -172,6 +173,18 @@ class Planner:
             fps = self.ws.index.fingerprints(p for _, p in pairs)
             self._inputs = [(vid, p, fps[p]) for vid, p in pairs]
         return self._inputs
+
+    def keyframe_inputs(self) -> tuple[list[tuple[str, str, str]], list[str]]:
+        """(keyframe id, video path, fingerprint) of every keyframe whose video is present, and the
+        videos named by the annotations that are not (``pipeline.keyframe_items``)."""
+        if self._keyframes is None:
+            from pipeline.keyframe_items import keyframe_items
+
+            if getattr(self.dataset, "ava", None) is None:
+                raise ConfigError(f"{self.dataset.path}: a stage per keyframe needs a detect dataset "
+                                  "(task: detect, with its AVA files)")
+            self._keyframes = keyframe_items(self.dataset, self.inputs(), self.ws.index, self.ws.cache.root)
+        return self._keyframes
 
     def imported(self) -> dict | None:
         if self._imports is False:
@@ -222,17 +235,23 @@ class Planner:
         st = StageState(name, "missing", key=key, dir=self.ws.cache.stage_dir(name, key), material=material,
                         code_files=files, params=self._run_params(spec, params), runtime=runtime)
         if spec.per_item:
-            self._plan_items(st)
+            self._plan_items(spec, st)
         elif self.ws.cache.is_complete(name, key):
             st.state = "done"
         return st
 
-    def _plan_items(self, st: StageState) -> None:
+    def _plan_items(self, spec: StageSpec, st: StageState) -> None:
         if self.dataset.videos is None or not self.dataset.videos.is_dir():
             st.state = "unknown"
             st.reasons.append(self.dataset.videos_error or f"videos directory not found: {self.dataset.videos}")
             return
-        st.inputs = self.inputs()
+        if spec.per_item == "keyframes":
+            st.inputs, missing = self.keyframe_inputs()
+            if missing:
+                st.reasons.append(f"{len(missing)} annotated video(s) have no file in {self.dataset.videos}, "
+                                  f"e.g. {', '.join(missing[:3])}; their keyframes are left out")
+        else:
+            st.inputs = self.inputs()
         records = self.ws.cache.read_records(st.dir)
         st.todo = [Item(vid, Path(path), fp) for vid, path, fp in st.inputs
                    if records.get(vid, {}).get("source_fingerprint") != fp]
