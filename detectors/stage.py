@@ -68,6 +68,13 @@ def _build_head(cfg, feature_dim: int, ids: tuple[int, ...]):
         raise ConfigError(f"detect.head: {cfg.head}: {exc}") from None
 
 
+def _threads(ctx: StageContext) -> None:
+    import torch
+
+    if ctx.runtime.get("threads"):  # small heads on a shared CPU: fewer threads avoid spin-waiting
+        torch.set_num_threads(int(ctx.runtime["threads"]))
+
+
 def train(ctx: StageContext) -> dict:
     import torch
 
@@ -76,6 +83,7 @@ def train(ctx: StageContext) -> dict:
     from detectors.train import fit, total_epochs
 
     cfg = detect_config(ctx.params)
+    _threads(ctx)
     split = _split(ctx, "train")
     ids = class_ids(split.labelmap)
     from pipeline.store.loader import RecordReader
@@ -130,6 +138,7 @@ def evaluate(ctx: StageContext) -> dict:
     from pipeline.store.loader import RecordReader
 
     ecfg = eval_config(ctx.params)
+    _threads(ctx)
     train_dir = Path(ctx.upstream["detect"])
     saved = json.loads((train_dir / CONFIG_FILE).read_text())
     cfg: DetectConfig = detect_config(saved["config"])
@@ -155,7 +164,3 @@ def evaluate(ctx: StageContext) -> dict:
     write_json_atomic(out / "metrics.json", metrics)
     return {"summary": result.table(), "mAP": result.mAP, "keyframes": len(keyframes), "head": cfg.head}
 
-
-def extract_keyframes(ctx: StageContext) -> dict:
-    # Until the engine's extractors.keyframes entry replaces this one in stages.yaml.
-    raise ConfigError(f"the {ctx.name} stage is not built yet")

@@ -2,12 +2,12 @@
 action labels of which some depend on relations.
 
 Each video is a calm background with a few small coloured objects and two to four actors (a body
-with a head; the box spans a narrow margin on each side where a waving arm appears). Actors stand,
+with a head; the box spans a narrow margin on each side where waving arms appear). Actors stand,
 walk to random points, walk up to an object, stand touching it, sometimes pick it up and carry it
 (held beside the body, outside the box) and put it down, or walk up to another actor. Labels at each
 keyframe follow from the geometry at that instant:
 
-- actor-only: ``stand`` / ``walk`` (pose, exclusive: is the actor moving), ``wave`` (its arm flickers);
+- actor-only: ``stand`` / ``walk`` (pose, exclusive: is the actor moving), ``wave`` (its arms flicker);
 - relation: ``touch`` (an object beside the box at hand height, within a few pixels, not carried),
   ``carry`` (holds an object), ``approach`` (walks toward an object), ``near_person`` (another actor
   side by side within a few pixels). The object or the other actor lies outside the actor's box, so a head that sees only the
@@ -68,7 +68,7 @@ LAYOUT = {
 RECORD = "generation.json"
 
 # Pixel sizes of the drawing (at any frame size: the frame is the world).
-BODY_W, BODY_H, HEAD, ARM = (9, 13), (20, 28), 6, 3
+BODY_W, BODY_H, HEAD, ARM = (9, 13), (20, 28), 6, 4
 OBJECT = (6, 9)
 TOUCH_GAP, NEAR_GAP = 2, 2  # pixels between boxes for touch / near_person
 SPEED = (14.0, 24.0)  # pixels per second
@@ -383,10 +383,10 @@ def _render(demo: DemoAvaSpec, w: World) -> np.ndarray:
             f[y1 + HEAD:y2, x1 + ARM:x2 - ARM] = w.actor_colour[a]
             hx = (x1 + x2 - HEAD) // 2
             f[y1:y1 + HEAD, hx:hx + HEAD] = (225, 190, 160)
-            if w.waving[a, t]:
-                up = (t // 2) % 2 == 0  # the arm goes up and down at a quarter of the frame rate
-                ay = y1 if up else y1 + HEAD
-                f[ay:ay + HEAD + 2, x2 - ARM:x2] = (255, 255, 255)
+            if w.waving[a, t]:  # both arms, up and down at a quarter of the frame rate
+                ay = y1 if (t // 2) % 2 == 0 else y1 + HEAD
+                f[ay:ay + 2 * HEAD, x1:x1 + ARM] = (255, 255, 255)
+                f[ay:ay + 2 * HEAD, x2 - ARM:x2] = (255, 255, 255)
     return frames
 
 

@@ -24,8 +24,8 @@ SMALL = {"seed": 5, "train_videos": 2, "val_videos": 2, "duration_s": [8, 10], "
          "actors": [2, 3], "objects": [1, 2], "empty_lead_fraction": 0.5, "empty_lead_s": [3, 4]}
 # sha256 over every generated file (dataset_digest). A change here means every user's demo data changes:
 # bump GENERATOR_VERSION with it and update the README's figures.
-SMALL_DIGEST = "07bc69d7545a320d2b69d1dcbdca2e452c071528d29e1a5dd394b85ab5b18682"
-MANIFEST_DIGEST = "d105d3e9d4a6062a7e5f122abd10063799f4d17dc618c5d16d390d904966d732"
+SMALL_DIGEST = "af756b47617a45497c97bce129341f557434ccba699ddf3bbe4ac2b71d5774c9"
+MANIFEST_DIGEST = "5f6b600ec991a52afbe83272626eb78873c34b94f28f5aa5c65ef61484696543"
 
 
 def _generate_in_a_fresh_process(spec: dict, out: Path) -> tuple[Path, str]:
