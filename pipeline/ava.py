@@ -10,10 +10,12 @@ Planning never imports this module (it imports numpy).
 
 from __future__ import annotations
 
+import csv
 import pickle
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -143,27 +145,29 @@ def _read_text(path: Path, what: str) -> str:
         raise ConfigError(f"{path}: {what} file not readable ({e})") from None
 
 
-def _table(path: Path, what: str, ncols: tuple[int, ...], columns: str) -> tuple[list[list[str]], list[int]]:
+def read_table(path: Path, what: str, ncols: tuple[int, ...], columns: str) -> tuple[list[list[str]], Sequence[int]]:
     """The rows of a header-less CSV (blank lines skipped) and their line numbers; every row has the
     column count of the first, which must be one of ``ncols``."""
-    rows, lines = [], []
-    width = None
-    for n, line in enumerate(_read_text(path, what).splitlines(), 1):
-        if not line.strip():
-            continue
-        row = [f.strip() for f in line.split(",")]
-        if width is None and len(row) in ncols:
-            width = len(row)
-        if len(row) != width:
-            expected = width if width is not None else " or ".join(map(str, ncols))
-            raise ConfigError(f"{path}:{n}: expected {expected} columns ({columns}), got {len(row)}")
-        rows.append(row)
-        lines.append(n)
+    text = _read_text(path, what)
+    rows = list(csv.reader(text.splitlines()))
+    if " " in text or "\t" in text:
+        rows = [[f.strip() for f in row] for row in rows]
+    lines: Sequence[int] = range(1, len(rows) + 1)
+    widths = set(map(len, rows))
+    if len(widths) != 1 or widths & {0, 1}:  # the slow path only for blank lines or a bad row
+        lines = [n for n, row in zip(lines, rows) if len(row) > 1 or (row and row[0])]
+        rows = [rows[n - 1] for n in lines]
+    width = next((len(row) for row in rows if len(row) in ncols), None)
+    if width is None or len(set(map(len, rows))) > 1:
+        for n, row in zip(lines, rows):
+            if len(row) != width:
+                expected = width if width is not None else " or ".join(map(str, ncols))
+                raise ConfigError(f"{path}:{n}: expected {expected} columns ({columns}), got {len(row)}")
     return rows, lines
 
 
-def _column(path: Path, rows: list[list[str]], lines: list[int], col: int, name: str,
-            integer: bool = False) -> np.ndarray:
+def number_column(path: Path, rows: list[list[str]], lines: Sequence[int], col: int, name: str,
+                  integer: bool = False) -> np.ndarray:
     """One column as float64 (vectorised; the slow scan runs only to name the first bad row)."""
     values = [r[col] for r in rows]
     try:
@@ -184,7 +188,7 @@ def _column(path: Path, rows: list[list[str]], lines: list[int], col: int, name:
 
 
 def _boxes(path: Path, rows, lines) -> np.ndarray:
-    return np.stack([_column(path, rows, lines, 2 + i, name) for i, name in enumerate(_BOX_COLUMNS)], axis=1)
+    return np.stack([number_column(path, rows, lines, 2 + i, name) for i, name in enumerate(_BOX_COLUMNS)], axis=1)
 
 
 def _fix_boxes(boxes: np.ndarray, stats: ReadStats) -> tuple[np.ndarray, np.ndarray]:
@@ -201,8 +205,8 @@ def _fix_boxes(boxes: np.ndarray, stats: ReadStats) -> tuple[np.ndarray, np.ndar
 def read_exclusions(path: str | Path) -> set[tuple[str, int]]:
     """``video_id, timestamp`` rows (``ava_*_excluded_timestamps_*.csv``)."""
     path = Path(path)
-    rows, lines = _table(path, "excluded timestamps", (2,), "video_id, timestamp")
-    ts = _column(path, rows, lines, 1, "timestamp", integer=True)
+    rows, lines = read_table(path, "excluded timestamps", (2,), "video_id, timestamp")
+    ts = number_column(path, rows, lines, 1, "timestamp", integer=True)
     return {(r[0], int(t)) for r, t in zip(rows, ts)}
 
 
@@ -212,13 +216,13 @@ def read_boxes(path: str | Path, label_ids: set[int] | None = None) -> KeyframeT
     merged. ``label_ids``: the label map's ids; rows of other AVA actions are dropped and counted (their
     boxes stay, with the listed actions only, so training still sees those people)."""
     path = Path(path)
-    rows, lines = _table(path, "annotations", (7, 8), "video_id, timestamp, x1, y1, x2, y2, action_id, person_id")
+    rows, lines = read_table(path, "annotations", (7, 8), "video_id, timestamp, x1, y1, x2, y2, action_id, person_id")
     stats = ReadStats(str(path), rows=len(rows))
-    ts = _column(path, rows, lines, 1, "timestamp", integer=True).astype(np.int64)
+    ts = number_column(path, rows, lines, 1, "timestamp", integer=True).astype(np.int64)
     boxes = _boxes(path, rows, lines)
-    actions = _column(path, rows, lines, 6, "action_id", integer=True).astype(np.int64)
-    persons = (_column(path, rows, lines, 7, "person_id", integer=True).astype(np.int64) if rows and len(rows[0]) == 8
-               else np.full(len(rows), -1, dtype=np.int64))
+    actions = number_column(path, rows, lines, 6, "action_id", integer=True).astype(np.int64)
+    persons = (number_column(path, rows, lines, 7, "person_id", integer=True).astype(np.int64)
+               if rows and len(rows[0]) == 8 else np.full(len(rows), -1, dtype=np.int64))
     listed = np.ones(len(rows), dtype=bool)
     if label_ids is not None:
         allowed = np.fromiter(set(label_ids), dtype=np.int64)
@@ -229,6 +233,7 @@ def read_boxes(path: str | Path, label_ids: set[int] | None = None) -> KeyframeT
             raise ConfigError(f"{path}:{lines[i]}: action_id: unknown label id {actions[i]} (not in the label map "
                               f"nor among AVA's actions 1..80)")
         stats.unlisted_rows = int((~listed).sum())
+    raw = boxes.tolist()
     boxes, changed = clip_boxes(boxes)
     keep = valid_boxes(boxes)
     merged: dict[tuple, list] = {}
@@ -236,7 +241,7 @@ def read_boxes(path: str | Path, label_ids: set[int] | None = None) -> KeyframeT
     degenerate, clipped = set(), set()  # counted per distinct box, not per row
     for i, row in enumerate(rows):
         frame = (row[0], int(ts[i]))
-        box_key = (frame, int(persons[i]), *row[2:6])
+        box_key = (frame, int(persons[i]), *raw[i])
         if not keep[i]:
             degenerate.add(box_key)
             continue
@@ -289,11 +294,11 @@ def read_proposals(path: str | Path, min_score: float = 0.0) -> KeyframeTable:
 
 
 def _read_proposal_csv(path: Path) -> tuple[dict[tuple[str, int], np.ndarray], ReadStats]:
-    rows, lines = _table(path, "proposals", (7, 8), "video_id, timestamp, x1, y1, x2, y2, [action_id,] score")
+    rows, lines = read_table(path, "proposals", (7, 8), "video_id, timestamp, x1, y1, x2, y2, [action_id,] score")
     stats = ReadStats(str(path), rows=len(rows))
-    ts = _column(path, rows, lines, 1, "timestamp", integer=True).astype(np.int64)
+    ts = number_column(path, rows, lines, 1, "timestamp", integer=True).astype(np.int64)
     boxes = _boxes(path, rows, lines)
-    scores = _column(path, rows, lines, len(rows[0]) - 1, "score") if rows else np.zeros(0)
+    scores = number_column(path, rows, lines, len(rows[0]) - 1, "score") if rows else np.zeros(0)
     data = np.concatenate([boxes, scores[:, None]], axis=1)
     order: dict[tuple[str, int], list[int]] = {}
     for i, row in enumerate(rows):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ava_fixtures import LABELMAP_ID, LABELMAP_LABEL_ID, ROOT, csv_rows, needs_real_ava, real, write
+from ava_fixtures import LABELMAP_2019, LABELMAP_ID, LABELMAP_LABEL_ID, ROOT, csv_rows, needs_real_ava, real, write
 from pipeline.ava import (keyframe_id, load_split, parse_keyframe_id, read_boxes, read_exclusions, read_labelmap,
                           read_proposals)
 from pipeline.boxes import box_iou, clip_boxes, valid_boxes
@@ -40,7 +40,7 @@ def test_box_helpers():
         [True, False, False, False]
 
 
-@pytest.mark.parametrize("text", [LABELMAP_ID, LABELMAP_LABEL_ID, "12: stand\n79: talk to (e.g., self, a person, "
+@pytest.mark.parametrize("text", [LABELMAP_ID, LABELMAP_LABEL_ID, LABELMAP_2019, "12: stand\n79: talk to (e.g., self, a person, "
                                   "a group)\n\n80: watch (a person)\n"])
 def test_labelmap_syntaxes(tmp_path, text):
     assert read_labelmap(write(tmp_path, "map.pbtxt", text)) == {
@@ -164,6 +164,11 @@ def test_proposal_pickle_as_mmaction2_writes_it(tmp_path):
     p = tmp_path / "dense_proposals.pkl"
     p.write_bytes(pickle.dumps({k: np.array(v, dtype=np.float32) for k, v in data.items()}, protocol=4))
     _check_proposals(read_proposals(p, min_score=0.5))
+    old = tmp_path / "numpy1.pkl"  # written under numpy 1, whose arrays pickle as numpy.core.multiarray
+    old.write_bytes(pickle.dumps({k: np.array(v) for k, v in data.items()}, protocol=2)
+                    .replace(b"numpy._core.", b"numpy.core."))
+    assert b"numpy.core.multiarray" in old.read_bytes()
+    _check_proposals(read_proposals(old, min_score=0.5))
     p5 = tmp_path / "proposals.bin"  # told apart from a CSV by its first byte too; protocol 5 buffers
     p5.write_bytes(pickle.dumps({k: np.array(v) for k, v in data.items()}, protocol=5))
     _check_proposals(read_proposals(p5, min_score=0.5))
@@ -198,7 +203,8 @@ def _detect_manifest(tmp_path, extra: str = "") -> Path:
     write(tmp_path, "train.csv", csv_rows([("v", 902, 0.1, 0.1, 0.5, 0.9, 12, 0), ("v", 903, 0.1, 0.1, 0.5, 0.9, 80, 0),
                                            ("w", 950, 0.1, 0.1, 0.5, 0.9, 79, 0)]))
     write(tmp_path, "excl.csv", "v,0903\nv,0905\n")
-    write(tmp_path, "boxes.csv", csv_rows([("v", 904, 0.1, 0.1, 0.5, 0.9, "", 0.9), ("v", 905, 0.1, 0.1, 0.5, 0.9, "", 0.9),
+    write(tmp_path, "boxes.csv", csv_rows([("v", 904, 0.1, 0.1, 0.5, 0.9, "", 0.9),
+                                           ("v", 905, 0.1, 0.1, 0.5, 0.9, "", 0.9),
                                            ("w", 950, 0.2, 0.1, 0.5, 0.9, "", 0.3)]))
     (tmp_path / "videos").mkdir(exist_ok=True)
     return write(tmp_path, "ava.yaml", f"""name: toyava
