@@ -131,7 +131,7 @@ def train(ctx: StageContext) -> dict:
 def evaluate(ctx: StageContext) -> dict:
     import torch
 
-    from detectors.ava_map import evaluate_frame_map, write_detections_csv
+    from detectors.ava_map import DetectionRows, evaluate_frame_map, write_detections_csv
     from detectors.config import DetectConfig, detect_config, eval_config
     from detectors.data import MapSource, class_ids, eval_keyframes
     from detectors.train import predict
@@ -155,12 +155,10 @@ def evaluate(ctx: StageContext) -> dict:
     detections = predict(head, keyframes, source, cfg.batch_size)
     infer_s = time.perf_counter() - t0
     out = Path(ctx.out_dir)
-    write_detections_csv(out / "detections.csv", detections, ids)
-    result = evaluate_frame_map(split.gt, detections, split.labelmap, split.exclusions, protocol=ecfg.protocol)
-    metrics = {"mAP": result.mAP, "per_class": {str(i): result.per_class[i] for i in ids},
-               "names": {str(i): split.labelmap[i] for i in ids}, "protocol": ecfg.protocol,
-               "split": split.name, "boxes": ecfg.boxes, "keyframes": len(keyframes), "head": cfg.head,
-               "inference_seconds": infer_s}
+    rows = DetectionRows.from_keyframes(detections, split.labelmap)
+    write_detections_csv(out / "detections.csv", rows)
+    result = evaluate_frame_map(split.gt, rows, split.labelmap, split.exclusions, protocol=ecfg.protocol)
+    metrics = {**result.to_json(), "split": split.name, "boxes": ecfg.boxes, "keyframes": len(keyframes),
+               "head": cfg.head, "inference_seconds": infer_s}
     write_json_atomic(out / "metrics.json", metrics)
     return {"summary": result.table(), "mAP": result.mAP, "keyframes": len(keyframes), "head": cfg.head}
-

@@ -24,8 +24,8 @@ SMALL = {"seed": 5, "train_videos": 2, "val_videos": 2, "duration_s": [8, 10], "
          "actors": [2, 3], "objects": [1, 2], "empty_lead_fraction": 0.5, "empty_lead_s": [3, 4]}
 # sha256 over every generated file (dataset_digest). A change here means every user's demo data changes:
 # bump GENERATOR_VERSION with it and update the README's figures.
-SMALL_DIGEST = "af756b47617a45497c97bce129341f557434ccba699ddf3bbe4ac2b71d5774c9"
-MANIFEST_DIGEST = "5f6b600ec991a52afbe83272626eb78873c34b94f28f5aa5c65ef61484696543"
+SMALL_DIGEST = "dc855eafc52d24645e96e2746738cf0f67757832bed27c8e72d81df3d772ef6c"
+MANIFEST_DIGEST = "b4350c2dc274680f52fc905f65ecb7174685c0a2ba14c71de0a8db281c187bd6"
 
 
 def _generate_in_a_fresh_process(spec: dict, out: Path) -> tuple[Path, str]:
