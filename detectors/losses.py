@@ -34,14 +34,6 @@ def ava_groups(label_ids: Iterable[int]) -> tuple[int, int, int]:
     return groups.count(0), groups.count(1), groups.count(2)
 
 
-# F.binary_cross_entropy clamps its logs at -100; the log-space forms below keep that bound.
-_LOG_FLOOR = -100.0
-
-
-def _bce_from_logs(log_p: torch.Tensor, log_1mp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return -(targets * log_p.clamp(min=_LOG_FLOOR) + (1 - targets) * log_1mp.clamp(min=_LOG_FLOOR))
-
-
 @dataclass(frozen=True)
 class MultiLabelBCE:
     num_classes: int
@@ -61,16 +53,12 @@ class PoseSoftmaxBCE:
     num_classes: int
     num_pose: int = 13
 
-    def _logs(self, logits: torch.Tensor):
-        pose = logits[:, :self.num_pose].log_softmax(dim=1)
-        rest = logits[:, self.num_pose:]
-        log_p = torch.cat([pose, F.logsigmoid(rest)], dim=1)
-        log_1mp = torch.cat([torch.log(-torch.expm1(pose.clamp(max=-1e-12))), F.logsigmoid(-rest)], dim=1)
-        return log_p, log_1mp
-
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        log_p, log_1mp = self._logs(logits)
-        return _bce_from_logs(log_p, log_1mp, targets.to(logits.dtype)).mean()
+        # BCE on the probabilities as published (a saturated probability costs the log floor of 100,
+        # not the logit's size), in float32 at least and outside autocast, which refuses this op
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            probs = self.scores(logits.float() if logits.element_size() < 4 else logits).clamp(0, 1)
+            return F.binary_cross_entropy(probs, targets.to(probs.dtype))
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.cat([logits[:, :self.num_pose].softmax(dim=1), logits[:, self.num_pose:].sigmoid()], dim=1)

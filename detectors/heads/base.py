@@ -50,6 +50,9 @@ class ActorMemory:
                 mask[b, s, :n] = True
         return cls(features=feats, mask=mask, before=before)
 
+    def to(self, device) -> "ActorMemory":
+        return ActorMemory(self.features.to(device), self.mask.to(device), self.before)
+
 
 @dataclass
 class HeadInput:
@@ -70,6 +73,14 @@ class HeadInput:
     feature_stride: int = 16
     context: torch.Tensor | None = None
     memory: ActorMemory | None = None
+
+    def to(self, device) -> "HeadInput":
+        """The same batch on ``device`` (dtypes kept: maps may stay float16 until the head casts them)."""
+        return HeadInput(maps=self.maps.to(device), rois=self.rois.to(device),
+                         clip_index=self.clip_index.to(device), image_size=self.image_size.to(device),
+                         feature_stride=self.feature_stride,
+                         context=None if self.context is None else self.context.to(device),
+                         memory=None if self.memory is None else self.memory.to(device))
 
     @property
     def num_clips(self) -> int:

@@ -227,8 +227,9 @@ class CycleACRHead(Head):
             if mem.features.shape[1:] != (seconds, per_sec, self.dim_inner) or mem.before != before:
                 raise ValueError(f"cycleacr: memory must be (B, {seconds}, {per_sec}, {self.dim_inner}) "
                                  f"centred at {before}, got {tuple(mem.features.shape)} centred at {mem.before}")
-            feats = mem.features.to(pooled.dtype).clone()
             mask = mem.mask.clone()
+            # empty slots are zero features, as the published pool pads them
+            feats = mem.features.to(pooled.dtype) * mask[..., None]
         current = layout.pad(pooled.detach())[:, :per_sec]                    # (B, <=M, D)
         centre_mask = layout.mask[:, :per_sec]
         feats[:, before] = 0
@@ -246,7 +247,8 @@ class CycleACRHead(Head):
             person_mask = layout.mask
         else:
             # published: exactly max_person person keys, padded ones included (extra actors dropped)
-            person_mask = (torch.arange(layout.num_slots, device=roi.device) < self.max_person)[None].expand_as(layout.mask)
+            first = torch.arange(layout.num_slots, device=roi.device) < self.max_person
+            person_mask = first[None].expand_as(layout.mask)
             memory_mask = None
         final = self.cycleacr_module.instance_interaction(pooled, layout, person_mask, memory, memory_mask)
         x = F.relu(self.fc1(roi + final))
