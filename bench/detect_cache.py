@@ -107,14 +107,14 @@ def run_variant(name: str, tiny: bool, heads: list[str], batch: int, iters: int,
 
             def cached():
                 inputs, targets = collate(kfs, source, 0.075, torch.Generator().manual_seed(0))
-                head_step(_to(inputs, device), targets.to(device))
+                head_step(inputs.to(device), targets.to(device))
 
             def recomputed():
                 with torch.no_grad():
                     fresh = ava_map(model, clips)
                 inputs, targets = collate(kfs, source, 0.075, torch.Generator().manual_seed(0))
                 inputs.maps = fresh
-                head_step(_to(inputs, device), targets.to(device))
+                head_step(inputs.to(device), targets.to(device))
 
             t_cached, t_recomputed = timed(cached, iters), timed(recomputed, max(1, iters // 2) if not tiny else iters)
             if device.type == "cuda":
@@ -123,12 +123,6 @@ def run_variant(name: str, tiny: bool, heads: list[str], batch: int, iters: int,
                          "cached_step_s": t_cached, "recomputed_step_s": t_recomputed,
                          "ratio": t_recomputed / t_cached})
     return rows
-
-
-def _to(inputs, device):
-    for f in ("maps", "rois", "clip_index", "image_size", "context"):
-        setattr(inputs, f, getattr(inputs, f).to(device))
-    return inputs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,9 @@
 parameter groups, warm-up and schedule, gradient clipping) scaled to the batch, the head's own loss, box
 jitter per step; resumable from the checkpoint written atomically after every epoch.
 
-Determinism: the order and the jitter of epoch ``e`` come from seeds ``[seed, e]``, so a run resumed
-after epoch ``e`` continues as the uninterrupted run would (on CPU).
+Determinism: the order and the jitter of epoch ``e`` come from seeds ``[seed, e]`` and the torch RNG
+state (dropout) is checkpointed, so a run resumed after epoch ``e`` continues as the uninterrupted run
+would (on CPU).
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ def _optimizer(head: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
 
 
 def fit(cfg: DetectConfig, recipe: Recipe, head: nn.Module, keyframes: Sequence[Keyframe], source: MapSource,
-        out_dir: Path, log: Callable[[str], None] = print) -> list[float]:
-    """Train ``head`` in place with ``recipe``; returns the seconds of each epoch run now."""
+        out_dir: Path, log: Callable[[str], None] = print, max_epochs: int | None = None) -> list[float]:
+    """Train ``head`` in place with ``recipe``; returns the seconds of each epoch run now.
+    ``max_epochs``: stop after that many epochs of the schedule (the schedule itself is unchanged)."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     optimizer = _optimizer(head, recipe)
     epochs = total_epochs(recipe)
     batch = min(cfg.batch_size, len(keyframes))
@@ -56,12 +59,13 @@ def fit(cfg: DetectConfig, recipe: Recipe, head: nn.Module, keyframes: Sequence[
             raise ValueError(f"{ckpt}: checkpoint of another configuration or keyframe list; remove it to retrain")
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_torch"])  # dropout continues as if never stopped
         start, step = state["epoch"] + 1, state["step"]
         log(f"detect: resuming after epoch {start}/{epochs}")
     params = [p for p in head.parameters() if p.requires_grad]
     times = []
     head.train()
-    for epoch in range(start, epochs):
+    for epoch in range(start, epochs if max_epochs is None else min(epochs, max_epochs)):
         t0 = time.perf_counter()
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(keyframes))
         generator = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
@@ -84,7 +88,7 @@ def fit(cfg: DetectConfig, recipe: Recipe, head: nn.Module, keyframes: Sequence[
         times.append(seconds)
         mean_loss = float(torch.stack(losses).mean())  # one host sync per epoch
         state = {"epoch": epoch, "step": step, "head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                 "config": cfg.to_json(), "keyframes": ids}
+                 "rng_torch": torch.get_rng_state(), "config": cfg.to_json(), "keyframes": ids}
         _atomic_save(state, ckpt)
         _append_csv(out_dir / LOG, {"epoch": epoch + 1, "step": step, "loss": mean_loss,
                                     "lr": optimizer.param_groups[0]["lr"], "seconds": seconds})
