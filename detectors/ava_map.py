@@ -30,7 +30,7 @@ from typing import Mapping
 
 import numpy as np
 
-from pipeline.ava import KeyframeBoxes, keyframe_id, number_column, read_table
+from pipeline.ava import CsvTable, KeyframeBoxes, keyframe_id
 from pipeline.boxes import box_iou_pairs, valid_boxes
 from pipeline.context import write_text_atomic
 from pipeline.errors import ConfigError
@@ -96,16 +96,13 @@ def write_detections_csv(path: str | Path, detections, labelmap: Mapping[int, st
 
 def read_detections_csv(path: str | Path) -> DetectionRows:
     """An official detections file (8 columns; 7 columns score 1.0, as the official reader does)."""
-    path = Path(path)
-    table, lines = read_table(path, "detections", (7, 8), "video_id, timestamp, x1, y1, x2, y2, action_id, score")
-    ts = number_column(path, table, lines, 1, "timestamp", integer=True).astype(np.int64)
-    boxes = np.stack([number_column(path, table, lines, 2 + i, n) for i, n in enumerate(("x1", "y1", "x2", "y2"))],
-                     axis=1) if table else np.zeros((0, 4))
-    label = number_column(path, table, lines, 6, "action_id", integer=True).astype(np.int64)
-    score = (number_column(path, table, lines, 7, "score") if table and len(table[0]) == 8
-             else np.ones(len(table)))
+    table = CsvTable(Path(path), "detections", (7, 8), "video_id, timestamp, x1, y1, x2, y2, action_id, score")
+    ts = table.numbers(1, "timestamp", integer=True).astype(np.int64).tolist()
+    boxes = table.boxes()
+    label = table.numbers(6, "action_id", integer=True).astype(np.int64)
+    score = table.numbers(7, "score") if table.width == 8 else np.ones(len(table))
     index: dict[Frame, int] = {}
-    frame = np.fromiter((index.setdefault((r[0], int(t)), len(index)) for r, t in zip(table, ts)), dtype=np.int64,
+    frame = np.fromiter((index.setdefault(f, len(index)) for f in zip(table.ids, ts)), dtype=np.int64,
                         count=len(table))
     return DetectionRows(list(index), frame, boxes, label, score)
 

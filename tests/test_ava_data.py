@@ -40,8 +40,8 @@ def test_box_helpers():
         [True, False, False, False]
 
 
-@pytest.mark.parametrize("text", [LABELMAP_ID, LABELMAP_LABEL_ID, LABELMAP_2019, "12: stand\n79: talk to (e.g., self, a person, "
-                                  "a group)\n\n80: watch (a person)\n"])
+@pytest.mark.parametrize("text", [LABELMAP_ID, LABELMAP_LABEL_ID, LABELMAP_2019,
+                                  "12: stand\n79: talk to (e.g., self, a person, a group)\n\n80: watch (a person)\n"])
 def test_labelmap_syntaxes(tmp_path, text):
     assert read_labelmap(write(tmp_path, "map.pbtxt", text)) == {
         12: "stand", 79: "talk to (e.g., self, a person, a group)", 80: "watch (a person)"}
@@ -63,10 +63,10 @@ def test_labelmap_errors(tmp_path, text, fragment):
 def test_boxes_merged_per_box_and_timestamps_in_both_forms(tmp_path):
     p = write(tmp_path, "gt.csv", csv_rows([
         ("v", "0902", 0.1, 0.1, 0.5, 0.9, 12, 0),
-        ("v", "902", 0.1, 0.1, 0.5, 0.9, 79, 0),     # same box, plain timestamp
         ("v", "0902", 0.5, 0.1, 0.9, 0.9, 80, 1),
         ("v", "0902", 0.1, 0.1, 0.5, 0.9, 80, 2),    # same coordinates, another person: another box
         ("w", "1000", 0.2, 0.2, 0.4, 0.4, 2, 5),     # an AVA action outside the label map: box kept, no label
+        ("v", "902", 0.1, 0.100, 0.5, 0.9, 79, 0),   # the first box again, further down, plain timestamp
     ]) + "\n")
     table = read_boxes(p, {12, 79, 80})
     assert list(table) == [("v", 902), ("w", 1000)]
@@ -80,6 +80,17 @@ def test_boxes_merged_per_box_and_timestamps_in_both_forms(tmp_path):
     assert "1 rows of actions outside the label map dropped" in s.summary()
     seven = read_boxes(write(tmp_path, "gt7.csv", "v,902,0.1,0.1,0.5,0.9,12\n"), None)
     assert seven[("v", 902)].person_ids == (-1,)
+
+
+def test_spaces_quotes_and_blank_lines_read_as_the_plain_file(tmp_path):
+    plain = "v,0902,0.1,0.1,0.5,0.9,12,0\nv,0902,0.1,0.1,0.5,0.9,79,0\n-x9,1000,0.2,0.2,0.4,0.4,80,5\n"
+    messy = ' v, 0902 ,0.1,0.1,0.5,0.9,12,0\n\n  \n"v",902,0.1,0.1,0.5,0.9,79,0\n-x9,1000,0.2,0.2,0.4,0.4,80,5 \n'
+    a, b = (read_boxes(write(tmp_path, name, text), {12, 79, 80}) for name, text in (("a.csv", plain),
+                                                                                     ("b.csv", messy)))
+    assert list(a) == list(b) == [("v", 902), ("-x9", 1000)]
+    assert all(a[k].labels == b[k].labels and np.array_equal(a[k].boxes, b[k].boxes) for k in a)
+    with pytest.raises(ConfigError, match="b.csv:5: x1: expected a number, got 'x'"):
+        read_boxes(write(tmp_path, "b.csv", messy.replace("-x9,1000,0.2", "-x9,1000,x")), {12, 79, 80})
 
 
 def test_out_of_range_boxes_are_clipped_and_degenerate_ones_dropped_and_counted(tmp_path):
