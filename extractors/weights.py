@@ -44,7 +44,8 @@ CATALOGUE = (
                    aliases=("r2plus1d_34_clip32_ft_kinetics_from_ig65m-ade133f1.pth",)),
     CheckpointFile("slowfast", "r50_8x8", "SLOWFAST_8x8_R50.pyth",
                    "https://github.com/facebookresearch/SlowFast/blob/main/MODEL_ZOO.md (Kinetics-400) or the "
-                   "pytorchvideo model zoo (dl.fbaipublicfiles.com/pytorchvideo/model_zoo/kinetics/)"),
+                   "pytorchvideo model zoo (dl.fbaipublicfiles.com/pytorchvideo/model_zoo/kinetics/)",
+                   presets=("ava_slowfast_r50",)),
     CheckpointFile("slowfast", "r50_8x8_epic", "SlowFast.pyth",
                    "https://github.com/epic-kitchens/epic-kitchens-slowfast (README, EPIC-KITCHENS-100 model)",
                    presets=("epic_slowfast",)),
@@ -52,7 +53,8 @@ CATALOGUE = (
                    "https://github.com/OpenGVLab/VideoMAEv2/blob/master/docs/MODEL_ZOO.md (ViT-g K710, given "
                    "after a request form)", presets=("thumos_videomae_v2",)),
     CheckpointFile("videomae", "vit_b", "vit_b_k710_dl_from_giant.pth",
-                   "https://github.com/OpenGVLab/VideoMAEv2/blob/master/docs/MODEL_ZOO.md (distilled ViT-B K710)"),
+                   "https://github.com/OpenGVLab/VideoMAEv2/blob/master/docs/MODEL_ZOO.md (distilled ViT-B K710)",
+                   presets=("ava_videomae",)),
 )
 
 
