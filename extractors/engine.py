@@ -371,12 +371,11 @@ class Engine:
         if kind == "meta":
             meta, plan = event[1], event[2]
             task = self.tasks[index]
-            video = self.videos[index] = _Video(index, task, meta, plan, time.perf_counter())
+            self.videos[index] = _Video(index, task, meta, plan, time.perf_counter())
             for record, (why, message) in plan.failed.items():
                 self._fail_record(index, record, why, message)
             if self.bar is not None:
                 self.bar.set_postfix_str(f"{task.path.stem}", refresh=False)
-            self._maybe_finish(video)
             return
         video = self.videos.get(index)
         if video is None:

@@ -245,7 +245,9 @@ class Planner:
             st.state = "unknown"
             st.reasons.append(self.dataset.videos_error or f"videos directory not found: {self.dataset.videos}")
             return
-        if spec.per_item == "keyframes":
+        if spec.per_item == "keyframes" and getattr(self.dataset, "ava", None) is None:
+            st.reasons.append("no keyframes: not a detect dataset")   # `run` refuses it; gc and status go on
+        elif spec.per_item == "keyframes":
             st.inputs, missing = self.keyframe_inputs()
             if missing:
                 st.reasons.append(f"{len(missing)} annotated video(s) have no file in {self.dataset.videos}, "
@@ -380,6 +382,9 @@ def run(ws: Workspace, dataset: Dataset, targets: list[str], sets: list[Override
             planner.check_files(name)  # a missing checkpoint fails now, not after hours of upstream work
     dataset.check_paths(need_videos=any(ws.graph[n].per_item and not (n == "extract" and imported)
                                         for n in names))
+    for name in names:
+        if ws.graph[name].per_item == "keyframes":
+            planner.keyframe_inputs()  # a dataset without keyframes, or a malformed AVA file: exit 2 now
     states: dict[str, StageState] = {}
     reports: list[StageReport] = []
     failed: set[str] = set()

@@ -135,3 +135,14 @@ def test_videomae_keyframes_drop_the_partial_patch_and_keep_the_token_steps(data
     record = reader.read("vid_a,0901")
     assert record["map"].shape == (64, 2, 2) and record["context"].shape == (64, 8)
     assert (record["attrs"]["frame_height"], record["attrs"]["frame_width"]) == (32, 43)
+
+
+def test_a_dataset_without_keyframes_is_refused_before_any_work(tmp_path):
+    (tmp_path / "videos").mkdir()
+    manifest = tmp_path / "loc.yaml"
+    manifest.write_text(f"name: loc\ntask: localize\nvideos: {tmp_path / 'videos'}\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "--cache-dir", str(tmp_path / "cache"), "run",
+                           "extract_keyframes", "--dataset", str(manifest)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "loc.yaml: a stage per keyframe needs a detect dataset" in proc.stderr
