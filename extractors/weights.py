@@ -3,7 +3,7 @@
 Nothing here imports torch: `pipeline weights` only lists files and checks which are on disk.
 Files are looked for in the folders given with ``--dir``, in ``$PIPELINE_WEIGHTS`` (a path list) and
 in ``<project>/weights/``; ``--weights PATH`` checks one file directly and ``--dataset D`` the files that
-the dataset's ``extract.weights`` names.
+the dataset's ``extract.weights`` / ``extract_keyframes.weights`` name.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def main(argv: list[str], cmd) -> int:
     parser.add_argument("--dir", action="append", default=[], help="a folder holding checkpoint files")
     parser.add_argument("--weights", action="append", default=[], help="a checkpoint file to check")
     parser.add_argument("--backbone", help="only this backbone")
-    parser.add_argument("--dataset", help="also check the files the dataset's extract.weights names")
+    parser.add_argument("--dataset", help="also check the files the dataset's extract(_keyframes).weights name")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args(argv)
     project_root = Path(getattr(cmd, "project_root", None) or Path.cwd())
@@ -127,7 +127,8 @@ def main(argv: list[str], cmd) -> int:
     configured = []
     if args.dataset:
         dataset = cmd.load_dataset(args.dataset)
-        configured = configured_files((dataset.params.get("extract") or {}).get("weights"))
+        configured = [f for stage in ("extract", "extract_keyframes")
+                      for f in configured_files((dataset.params.get(stage) or {}).get("weights"))]
     given = {Path(p).name: Path(p) for p in [*args.weights, *configured]}
     rows = []
     for entry in CATALOGUE:
