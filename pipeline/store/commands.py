@@ -24,7 +24,8 @@ def _emit(cmd, args, obj: dict, lines: list[str]) -> None:
 
 # ------------------------------------------------------------------------------------------ verify
 def verify(argv: list[str], cmd) -> int:
-    """Check every extract store in the cache (or the ones named) against its completion records.
+    """Check every extract store in the cache (or the ones named) against its completion records, and
+    list the temporary files killed writes left in the cache.
 
     Exit 0 when everything is consistent (or was repaired), 1 when problems remain."""
     p = CommandParser(json_help="one JSON object on stdout",
@@ -48,8 +49,14 @@ def verify(argv: list[str], cmd) -> int:
         lines.extend(f"  {line}" for line in entry["problems"])
     if not dirs:
         lines.append(f"{root}: no feature stores")
-    bad = any(e["problems"] and (not args.repair or e.get("unreadable")) for e in report)
-    _emit(cmd, args, {"stores": report, "repaired": args.repair, "ok": not bad}, lines)
+    from pipeline.cache import leftovers, remove_leftovers
+
+    left = [str(p) for p in (remove_leftovers if args.repair else leftovers)(Path(cmd.cache_dir))]
+    lines += [f"{p}: left by a killed write" + (" (removed)" if args.repair else
+                                                  " (removed by --repair, gc or the next run)") for p in left]
+    bad = any(e["problems"] and (not args.repair or e.get("unreadable")) for e in report) or \
+        bool(left and not args.repair)
+    _emit(cmd, args, {"stores": report, "leftovers": left, "repaired": args.repair, "ok": not bad}, lines)
     return 1 if bad else 0
 
 
