@@ -116,6 +116,11 @@ def test_an_added_keyframe_alone_is_extracted_and_one_beyond_the_end_fails_alone
     logged = [json.loads(line) for line in (stage_dir / "failures.jsonl").read_text().splitlines()]
     assert [entry["id"] for entry in logged] == ["vid-b,0910"]
     assert RecordReader(stage_dir).ids == ["vid-b,0901", "vid-b,0902", "vid_a,0901", "vid_a,0903", "vid_a,0904"]
+    # `pipeline verify` checks keyframe stores against their records too (shapes per field).
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "--cache-dir", str(cache), "--json", "verify"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    (store,) = json.loads(proc.stdout)["stores"]
+    assert proc.returncode == 0 and store["dir"] == str(stage_dir) and store["videos"] == 5
 
 
 def test_videomae_keyframes_drop_the_partial_patch_and_keep_the_token_steps(dataset):
