@@ -35,10 +35,11 @@ def rows(*keyframes: tuple[str, int]) -> str:
     return "".join(f"{v},{ts:04d},0.1,0.2,0.5,0.9,12,0\n{v},{ts:04d},0.1,0.2,0.5,0.9,14,0\n" for v, ts in keyframes)
 
 
-def cli(cache: Path, manifest: Path) -> dict:
+def cli(cache: Path, manifest: Path, *sets: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PIPELINE_NO_PROGRESS": "1"}
     proc = subprocess.run([sys.executable, "-m", "pipeline", "--cache-dir", str(cache), "--json", "run",
-                           "extract_keyframes", "--dataset", str(manifest), "--workers", "1"],
+                           "extract_keyframes", "--dataset", str(manifest), "--workers", "1",
+                           *(arg for s in sets for arg in ("--set", s))],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     out = json.loads(proc.stdout)
     (stage,) = out["stages"]
@@ -115,3 +116,38 @@ def test_an_added_keyframe_alone_is_extracted_and_one_beyond_the_end_fails_alone
     logged = [json.loads(line) for line in (stage_dir / "failures.jsonl").read_text().splitlines()]
     assert [entry["id"] for entry in logged] == ["vid-b,0910"]
     assert RecordReader(stage_dir).ids == ["vid-b,0901", "vid-b,0902", "vid_a,0901", "vid_a,0903", "vid_a,0904"]
+    # `pipeline verify` checks keyframe stores against their records too (shapes per field).
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "--cache-dir", str(cache), "--json", "verify"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    (store,) = json.loads(proc.stdout)["stores"]
+    assert proc.returncode == 0 and store["dir"] == str(stage_dir) and store["videos"] == 5
+
+
+def test_videomae_keyframes_drop_the_partial_patch_and_keep_the_token_steps(dataset):
+    """ava_videomae's sampling (16 frames at interval 4) on the tiny ViT: 32x43 frames give a 2x2 token
+    map (the 11 columns past the last whole patch are dropped, as the patch convolution drops them) and
+    one context token per tubelet step (8)."""
+    root, manifest = dataset
+    (root / "vit.csv").write_text(rows(("vid_a", 901)))
+    vit_manifest = root / "tiny_ava_vit.yaml"
+    vit_manifest.write_text(manifest.read_text().replace("name: tiny_ava", "name: tiny_ava_vit")
+                            .replace("train.csv", "vit.csv"))
+    out = cli(root / "cache_vit", vit_manifest, "extract_keyframes.preset=ava_videomae",
+              "extract_keyframes.backbone_kwargs={tiny: true}")
+    assert out["rc"] == 0, out
+    reader = RecordReader(Path(out["dir"]))
+    assert reader.attrs["feature_dim"] == 64 and reader.attrs["feature_stride"] == 16
+    record = reader.read("vid_a,0901")
+    assert record["map"].shape == (64, 2, 2) and record["context"].shape == (64, 8)
+    assert (record["attrs"]["frame_height"], record["attrs"]["frame_width"]) == (32, 43)
+
+
+def test_a_dataset_without_keyframes_is_refused_before_any_work(tmp_path):
+    (tmp_path / "videos").mkdir()
+    manifest = tmp_path / "loc.yaml"
+    manifest.write_text(f"name: loc\ntask: localize\nvideos: {tmp_path / 'videos'}\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "--cache-dir", str(tmp_path / "cache"), "run",
+                           "extract_keyframes", "--dataset", str(manifest)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "loc.yaml: a stage per keyframe needs a detect dataset" in proc.stderr
