@@ -9,8 +9,6 @@ would (on CPU).
 
 from __future__ import annotations
 
-import csv
-import os
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,6 +20,7 @@ from torch import nn
 from detectors.config import DetectConfig
 from detectors.data import Keyframe, MapSource, collate
 from detectors.recipes import Recipe
+from pipeline.context import append_csv_row, save_torch_atomic
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.csv"
@@ -89,8 +88,8 @@ def fit(cfg: DetectConfig, recipe: Recipe, head: nn.Module, keyframes: Sequence[
         mean_loss = float(torch.stack(losses).mean())  # one host sync per epoch
         state = {"epoch": epoch, "step": step, "head": head.state_dict(), "optimizer": optimizer.state_dict(),
                  "rng_torch": torch.get_rng_state(), "config": cfg.to_json(), "keyframes": ids}
-        _atomic_save(state, ckpt)
-        _append_csv(out_dir / LOG, {"epoch": epoch + 1, "step": step, "loss": mean_loss,
+        save_torch_atomic(state, ckpt)
+        append_csv_row(out_dir / LOG, {"epoch": epoch + 1, "step": step, "loss": mean_loss,
                                     "lr": optimizer.param_groups[0]["lr"], "seconds": seconds})
         log(f"detect: epoch {epoch + 1}/{epochs} loss {mean_loss:.4f} {seconds:.1f}s")
     head.eval()
@@ -111,18 +110,3 @@ def predict(head: nn.Module, keyframes: Sequence[Keyframe], source: MapSource, b
             out[(k.video, k.timestamp)] = (k.boxes, scores[start:start + len(k.boxes)])
             start += len(k.boxes)
     return out
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _append_csv(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)

@@ -12,7 +12,6 @@ import contextlib
 import copy
 import csv
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import nn
 from localizers.actionformer import ActionFormer, LossNormalizer, build_model, collate, compute_losses
 from localizers.config import LocalizeConfig, TrainConfig
 from localizers.data import FeatureSource, VideoItem, batch_targets, random_crop, read_features
+from pipeline.context import append_csv_row, save_torch_atomic
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.csv"
@@ -66,14 +66,6 @@ class FitResult:
     ema: ActionFormer
     epochs_run: int
     seconds_per_epoch: list[float]
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, out_dir: Path,
@@ -166,24 +158,13 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
                      "rng_torch": torch.get_rng_state(),
                      "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                      "config": cfg.to_json(), "items": [it.id for it in items]}
-            _atomic_save(state, ckpt_path)
-            _append_csv(log_path, row)
+            save_torch_atomic(state, ckpt_path)
+            append_csv_row(log_path, row)
             _log_scalars(board, row)
             log(f"localize: epoch {epoch + 1}/{tc.total_epochs} loss {row['loss']:.4f} "
                 f"(cls {row['cls_loss']:.4f} reg {row['reg_loss']:.4f}) lr {row['lr']:.2e} {seconds:.1f}s")
     model.eval()
     return FitResult(model, ema, end_epoch - start_epoch, times)
-
-
-def _append_csv(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _trim_csv(path: Path, last_epoch: int) -> None:
@@ -196,7 +177,7 @@ def _trim_csv(path: Path, last_epoch: int) -> None:
     if len(kept) != len(rows):
         path.unlink()
         for r in kept:
-            _append_csv(path, r)
+            append_csv_row(path, r)
 
 
 def _tensorboard(out_dir: Path):

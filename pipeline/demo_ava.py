@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.demo_data import spec_from_dict
 from pipeline.errors import ConfigError
 
 # Bump when the drawn videos or the annotation files change for the same spec.
@@ -100,15 +101,7 @@ class DemoAvaSpec:
 
     @classmethod
     def from_dict(cls, spec: dict) -> "DemoAvaSpec":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(spec) - known)
-        if unknown:
-            raise ConfigError(f"generate.{unknown[0]}: unknown key; known: {', '.join(sorted(known))}")
-        values = {k: tuple(v) if isinstance(getattr(cls, k), tuple) and isinstance(v, list) else v
-                  for k, v in spec.items()}
-        made = cls(**values)
-        made._check()
-        return made
+        return spec_from_dict(cls, spec)
 
     def _check(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
