@@ -77,7 +77,8 @@ def test_keyframe_records_hold_the_centred_clip_map_and_context(dataset):
                                                                  "context": (np.float16, (576, 16))}
         assert store.shape("vid-b,0902") == {"map": (576, 2, 4), "context": (576, 16)}   # 58x34 -> 55x32
     record = reader.read("vid_a,0903")
-    assert (record["attrs"]["frame_height"], record["attrs"]["frame_width"], record["attrs"]["time_s"]) == (32, 43, 3)
+    attrs = record["attrs"]
+    assert (attrs["frame_height"], attrs["frame_width"], attrs["feature_stride"], attrs["time_s"]) == (32, 43, 16, 3)
     # The same clip cut by hand: 16 frames at interval 2 centred on second 3 (frame 36) of the file.
     preset = resolve_preset(PARAMS)
     spec = DecodeSpec.from_preset(preset, decoders=(record["attrs"]["decoder"],))
