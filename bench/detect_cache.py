@@ -7,7 +7,11 @@ per clip, 256x256 input -> 2304 x 16 x 16 maps), full and tiny (width 16, one bl
 input). Heads: those named by ``--heads`` (default roi_linear), 4 actors per clip.
 fp32, torch's default threads unless ``--threads``; on a GPU when ``torch.cuda.is_available()``.
 
-    python bench/detect_cache.py [--batch 2] [--iters 3] [--heads roi_linear,acar] [--full/--no-full] [--json]
+Then (``--evaluator``, default on) the AVA evaluator against a straightforward per-class loop, as
+``bench/ava_eval.py`` runs it.
+
+    python bench/detect_cache.py [--batch 2] [--iters 3] [--heads roi_linear,acar] [--full/--no-full]
+                                 [--evaluator/--no-evaluator] [--json]
 """
 
 from __future__ import annotations
@@ -132,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", default="roi_linear", help="comma-separated head names")
     p.add_argument("--full", action=argparse.BooleanOptionalAction, default=True,
                    help="also the full SlowFast R50 (slow on CPU: about a minute)")
+    p.add_argument("--evaluator", action=argparse.BooleanOptionalAction, default=True,
+                   help="also the AVA evaluator against a straightforward per-class loop (bench/ava_eval.py)")
     p.add_argument("--threads", type=int)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
@@ -156,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"{r['backbone']:<20} {r['head']:<11} {'x'.join(map(str, r['map'])):<14} {r['cached_step_s']:>14.4f} "
               f"{r['recomputed_step_s']:>18.3f} {r['ratio']:>7.0f}x")
+    if a.evaluator:
+        import ava_eval  # bench/ava_eval.py, beside this script
+
+        print("# AVA frame-mAP evaluator: vectorised vs a per-keyframe, per-class loop")
+        return ava_eval.main(["--repeat", "1"])
     return 0
 
 
