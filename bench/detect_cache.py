@@ -33,6 +33,7 @@ from detectors.data import Keyframe, MapSource, collate  # noqa: E402
 from detectors.heads import build_head  # noqa: E402
 from extractors import slowfast  # noqa: E402
 from pipeline.store import create_store  # noqa: E402
+from pipeline.store.loader import RecordReader  # noqa: E402
 
 CLIP_LEN, SIZE, STRIDE, ACTORS, CLASSES = 32, 256, 16, 4, 60
 
@@ -72,7 +73,7 @@ def build_store(root: Path, kfs: list[Keyframe], maps: torch.Tensor) -> MapSourc
         for k, m in zip(kfs, maps):
             store.write(k.rid, {"map": m.numpy(), "context": m.amax((1, 2))[:, None].repeat(1, 8).numpy()},
                         {"frame_height": h * STRIDE, "frame_width": w * STRIDE})
-    source = MapSource(root, [k.rid for k in kfs])
+    source = MapSource(RecordReader(root), [k.rid for k in kfs])
     source._memory = None  # read from the store at every step, as a split too large for memory would
     return source
 

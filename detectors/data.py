@@ -7,7 +7,6 @@ cached map, never on pixels).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -103,14 +102,13 @@ def eval_keyframes(split: AvaSplit, stored: set[str], source: str, min_score: fl
 
 
 class MapSource:
-    """Cached maps and context tokens by keyframe id: read once into memory (float16) when the split's
-    records fit in ``IN_MEMORY_BYTES``, else from the store per batch."""
+    """Cached maps and context tokens by keyframe id, read through ``reader`` (a ``RecordReader`` of the
+    keyframe store): once into memory (float16 as stored) when the records fit in ``IN_MEMORY_BYTES``,
+    else from the store per batch."""
 
-    def __init__(self, store_dir: Path, rids: Sequence[str]):
-        from pipeline.store.loader import RecordReader
-
-        self.reader = RecordReader(store_dir)
-        self.feature_stride = int(self.reader.attrs["feature_stride"])
+    def __init__(self, reader, rids: Sequence[str]):
+        self.reader = reader
+        self.feature_stride = int(reader.attrs["feature_stride"])
         self._memory: dict[str, tuple] | None = None
         first = self._load(rids[0]) if rids else None
         per_record = sum(t.numel() * 2 for t in first[:2]) if first else 0
@@ -120,7 +118,8 @@ class MapSource:
     def _load(self, rid: str) -> tuple:
         rec = self.reader.read(rid, raw=True)
         attrs = rec["attrs"]
-        return (torch.from_numpy(np.ascontiguousarray(rec["map"])), torch.from_numpy(np.ascontiguousarray(rec["context"])),
+        return (torch.from_numpy(np.ascontiguousarray(rec["map"])),
+                torch.from_numpy(np.ascontiguousarray(rec["context"])),
                 (int(attrs["frame_height"]), int(attrs["frame_width"])))
 
     def get(self, rid: str) -> tuple:

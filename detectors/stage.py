@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.context import StageContext, write_json_atomic
+from pipeline.context import StageContext, save_torch_atomic, write_json_atomic
 from pipeline.errors import ConfigError
 
 MODEL_FILE = "model.pt"
@@ -81,44 +81,41 @@ def train(ctx: StageContext) -> dict:
     from detectors.config import detect_config
     from detectors.data import MapSource, class_ids, training_keyframes
     from detectors.train import fit, total_epochs
+    from pipeline.store.loader import RecordReader
 
     cfg = detect_config(ctx.params)
     _threads(ctx)
     split = _split(ctx, "train")
     ids = class_ids(split.labelmap)
-    from pipeline.store.loader import RecordReader
-
     store_dir = Path(ctx.upstream[STORE_STAGE])
-
-    stored = set(RecordReader(store_dir).ids)
-    keyframes = training_keyframes(split, stored, cfg.boxes, cfg.min_score, ctx.log)
+    reader = RecordReader(store_dir)
+    feature_dim = int(reader.attrs["feature_dim"])
+    torch.manual_seed(cfg.seed)
+    head = _build_head(cfg, feature_dim, ids)  # a bad head, loss or head argument fails before any work
+    recipe = cfg.recipe(head.recipe, cfg.batch_size)
+    epochs = total_epochs(recipe)
+    keyframes = training_keyframes(split, set(reader.ids), cfg.boxes, cfg.min_score, ctx.log)
     if not keyframes:
         raise ConfigError(f"{ctx.dataset.path}: no keyframe of split {split.name} with boxes is in the keyframe "
-                          f"store ({len(stored)} records)")
-    source = MapSource(store_dir, [k.rid for k in keyframes])
-    feature_dim = int(source.reader.attrs["feature_dim"])
+                          f"store ({len(reader.ids)} records)")
+    source = MapSource(reader, [k.rid for k in keyframes])
     out = Path(ctx.out_dir)
     write_json_atomic(out / CONFIG_FILE, {
         "config": cfg.to_json(), "class_ids": list(ids), "labelmap": {str(i): split.labelmap[i] for i in ids},
         "feature_dim": feature_dim, "train_split": split.name, "keyframes": len(keyframes),
         "store_dir": os.path.relpath(store_dir, out.parent / ctx.key),  # relative: the cache may move whole
     })
-    torch.manual_seed(cfg.seed)
-    head = _build_head(cfg, feature_dim, ids)
-    recipe = cfg.recipe(head.recipe, cfg.batch_size)
-    epochs = total_epochs(recipe)
     n_params = sum(p.numel() for p in head.parameters())
     boxes = sum(len(k.boxes) for k in keyframes)
     if not (out / MODEL_FILE).exists():
         ctx.log(f"detect: training {cfg.head} ({n_params:,} parameters) on {len(keyframes)} keyframes, {boxes} "
-                f"boxes of {split.name} ({epochs} epochs, batch {cfg.batch_size} clips, {recipe.optimizer} lr {recipe.lr:g})")
+                f"boxes of {split.name} ({epochs} epochs, batch {cfg.batch_size} clips, {recipe.optimizer} "
+                f"lr {recipe.lr:g})")
         t0 = time.perf_counter()
         times = fit(cfg, recipe, head, keyframes, source, out, log=ctx.log)
-        tmp = out / f".{MODEL_FILE}.tmp"
-        torch.save({"head": head.state_dict(), "config": cfg.to_json(), "class_ids": list(ids),
-                    "feature_dim": feature_dim, "seconds_per_epoch": times,
-                    "train_seconds": time.perf_counter() - t0}, tmp)
-        os.replace(tmp, out / MODEL_FILE)
+        save_torch_atomic({"head": head.state_dict(), "config": cfg.to_json(), "class_ids": list(ids),
+                           "feature_dim": feature_dim, "seconds_per_epoch": times,
+                           "train_seconds": time.perf_counter() - t0}, out / MODEL_FILE)
     saved = torch.load(out / MODEL_FILE, map_location="cpu", weights_only=False)
     per_epoch = saved["seconds_per_epoch"]
     seconds = sum(per_epoch) / len(per_epoch) if per_epoch else float("nan")
@@ -146,11 +143,11 @@ def evaluate(ctx: StageContext) -> dict:
     ids = class_ids(split.labelmap)
     if list(ids) != saved["class_ids"]:
         raise ConfigError(f"{ctx.dataset.ava.labelmap}: label ids differ from the ones the head was trained on")
-    store_dir = train_dir / saved["store_dir"]
-    keyframes = eval_keyframes(split, set(RecordReader(store_dir).ids), ecfg.boxes, ecfg.min_score, ctx.log)
+    reader = RecordReader(train_dir / saved["store_dir"])
+    keyframes = eval_keyframes(split, set(reader.ids), ecfg.boxes, ecfg.min_score, ctx.log)
     head = _build_head(cfg, saved["feature_dim"], ids)
     head.load_state_dict(torch.load(train_dir / MODEL_FILE, map_location="cpu", weights_only=False)["head"])
-    source = MapSource(store_dir, [k.rid for k in keyframes])
+    source = MapSource(reader, [k.rid for k in keyframes])
     t0 = time.perf_counter()
     detections = predict(head, keyframes, source, cfg.batch_size)
     infer_s = time.perf_counter() - t0

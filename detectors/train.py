@@ -97,7 +97,8 @@ def fit(cfg: DetectConfig, recipe: Recipe, head: nn.Module, keyframes: Sequence[
 
 
 @torch.no_grad()
-def predict(head: nn.Module, keyframes: Sequence[Keyframe], source: MapSource, batch_size: int) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+def predict(head: nn.Module, keyframes: Sequence[Keyframe], source: MapSource,
+            batch_size: int) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
     """(video, timestamp) -> (boxes (N, 4), class scores (N, K)) for every keyframe."""
     head.eval()
     out = {}

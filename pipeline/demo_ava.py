@@ -10,8 +10,9 @@ keyframe follow from the geometry at that instant:
 - actor-only: ``stand`` / ``walk`` (pose, exclusive: is the actor moving), ``wave`` (its arms flicker);
 - relation: ``touch`` (an object beside the box at hand height, within a few pixels, not carried),
   ``carry`` (holds an object), ``approach`` (walks toward an object), ``near_person`` (another actor
-  side by side within a few pixels). The object or the other actor lies outside the actor's box, so a head that sees only the
-  box cannot tell these apart (it can only guess ``approach`` and ``carry`` from ``walk``).
+  side by side within a few pixels). The object or the other actor lies outside the actor's box, so
+  a head that sees only the box cannot tell these apart (it can only guess ``approach`` and ``carry``
+  from ``walk``).
 
 Files are in the public AVA layout: CSVs of ``video_id, timestamp, x1, y1, x2, y2, action_id,
 person_id`` with timestamps offset by ``timestamp_offset_s`` (the 15-minute cuts start at 900 s), a

@@ -30,7 +30,8 @@ MANIFEST_DIGEST = "b4350c2dc274680f52fc905f65ecb7174685c0a2ba14c71de0a8db281c187
 
 def _generate_in_a_fresh_process(spec: dict, out: Path) -> tuple[Path, str]:
     code = ("import json, sys; from pipeline.demo_ava import ensure_generated, dataset_digest; "
-            "r = ensure_generated(json.loads(sys.argv[1]), sys.argv[2]); print(json.dumps([str(r), dataset_digest(r)]))")
+            "r = ensure_generated(json.loads(sys.argv[1]), sys.argv[2]); "
+            "print(json.dumps([str(r), dataset_digest(r)]))")
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec), str(out)], capture_output=True, text=True,
                           timeout=120, check=True, cwd=ROOT)
     root, digest = json.loads(proc.stdout)

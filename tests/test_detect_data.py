@@ -19,6 +19,7 @@ from pipeline.ava import AvaSplit, KeyframeBoxes, KeyframeTable
 from pipeline.errors import ConfigError
 from pipeline.stage_graph import load_stage_graph
 from pipeline.store import create_store
+from pipeline.store.loader import RecordReader
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +70,7 @@ def _store(tmp_path: Path, sizes: dict[str, tuple[int, int]], channels: int = 6)
         for rid, (h, w) in sizes.items():
             store.write(rid, {"map": rng.normal(size=(channels, h, w)), "context": rng.normal(size=(channels, 4))},
                         {"frame_height": 16 * h, "frame_width": 16 * w})
-    return MapSource(tmp_path, list(sizes))
+    return MapSource(RecordReader(tmp_path), list(sizes))
 
 
 def _keyframe(ts: int, n: int, rng) -> Keyframe:
