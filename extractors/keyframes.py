@@ -45,6 +45,7 @@ class KeyframeRecords:
     def store_attrs(self, model) -> dict:
         from extractors.outputs import KeyframeMaps
 
+        KeyframeMaps(model)  # a backbone without a map is refused before the store is made
         return {"index": KeyframeMaps.index, "fields": KeyframeMaps.fields,
                 "feature_stride": int(model.feature_stride), "timestamp_offset_s": self.timestamp_offset_s}
 

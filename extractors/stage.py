@@ -116,7 +116,7 @@ def _create_store(job: ExtractJob, attrs: dict):
     from pipeline.store import create_store
 
     return create_store(job.out_dir, job.params.get("store", "zarr"), job.params.get("dtype", "float16"), attrs,
-                        **({"compression": job.params["compression"]} if "compression" in job.params else {}))
+                        compression=job.params.get("compression", "none"))
 
 
 def run_job(job: ExtractJob, items: Sequence[Item], item_done: Callable, item_failed: Callable,

@@ -152,3 +152,15 @@ def test_a_dataset_without_keyframes_is_refused_before_any_work(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "loc.yaml: a stage per keyframe needs a detect dataset" in proc.stderr
+
+
+def test_a_backbone_without_a_feature_map_is_refused_before_a_store_is_made(dataset):
+    root, manifest = dataset
+    cache = root / "cache_i3d"
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "--cache-dir", str(cache), "run", "extract_keyframes",
+                           "--dataset", str(manifest), "--set", "extract_keyframes.preset=demo",
+                           "--set", "extract_keyframes.crop=none"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "extract_keyframes: backbone I3D gives no feature map" in proc.stderr
+    assert not list(cache.glob("extract_keyframes/*/features.*"))
