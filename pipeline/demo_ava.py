@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.demo_data import spec_from_dict
 from pipeline.errors import ConfigError
 
 # Bump when the drawn videos or the annotation files change for the same spec.
@@ -102,7 +101,13 @@ class DemoAvaSpec:
 
     @classmethod
     def from_dict(cls, spec: dict) -> "DemoAvaSpec":
-        return spec_from_dict(cls, spec)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ConfigError(f"generate.{unknown[0]}: unknown key; known: {', '.join(sorted(known))}")
+        made = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
+        made._check()
+        return made
 
     def _check(self) -> None:
         def bad(name: str, why: str) -> ConfigError:

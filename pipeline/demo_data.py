@@ -62,7 +62,17 @@ class DemoSpec:
 
     @classmethod
     def from_dict(cls, spec: dict) -> "DemoSpec":
-        return spec_from_dict(cls, spec)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ConfigError(f"generate.{unknown[0]}: unknown key; known: {', '.join(sorted(known))}")
+        values = {}
+        for name, value in spec.items():
+            default = getattr(cls, name)
+            values[name] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
+        made = cls(**values)
+        made._check()
+        return made
 
     def _check(self) -> None:
         def bad(field: str, why: str) -> ConfigError:
@@ -90,20 +100,6 @@ class DemoSpec:
             raise bad("min_gap_s", "must be >= 0")
         if self.instances[0] * self.action_s[0] + (self.instances[0] + 1) * self.min_gap_s > self.duration_s[0]:
             raise bad("instances", "the fewest, shortest instances and their gaps do not fit the shortest video")
-
-
-def spec_from_dict(cls, spec: dict):
-    """A generator's frozen spec dataclass from a manifest's ``generate:`` block (lists become the
-    tuples of tuple fields), checked by its ``_check``; unknown keys are one-line errors."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(spec) - known)
-    if unknown:
-        raise ConfigError(f"generate.{unknown[0]}: unknown key; known: {', '.join(sorted(known))}")
-    values = {k: tuple(v) if isinstance(getattr(cls, k), tuple) and isinstance(v, list) else v
-              for k, v in spec.items()}
-    made = cls(**values)
-    made._check()
-    return made
 
 
 def ensure_generated(spec: dict, out_dir: Path) -> tuple[Path, Path]:
