@@ -79,10 +79,15 @@ def build_store(root: Path, kfs: list[Keyframe], maps: torch.Tensor) -> MapSourc
 
 
 def timed(fn, iters: int) -> float:
-    fn()  # warm-up
+    def synced():
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    synced()  # warm-up
     t0 = time.perf_counter()
     for _ in range(iters):
-        fn()
+        synced()
     return (time.perf_counter() - t0) / iters
 
 
@@ -122,8 +127,6 @@ def run_variant(name: str, tiny: bool, heads: list[str], batch: int, iters: int,
                 head_step(inputs.to(device), targets.to(device))
 
             t_cached, t_recomputed = timed(cached, iters), timed(recomputed, max(1, iters // 2) if not tiny else iters)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
             rows.append({"backbone": name, "head": head_name, "map": list(maps.shape[1:]), "batch_clips": batch,
                          "cached_step_s": t_cached, "recomputed_step_s": t_recomputed,
                          "ratio": t_recomputed / t_cached})

@@ -68,11 +68,14 @@ def _build_head(cfg, feature_dim: int, ids: tuple[int, ...]):
         raise ConfigError(f"detect.head: {cfg.head}: {exc}") from None
 
 
-def _threads(ctx: StageContext) -> None:
+def _device(ctx: StageContext):
     import torch
+
+    from pipeline.device import torch_device
 
     if ctx.runtime.get("threads"):  # small heads on a shared CPU: fewer threads avoid spin-waiting
         torch.set_num_threads(int(ctx.runtime["threads"]))
+    return torch_device(ctx.runtime.get("device", "auto"), f"{ctx.name}.device")
 
 
 def train(ctx: StageContext) -> dict:
@@ -84,14 +87,14 @@ def train(ctx: StageContext) -> dict:
     from pipeline.store.loader import RecordReader
 
     cfg = detect_config(ctx.params)
-    _threads(ctx)
+    device = _device(ctx)
     split = _split(ctx, "train")
     ids = class_ids(split.labelmap)
     store_dir = Path(ctx.upstream[STORE_STAGE])
     reader = RecordReader(store_dir)
     feature_dim = int(reader.attrs["feature_dim"])
     torch.manual_seed(cfg.seed)
-    head = _build_head(cfg, feature_dim, ids)  # a bad head, loss or head argument fails before any work
+    head = _build_head(cfg, feature_dim, ids).to(device)  # a bad head, loss or argument fails before any work
     recipe = cfg.recipe(head.recipe, cfg.batch_size)
     epochs = total_epochs(recipe)
     keyframes = training_keyframes(split, set(reader.ids), cfg.boxes, cfg.min_score, ctx.log)
@@ -110,7 +113,7 @@ def train(ctx: StageContext) -> dict:
     if not (out / MODEL_FILE).exists():
         ctx.log(f"detect: training {cfg.head} ({n_params:,} parameters) on {len(keyframes)} keyframes, {boxes} "
                 f"boxes of {split.name} ({epochs} epochs, batch {cfg.batch_size} clips, {recipe.optimizer} "
-                f"lr {recipe.lr:g})")
+                f"lr {recipe.lr:g}, {device})")
         t0 = time.perf_counter()
         times = fit(cfg, recipe, head, keyframes, source, out, log=ctx.log)
         save_torch_atomic({"head": head.state_dict(), "config": cfg.to_json(), "class_ids": list(ids),
@@ -135,7 +138,7 @@ def evaluate(ctx: StageContext) -> dict:
     from pipeline.store.loader import RecordReader
 
     ecfg = eval_config(ctx.params)
-    _threads(ctx)
+    device = _device(ctx)
     train_dir = Path(ctx.upstream["detect"])
     saved = json.loads((train_dir / CONFIG_FILE).read_text())
     cfg: DetectConfig = detect_config(saved["config"])
@@ -147,6 +150,7 @@ def evaluate(ctx: StageContext) -> dict:
     keyframes = eval_keyframes(split, set(reader.ids), ecfg.boxes, ecfg.min_score, ctx.log)
     head = _build_head(cfg, saved["feature_dim"], ids)
     head.load_state_dict(torch.load(train_dir / MODEL_FILE, map_location="cpu", weights_only=False)["head"])
+    head.to(device)
     source = MapSource(reader, [k.rid for k in keyframes])
     t0 = time.perf_counter()
     detections = predict(head, keyframes, source, cfg.batch_size)

@@ -41,10 +41,11 @@ def _optimizer(head: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
 
 def fit(cfg: DetectConfig, recipe: Recipe, head: nn.Module, keyframes: Sequence[Keyframe], source: MapSource,
         out_dir: Path, log: Callable[[str], None] = print, max_epochs: int | None = None) -> list[float]:
-    """Train ``head`` in place with ``recipe``; returns the seconds of each epoch run now.
+    """Train ``head`` (on its device) in place with ``recipe``; returns the seconds of each epoch run now.
     ``max_epochs``: stop after that many epochs of the schedule (the schedule itself is unchanged)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    device = next(head.parameters()).device
     optimizer = _optimizer(head, recipe)
     epochs = total_epochs(recipe)
     batch = min(cfg.batch_size, len(keyframes))
@@ -53,12 +54,12 @@ def fit(cfg: DetectConfig, recipe: Recipe, head: nn.Module, keyframes: Sequence[
     start, step = 0, 0
     ckpt = out_dir / CHECKPOINT
     if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt, map_location=device, weights_only=False)
         if state["config"] != cfg.to_json() or state["keyframes"] != ids:
             raise ValueError(f"{ckpt}: checkpoint of another configuration or keyframe list; remove it to retrain")
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng_torch"])  # dropout continues as if never stopped
+        torch.set_rng_state(state["rng_torch"].cpu())  # dropout continues as if never stopped
         start, step = state["epoch"] + 1, state["step"]
         log(f"detect: resuming after epoch {start}/{epochs}")
     params = [p for p in head.parameters() if p.requires_grad]
@@ -72,6 +73,7 @@ def fit(cfg: DetectConfig, recipe: Recipe, head: nn.Module, keyframes: Sequence[
         for it in range(iters):
             chosen = [keyframes[i] for i in order[it * batch:(it + 1) * batch]]
             inputs, targets = collate(chosen, source, cfg.box_jitter, generator)
+            inputs, targets = inputs.to(device), targets.to(device)
             factor = recipe.lr_factor(step / iters)
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * factor
@@ -101,11 +103,12 @@ def predict(head: nn.Module, keyframes: Sequence[Keyframe], source: MapSource,
             batch_size: int) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
     """(video, timestamp) -> (boxes (N, 4), class scores (N, K)) for every keyframe."""
     head.eval()
+    device = next(head.parameters()).device
     out = {}
     for i in range(0, len(keyframes), batch_size):
         chosen = keyframes[i:i + batch_size]
         inputs, _ = collate(chosen, source)
-        scores = head.scores(head(inputs)).numpy()
+        scores = head.scores(head(inputs.to(device))).cpu().numpy()
         start = 0
         for k in chosen:
             out[(k.video, k.timestamp)] = (k.boxes, scores[start:start + len(k.boxes)])
