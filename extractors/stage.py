@@ -60,7 +60,8 @@ class VideoRecords:
             "source_fingerprint": item.fingerprint, "native_fps": meta.native_fps,
             "sampled_fps": meta.sampled_fps, "n_frames": meta.n_frames, "duration": meta.duration,
             "start_time": meta.start_time, "decoder": meta.decoder, "decoder_version": meta.decoder_version,
-            "width": meta.width, "height": meta.height, "extract_seconds": round(seconds, 3)})
+            "width": meta.width, "height": meta.height, "rotation": meta.rotation,
+            "extract_seconds": round(seconds, 3)})
         # The record describes the features only: downstream keys digest it, so no timings here.
         return {"shape": list(feats.shape), "decoder": meta.decoder, "fps": meta.sampled_fps,
                 "native_fps": meta.native_fps, "n_frames": meta.n_frames}
