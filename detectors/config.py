@@ -9,41 +9,57 @@ batch size by the linear rule), so ``--set detect.head=acar`` brings ACAR-Net's 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 from pipeline.errors import ConfigError
+from pipeline.schema import Device, Range, SplitName, Threads, check_instance, frozen
 
+# The names of the detectors.heads registry (kept here so that planning validates a head name without
+# importing torch; tests/test_detect_data.py holds the two equal).
+HEAD_NAMES = ("roi_linear", "acrn", "acar", "cycleacr")
 BOX_SOURCES = ("gt", "proposals")
-LOSSES = ("bce", "pose_softmax", "focal")
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("steps", "cosine")
-PROTOCOLS = ("official", "mmaction2")
 # DetectConfig field -> Recipe field it overrides
 RECIPE_FIELDS = {"optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay", "momentum": "momentum",
                  "warmup_epochs": "warmup_epochs", "schedule": "schedule", "epochs": "epochs",
                  "clip_grad": "grad_clip"}
+NonNegative = Annotated[float, Range(ge=0)]
+Score = Annotated[float, Range(ge=0, le=1)]
 
 
 @dataclass(frozen=True)
 class DetectConfig:
-    """``detect`` (training) params."""
+    """``detect`` (training) params (stages.yaml ``schema.params``)."""
 
-    head: str = "roi_linear"  # a name of the detectors.heads registry
-    head_kwargs: Mapping[str, Any] = field(default_factory=dict)  # passed to build_head
-    batch_size: int = 8  # clips (keyframes) per step, each with all its actors
-    epochs: float | None = None  # None: the recipe's (rounded to whole epochs)
-    optimizer: str | None = None  # sgd | adamw
-    lr: float | None = None  # at batch_size clips (None: the recipe's, scaled linearly)
-    weight_decay: float | None = None
-    momentum: float | None = None
-    warmup_epochs: float | None = None
-    schedule: str | None = None  # steps | cosine
-    clip_grad: float | None = None  # max gradient norm (0: off)
-    loss: str | None = None  # bce | pose_softmax (ACAR-Net) | focal (CycleACR); None: the head's
-    boxes: str = "gt"  # training boxes: gt | proposals (above min_score, labelled by IoU >= 0.5, + GT)
-    min_score: float = 0.9  # proposal score threshold for training
-    box_jitter: float = 0.075  # each side moved by U(-j, j) x box size, per step, on the cached map
-    seed: int = 0
+    head: Literal[HEAD_NAMES] = "roi_linear"
+    head_kwargs: Mapping[str, Any] = field(default_factory=dict)  # passed to the head's constructor
+    batch_size: Annotated[int, Range(ge=1, le=4096)] = 8  # clips (keyframes) per step, each with all its actors
+    epochs: Annotated[float, Range(gt=0, le=1000)] | None = None  # None: the recipe's (rounded to whole epochs)
+    optimizer: Literal["sgd", "adamw"] | None = None
+    lr: Annotated[float, Range(gt=0, le=10)] | None = None  # at batch_size clips (None: the recipe's, scaled)
+    weight_decay: NonNegative | None = None
+    momentum: Annotated[float, Range(ge=0, lt=1)] | None = None
+    warmup_epochs: NonNegative | None = None
+    schedule: Literal["steps", "cosine"] | None = None
+    clip_grad: NonNegative | None = None  # max gradient norm (0: off)
+    loss: Literal["bce", "pose_softmax", "focal"] | None = None  # None: the head's
+    boxes: Literal[BOX_SOURCES] = "gt"  # training boxes: gt | proposals (above min_score, IoU >= 0.5, + GT)
+    min_score: Score = 0.9  # proposal score threshold for training
+    box_jitter: Annotated[float, Range(ge=0, lt=0.5)] = 0.075  # each side moved by U(-j, j) x box size
+    seed: Annotated[int, Range(ge=0)] = 0
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None:
+        cfg = detect_config(params)
+        if cfg.head_kwargs:  # only then is the head's module (and torch) imported at planning
+            import inspect
+
+            from detectors.heads import HEADS
+
+            accepted = [p for p in inspect.signature(HEADS[cfg.head]).parameters if p != "self"]
+            unknown = sorted(set(cfg.head_kwargs) - set(accepted))
+            if unknown:
+                raise ConfigError(f"detect.head_kwargs.{unknown[0]}: not a parameter of head {cfg.head} "
+                                  f"({', '.join(accepted)})")
 
     def recipe(self, published, batch_clips: int):
         """The head's published ``Recipe`` scaled to ``batch_clips``, with this config's overrides."""
@@ -61,58 +77,40 @@ class DetectConfig:
 class DetectEvalConfig:
     """``detect_eval`` params."""
 
-    split: str = "test"  # a role of the manifest's splits, or a split name
-    boxes: str = "proposals"  # proposals (when the split has them, else gt) | gt
-    min_score: float = 0.85  # proposal score threshold at evaluation (LFB / ACAR-Net val: 0.85)
-    protocol: str = "official"  # official | mmaction2
+    split: Annotated[str, SplitName()] = "test"  # a role of the manifest's splits, or a split name
+    boxes: Literal[BOX_SOURCES] = "proposals"  # proposals (when the split has them, else gt) | gt
+    min_score: Score = 0.85  # proposal score threshold at evaluation (LFB / ACAR-Net val: 0.85)
+    protocol: Literal["official", "mmaction2"] = "official"
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None:
+        eval_config(params)
+
+
+@dataclass(frozen=True)
+class DetectRuntime:
+    """Runtime values of ``detect`` and ``detect_eval``: how they run, never what they make."""
+
+    device: Device = "auto"
+    threads: Threads | None = None  # torch intra-op threads (null: torch's default)
 
 
 def _build(cls, params: Mapping[str, Any], stage: str):
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(params) - set(known))
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(params) - known)
     if unknown:
-        raise ConfigError(f"{stage}.{unknown[0]}: unknown parameter; known: {', '.join(known)}")
-    values = {k: v for k, v in params.items() if v is not None}
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise ConfigError(f"{stage}: {exc}") from None
-
-
-def _check(stage: str, name: str, ok: bool, why: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{stage}.{name}: {why} (got {value!r})")
+        raise ConfigError(f"{stage}.{unknown[0]}: unknown parameter; known: {', '.join(sorted(known))}")
+    cfg = cls(**{k: frozen(v) for k, v in params.items() if v is not None})
+    check_instance(cfg, stage)
+    return cfg
 
 
 def detect_config(params: Mapping[str, Any]) -> DetectConfig:
-    """The ``detect`` params (None: the default) as a validated DetectConfig."""
+    """The ``detect`` params (None: the default) as a validated DetectConfig (also a saved run's
+    ``config.json``)."""
     cfg = _build(DetectConfig, params, "detect")
-    s = "detect"
-    _check(s, "head", isinstance(cfg.head, str) and cfg.head, "a head name", cfg.head)
-    _check(s, "head_kwargs", isinstance(cfg.head_kwargs, Mapping), "a mapping of head arguments", cfg.head_kwargs)
-    _check(s, "batch_size", isinstance(cfg.batch_size, int) and not isinstance(cfg.batch_size, bool)
-           and cfg.batch_size > 0, "a positive integer", cfg.batch_size)
-    _check(s, "optimizer", cfg.optimizer in (None, *OPTIMIZERS), f"one of {', '.join(OPTIMIZERS)}", cfg.optimizer)
-    _check(s, "schedule", cfg.schedule in (None, *SCHEDULES), f"one of {', '.join(SCHEDULES)}", cfg.schedule)
-    _check(s, "loss", cfg.loss in (None, *LOSSES), f"one of {', '.join(LOSSES)}", cfg.loss)
-    _check(s, "boxes", cfg.boxes in BOX_SOURCES, f"one of {', '.join(BOX_SOURCES)}", cfg.boxes)
-    for name in ("epochs", "lr", "weight_decay", "momentum", "warmup_epochs", "clip_grad", "box_jitter",
-                 "min_score"):
-        value = getattr(cfg, name)
-        _check(s, name, value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                          and value >= 0), "a number >= 0", value)
-    for name in ("epochs", "lr"):
-        _check(s, name, getattr(cfg, name) is None or getattr(cfg, name) > 0, "a positive number", getattr(cfg, name))
-    _check(s, "box_jitter", cfg.box_jitter < 0.5, "a fraction of the box size below 0.5", cfg.box_jitter)
     return replace(cfg, head_kwargs=dict(cfg.head_kwargs))
 
 
 def eval_config(params: Mapping[str, Any]) -> DetectEvalConfig:
-    cfg = _build(DetectEvalConfig, params, "detect_eval")
-    s = "detect_eval"
-    _check(s, "split", isinstance(cfg.split, str) and cfg.split, "a split name", cfg.split)
-    _check(s, "boxes", cfg.boxes in BOX_SOURCES, f"one of {', '.join(BOX_SOURCES)}", cfg.boxes)
-    _check(s, "protocol", cfg.protocol in PROTOCOLS, f"one of {', '.join(PROTOCOLS)}", cfg.protocol)
-    _check(s, "min_score", isinstance(cfg.min_score, (int, float)) and 0 <= cfg.min_score <= 1,
-           "a score in [0, 1]", cfg.min_score)
-    return cfg
+    return _build(DetectEvalConfig, params, "detect_eval")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from pipeline.context import StageContext, save_torch_atomic, write_json_atomic
+from pipeline.device import stage_device
 from pipeline.errors import ConfigError
 
 MODEL_FILE = "model.pt"
@@ -41,8 +42,6 @@ def _build_head(cfg, feature_dim: int, ids: tuple[int, ...]):
     from detectors.heads import HEADS, build_head
     from detectors.losses import ava_groups
 
-    if cfg.head not in HEADS:
-        raise ConfigError(f"detect.head: unknown head {cfg.head!r}; known: {', '.join(HEADS)}")
     try:
         groups = ava_groups(ids)
     except ValueError as exc:
@@ -57,25 +56,11 @@ def _build_head(cfg, feature_dim: int, ids: tuple[int, ...]):
             kwargs["class_groups"] = groups
     if cfg.loss is not None:
         kwargs["loss"] = cfg.loss
-    kwargs.update(cfg.head_kwargs)
-    unknown = sorted(set(cfg.head_kwargs) - set(accepted))
-    if unknown:
-        raise ConfigError(f"detect.head_kwargs.{unknown[0]}: not a parameter of head {cfg.head} "
-                          f"({', '.join(p for p in accepted if p not in ('self',))})")
+    kwargs.update(cfg.head_kwargs)  # their names were checked when the run was planned
     try:
         return build_head(cfg.head, **kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"detect.head: {cfg.head}: {exc}") from None
-
-
-def _device(ctx: StageContext):
-    import torch
-
-    from pipeline.device import torch_device
-
-    if ctx.runtime.get("threads"):  # small heads on a shared CPU: fewer threads avoid spin-waiting
-        torch.set_num_threads(int(ctx.runtime["threads"]))
-    return torch_device(ctx.runtime.get("device", "auto"), f"{ctx.name}.device")
 
 
 def train(ctx: StageContext) -> dict:
@@ -87,7 +72,7 @@ def train(ctx: StageContext) -> dict:
     from pipeline.store.loader import RecordReader
 
     cfg = detect_config(ctx.params)
-    device = _device(ctx)
+    device = stage_device(ctx.name, ctx.runtime, ctx.log)
     split = _split(ctx, "train")
     ids = class_ids(split.labelmap)
     store_dir = Path(ctx.upstream[STORE_STAGE])
@@ -138,7 +123,7 @@ def evaluate(ctx: StageContext) -> dict:
     from pipeline.store.loader import RecordReader
 
     ecfg = eval_config(ctx.params)
-    device = _device(ctx)
+    device = stage_device(ctx.name, ctx.runtime, ctx.log)
     train_dir = Path(ctx.upstream["detect"])
     saved = json.loads((train_dir / CONFIG_FILE).read_text())
     cfg: DetectConfig = detect_config(saved["config"])

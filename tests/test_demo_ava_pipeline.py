@@ -96,8 +96,8 @@ def test_a_head_parameter_retrains_on_the_cached_store_only(demo):
 
 def test_bad_detect_params_fail_in_one_line_before_any_work(demo):
     manifest, cache, _ = demo
-    for setting, message in (("detect.loss=softmax", "detect.loss: one of bce, pose_softmax, focal"),
-                             ("detect.head=resnet", "detect.head: unknown head 'resnet'"),
+    for setting, message in (("detect.loss=softmax", "detect.loss=softmax: expected bce | pose_softmax | focal or null"),
+                             ("detect.head=resnet", "detect.head=resnet: expected roi_linear | acrn | acar | cycleacr"),
                              ("detect.head_kwargs.widht=3", "detect.head_kwargs.widht: not a parameter of head")):
         err = _cli(cache, "run", "train", "--stage", "detect", "--dataset", str(manifest), "--set", setting,
                    code=2)["stderr"].strip().splitlines()

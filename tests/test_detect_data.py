@@ -24,20 +24,26 @@ from pipeline.store.loader import RecordReader
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_stages_yaml_lists_the_dataclass_fields_and_leaves_their_defaults_to_it():
+def test_stages_yaml_lists_the_dataclass_fields_with_their_defaults():
     graph = load_stage_graph(ROOT / "stages.yaml")
     for stage, cls in (("detect", DetectConfig), ("detect_eval", DetectEvalConfig)):
-        params = graph[stage].params
-        assert list(params) == [f.name for f in fields(cls)]
-        assert all(v in (None, {}) for v in params.values())
-    assert detect_config(graph["detect"].params) == DetectConfig()
+        assert dict(graph[stage].params) == {f.name: getattr(cls(), f.name) for f in fields(cls)}
 
 
 def test_bad_values_name_the_param():
-    with pytest.raises(ConfigError, match=r"detect.boxes: one of gt, proposals \(got 'pred'\)"):
+    with pytest.raises(ConfigError, match=r"detect.boxes: expected gt \| proposals, got 'pred'"):
         detect_config({"boxes": "pred"})
+    with pytest.raises(ConfigError, match=r"detect.lr: must be > 0, got -1"):
+        detect_config({"lr": -1})
     with pytest.raises(ConfigError, match="detect.batchsize: unknown parameter"):
         detect_config({"batchsize": 4})
+
+
+def test_head_names_of_the_schema_are_the_registry():
+    from detectors.config import HEAD_NAMES
+    from detectors.heads import HEADS
+
+    assert HEAD_NAMES == tuple(HEADS)
 
 
 def _split(proposals: dict) -> AvaSplit:

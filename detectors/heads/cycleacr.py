@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detectors.heads.base import ActorMemory, ClipLayout, Head, HeadInput, masked_softmax
+from detectors.heads.base import ClipLayout, Head, HeadInput, masked_softmax
 from detectors.recipes import Recipe
 from detectors.roi_align import roi_align
 from pipeline.checkpoints import KeyFormat
