@@ -34,9 +34,10 @@ def _split(ctx: StageContext, name: str):
     return split
 
 
-def _build_head(cfg, feature_dim: int, ids: tuple[int, ...]):
+def _build_head(cfg, reader, ids: tuple[int, ...]):
     """The head of ``cfg`` for ``ids`` (sorted label ids; AVA groups them pose, object, person, which
-    the pose-softmax and focal losses rely on)."""
+    the pose-softmax and focal losses rely on) on the records of ``reader``: their channels and, for a
+    head that sizes by it, the length of their context tokens."""
     import inspect
 
     from detectors.heads import HEADS, build_head
@@ -48,8 +49,10 @@ def _build_head(cfg, feature_dim: int, ids: tuple[int, ...]):
         groups = None
         if cfg.loss in ("pose_softmax", "focal"):
             raise ConfigError(f"detect.loss: {cfg.loss}: {exc}") from None
-    kwargs = {"in_channels": feature_dim, "num_classes": len(ids)}
+    kwargs = {"in_channels": int(reader.attrs["feature_dim"]), "num_classes": len(ids)}
     accepted = inspect.signature(HEADS[cfg.head]).parameters
+    if "temporal_len" in accepted and reader.ids:
+        kwargs["temporal_len"] = int(reader.read(reader.ids[0])["context"].shape[-1])
     if groups is not None:
         kwargs["num_pose"] = groups[0]
         if "class_groups" in accepted:
@@ -79,7 +82,7 @@ def train(ctx: StageContext) -> dict:
     reader = RecordReader(store_dir)
     feature_dim = int(reader.attrs["feature_dim"])
     torch.manual_seed(cfg.seed)
-    head = _build_head(cfg, feature_dim, ids).to(device)  # a bad head, loss or argument fails before any work
+    head = _build_head(cfg, reader, ids).to(device)  # a bad head, loss or argument fails before any work
     recipe = cfg.recipe(head.recipe, cfg.batch_size)
     epochs = total_epochs(recipe)
     keyframes = training_keyframes(split, set(reader.ids), cfg.boxes, cfg.min_score, ctx.log)
@@ -133,7 +136,7 @@ def evaluate(ctx: StageContext) -> dict:
         raise ConfigError(f"{ctx.dataset.ava.labelmap}: label ids differ from the ones the head was trained on")
     reader = RecordReader(train_dir / saved["store_dir"])
     keyframes = eval_keyframes(split, set(reader.ids), ecfg.boxes, ecfg.min_score, ctx.log)
-    head = _build_head(cfg, saved["feature_dim"], ids)
+    head = _build_head(cfg, reader, ids)
     head.load_state_dict(torch.load(train_dir / MODEL_FILE, map_location="cpu", weights_only=False)["head"])
     head.to(device)
     source = MapSource(reader, [k.rid for k in keyframes])
