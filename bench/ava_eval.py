@@ -167,12 +167,12 @@ def make_detections(gt, labelmap, n: int, decimals: int | None, seed: int = 0) -
     return DetectionRows(frames, rank[frame], boxes, label.astype(np.int64), score)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--detections", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--decimals", default="3", help="score decimals, or 'none' for full precision")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     d = ava_dir()
     labelmap = read_labelmap(d / "ava_action_list_v2.1_for_activitynet_2018.pbtxt")
     gt = read_boxes(d / "ava_val_v2.1_head27163.csv", set(labelmap))

@@ -23,10 +23,10 @@ from typing import Iterator
 
 import numpy as np
 
-from extractors.clip_sampling import frames_needed
 from extractors.frame_rate import native_fps, resample_indices
 from extractors.preprocess import resize_shape
 from extractors.presets import DECODERS, Preset  # DECODERS: named by the extract schema
+from extractors.samplers import ClipPlan, GridSampler, TooShort
 from pipeline.timemap import TimeGrid
 
 # decord reads these once, when its library loads (decord #248): they must be set before the first
@@ -34,6 +34,10 @@ from pipeline.timemap import TimeGrid
 os.environ.setdefault("DECORD_EOF_RETRY_MAX", "2048")
 os.environ.setdefault("DECORD_REWIND_RETRY_MAX", "8")
 os.environ.setdefault("DECORD_DUPLICATE_WARNING_THRESHOLD", "1.0")
+
+# A plan whose first frame lies further in than this (a keyframe minutes into a film) makes PyAV seek
+# to the keyframe before it instead of decoding everything from the start.
+_SEEK_FRAMES = 250
 
 
 class DecodeError(Exception):
@@ -84,7 +88,7 @@ class VideoMeta:
     sampled_fps: float
     n_frames: int          # native frames (by timestamp)
     n_sampled: int         # frames on the sampled grid
-    n_decode: int          # leading sampled frames the clips read
+    n_decode: int          # sampled frames the clips read (the plan's frames)
     n_native_decoded: int  # native frames the decoder goes through to produce them
     n_clips: int
     duration: float
@@ -96,11 +100,13 @@ class VideoMeta:
     rotation: int = 0      # degrees counter-clockwise the coded picture is turned for display
 
 
-def decode_video(path: str, spec: DecodeSpec) -> Iterator[tuple]:
-    """Events for one video: ``("meta", VideoMeta)``, then ``("frames", first_sampled_index, uint8
-    array (n, H, W, 3) RGB)`` in order, then ``("done", n_frames_sent)``; ``("reset",)`` when a
-    decoder failed after it had sent something and the next one starts over. Raises ``DecodeError``
-    when every decoder failed (the last decoder's error, naming the others)."""
+def decode_video(path: str, spec: DecodeSpec, sampler=None) -> Iterator[tuple]:
+    """Events for one video: ``("meta", VideoMeta, ClipPlan)``, then ``("frames", position of the first
+    in the plan's frames, uint8 array (n, H, W, 3) RGB)`` in order, then ``("done", n_frames_sent)``;
+    ``("reset",)`` when a decoder failed after it had sent something and the next one starts over.
+    ``sampler`` (``extractors.samplers``) plans the clips; default: the spec's clip grid. Raises
+    ``DecodeError`` when every decoder failed (the last decoder's error, naming the others)."""
+    sampler = sampler or GridSampler(spec.grid, spec.tail)
     errors: list[str] = []
     last: DecodeError | None = None
     for name in spec.decoders:
@@ -108,8 +114,8 @@ def decode_video(path: str, spec: DecodeSpec) -> Iterator[tuple]:
         reader = None
         try:
             reader = _READERS[name](path, spec)
-            meta, native = _plan(reader, spec)
-            yield ("meta", meta)
+            meta, plan, native = _plan(reader, spec, sampler)
+            yield ("meta", meta, plan)
             started = True
             sent = 0
             for chunk in reader.read(native, spec.chunk_frames):
@@ -135,27 +141,26 @@ def decode_video(path: str, spec: DecodeSpec) -> Iterator[tuple]:
     raise DecodeError(last.kind, "; ".join(reversed(errors)))
 
 
-def _plan(reader, spec: DecodeSpec) -> tuple[VideoMeta, np.ndarray]:
+def _plan(reader, spec: DecodeSpec, sampler) -> tuple[VideoMeta, ClipPlan, np.ndarray]:
     ts = reader.timestamps
     if len(ts) == 0:
         raise DecodeError("zero_frames", "the video stream has no frames")
     native = native_fps(ts, reader.nominal_fps)
     fps = float(spec.fps or native)
     sampled = resample_indices(ts, fps, native)
-    grid = spec.grid
-    n_clips = grid.count(len(sampled), spec.tail)
-    if n_clips == 0:
-        raise DecodeError("too_short", f"{len(sampled)} frames at {fps:.3f} fps, fewer than one clip "
-                                       f"of {grid.span_frames} (tail rule {spec.tail!r})")
-    n_decode = frames_needed(grid, len(sampled), spec.tail)
+    try:
+        plan = sampler.plan(len(sampled), fps)
+    except TooShort as e:
+        raise DecodeError("too_short", str(e)) from None
+    wanted = sampled[plan.frames]
     out_h, out_w = reader.out_shape
     meta = VideoMeta(decoder=reader.name, decoder_version=reader.version, native_fps=native,
-                     sampled_fps=fps, n_frames=len(ts), n_sampled=len(sampled), n_decode=n_decode,
-                     n_native_decoded=int(sampled[n_decode - 1]) + 1,
-                     n_clips=n_clips, duration=float(ts[-1] - ts[0] + 1.0 / native),
+                     sampled_fps=fps, n_frames=len(ts), n_sampled=len(sampled), n_decode=len(plan.frames),
+                     n_native_decoded=int(wanted[-1]) + 1 if len(wanted) else 0,
+                     n_clips=plan.n_clips, duration=float(ts[-1] - ts[0] + 1.0 / native),
                      start_time=float(ts[0]), width=reader.width, height=reader.height,
                      frame_height=out_h, frame_width=out_w, rotation=reader.rotation)
-    return meta, sampled[:n_decode]
+    return meta, plan, wanted
 
 
 def _probe(path: str):
@@ -220,7 +225,8 @@ class _PyAVReader:
         if not pts:
             raise DecodeError("zero_frames", "the video stream has no frames")
         _check_complete(stream.frames, len(pts))
-        self.timestamps = np.sort(np.asarray(pts, dtype=np.float64)) * float(stream.time_base)
+        self.pts = np.sort(np.asarray(pts, dtype=np.int64))
+        self.timestamps = self.pts.astype(np.float64) * float(stream.time_base)
         self.container.seek(0, stream=stream)
 
     def read(self, native: np.ndarray, chunk: int) -> Iterator[np.ndarray]:
@@ -228,7 +234,7 @@ class _PyAVReader:
         turns = self.rotation // 90
         counts = np.bincount(native, minlength=int(native[-1]) + 1) if len(native) else np.zeros(0, int)
         buf: list[np.ndarray] = []
-        for i, frame in enumerate(self.container.decode(self.stream)):
+        for i, frame in self._frames(int(native[0]) if len(native) else 0):
             if i >= len(counts):
                 break
             if counts[i]:
@@ -241,6 +247,20 @@ class _PyAVReader:
                     buf = []
         if buf:
             yield np.stack(buf)
+
+    def _frames(self, first: int) -> Iterator[tuple[int, object]]:
+        """(native index, frame) in presentation order, from frame ``first`` or a frame before it."""
+        if first >= _SEEK_FRAMES:
+            self.container.seek(int(self.pts[first]), stream=self.stream, backward=True, any_frame=False)
+            frames = self.container.decode(self.stream)
+            head = next(frames, None)
+            at = int(np.searchsorted(self.pts, head.pts)) if head is not None and head.pts is not None else -1
+            if 0 <= at <= first and self.pts[at] == head.pts:
+                yield at, head
+                yield from enumerate(frames, at + 1)
+                return
+            self.container.seek(0, stream=self.stream)    # landed past it: decode from the start
+        yield from enumerate(self.container.decode(self.stream))
 
     def close(self) -> None:
         self.container.close()

@@ -42,7 +42,9 @@ class Preset:
       ``squash`` scales to ``size`` = (height, width) exactly. Resizing happens at decode time.
     - ``crop``: centre crop (height, width) after the resize, or ``None``.
     - ``value_range``: what uint8 [0, 255] maps to before ``(x - mean) / std``.
-    - ``feature_dim``: the dimension of the full-size backbone; a ``tiny`` backbone reports its own.
+    - ``feature_dim``: the dimension of the published backbone, for reference; a store records the
+      dimension of the backbone actually built (a ``tiny`` one, or another variant in
+      ``backbone_kwargs`` with its checkpoint).
     - ``offset_frames``: the centre of feature 0 in sampled frames (``None``: clip span / 2).
     """
 
@@ -133,6 +135,25 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            stride=4, tail="pad", resize="short_side", size=(64,), crop=(64, 64),
            value_range=(-1.0, 1.0), feature_dim=1024, offset_frames=8,
            note="tiny random-init I3D for demos and tests"),
+    # Keyframe presets (extract_keyframes: one clip centred on each keyframe; stride and tail serve only
+    # when extract runs them over a clip grid).
+    # SlowFast R50 8x8 as the AVA detectors run it (mmaction2, ACAR-Net): 30 fps, 32 frames at interval
+    # 2, short side 256 keeping the aspect, no crop, 0.45 / 0.225, res5's spatial stride replaced by
+    # dilation 2 (output stride 16): map 2304 x H/16 x W/16, context 2304 x 32.
+    Preset(name="ava_slowfast_r50", backbone="slowfast", backbone_kwargs={"arch": "r50_8x8", "res5_dilation": 2},
+           fps=30.0, clip_len=32, frame_interval=2, resize="short_side", size=(256,), crop=None,
+           value_range=(0.0, 1.0), mean=(0.45, 0.45, 0.45), std=(0.225, 0.225, 0.225), feature_dim=2304),
+    # VideoMAE ViT-B (variant vit_l for ViT-L) as mmaction2's AVA configs: 30 fps, 16 frames at interval
+    # 4, short side 256, ImageNet mean / std; tubelet 2 and patch 16: map C x H/16 x W/16, context C x 8.
+    Preset(name="ava_videomae", backbone="videomae", backbone_kwargs={"variant": "vit_b"}, fps=30.0,
+           clip_len=16, frame_interval=4, resize="short_side", size=(256,), crop=None,
+           value_range=(0.0, 1.0), mean=_IMAGENET_MEAN, std=(0.229, 0.224, 0.225), feature_dim=768),
+    # The AVA demo: tiny seeded SlowFast (same code, width 16, one block per stage: 576 channels) at
+    # output stride 16 on 128-pixel frames, 16 frames at interval 2; fast on CPU.
+    Preset(name="demo_ava", backbone="slowfast", backbone_kwargs={"tiny": True, "res5_dilation": 2}, fps=None,
+           clip_len=16, frame_interval=2, resize="short_side", size=(128,), crop=None,
+           value_range=(0.0, 1.0), mean=(0.45, 0.45, 0.45), std=(0.225, 0.225, 0.225), feature_dim=576,
+           note="tiny random-init SlowFast for the AVA demo and tests"),
 )}
 
 PRESET_NAMES = tuple(PRESETS)
@@ -179,12 +200,28 @@ class ExtractRuntime:
     decoders: Annotated[tuple[Literal[DECODERS], ...], Len(min=1)] = DECODERS  # tried in order per video
 
 
-# Preset fields a user may override, and the stage's own params
+@dataclass(frozen=True)
+class KeyframeParams(ExtractParams):
+    """Params of ``extract_keyframes``: those of ``extract`` (one clip centred on each keyframe: stride
+    and tail go unused), an AVA preset by default, and the chunk compression of the maps
+    (bench/keyframe_bytes.py measures it: none is the default, reads are 40x faster for 1.3x bytes)."""
+
+    preset: Literal[PRESET_NAMES] = "ava_slowfast_r50"
+    compression: Literal["none", "zstd", "lz4"] = "none"
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None:
+        resolve_preset(params, "extract_keyframes")
+        if params.get("compression", "none") != "none" and params.get("store", "zarr") != "zarr":
+            raise ConfigError("extract_keyframes.compression: only the zarr store compresses")
+
+
+# Preset fields a user may override, and the stages' own params
 OVERRIDABLE = tuple(f.name for f in dataclasses.fields(ExtractParams) if f.name in Preset.__dataclass_fields__)
-STAGE_PARAMS = tuple(f.name for f in dataclasses.fields(ExtractParams) if f.name not in OVERRIDABLE)
+STAGE_PARAMS = tuple(f.name for f in dataclasses.fields(KeyframeParams) if f.name not in OVERRIDABLE)
 
 
-def resolve_preset(params: Mapping[str, Any]) -> Preset:
+def resolve_preset(params: Mapping[str, Any], stage: str = "extract") -> Preset:
     """The preset named by ``params['preset']`` with every non-null preset field in ``params`` applied.
 
     ``fps: native`` asks for the native rate and ``crop: none`` for no crop (null keeps the preset's);
@@ -193,12 +230,12 @@ def resolve_preset(params: Mapping[str, Any]) -> Preset:
     """
     name = params.get("preset")
     if name not in PRESETS:
-        raise ConfigError(f"extract.preset: unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        raise ConfigError(f"{stage}.preset: unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
     base = PRESETS[name]
     overrides = {k: v for k, v in params.items() if k not in STAGE_PARAMS and v is not None}
     unknown = sorted(set(overrides) - set(OVERRIDABLE))
     if unknown:
-        raise ConfigError(f"extract.{unknown[0]}: unknown parameter; preset fields: {', '.join(OVERRIDABLE)}")
+        raise ConfigError(f"{stage}.{unknown[0]}: unknown parameter; preset fields: {', '.join(OVERRIDABLE)}")
     if overrides.get("fps") == "native":
         overrides["fps"] = None
     if overrides.get("crop") == "none":

@@ -15,32 +15,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 from pipeline.context import StageContext, write_json_atomic
+from pipeline.device import stage_device
 from pipeline.errors import ConfigError
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.json"
-
-
-def _device(runtime: Mapping[str, Any], log=print):
-    import torch
-
-    from pipeline.threads import choose_threads
-
-    wanted = str(runtime.get("device", "auto"))
-    if wanted == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif wanted.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"runtime.device: {wanted} requested but CUDA is not available")
-    else:
-        device = torch.device(wanted)
-    if device.type == "cpu":  # on a busy CPU, threads spinning for a held core stall every step
-        threads, why = choose_threads(runtime.get("threads"))
-        torch.set_num_threads(threads)
-        log(f"localize: {threads} torch thread{'s' if threads > 1 else ''} ({why})")
-    return device
 
 
 def _annotations(ctx: StageContext):
@@ -111,7 +93,7 @@ def train(ctx: StageContext) -> dict:
         # what made this model, by stage: `pipeline run ... --config <this file>` makes it again
         "params": dict(ctx.config),
     })
-    device = _device(ctx.runtime, ctx.log)
+    device = stage_device(ctx.name, ctx.runtime, ctx.log)
     if not (out / MODEL_FILE).exists():
         ctx.log(f"localize: training {cfg.preset} on {len(items)} videos of {subset} "
                 f"({cfg.train.total_epochs} epochs, {device})")
@@ -171,7 +153,7 @@ def evaluate(ctx: StageContext) -> dict:
     subset, videos = _subset(ctx, ann, split)
     with open_stage_store(train_dir / saved["extract_dir"]) as store:
         items = _items(store, videos, cfg, ann.label_index(), str(ann.path), False, ctx.log)
-        device = _device(ctx.runtime, ctx.log)
+        device = stage_device(ctx.name, ctx.runtime, ctx.log)
         model = build_model(cfg).to(device).eval()
         # an official epoch_034.pth.tar (or another model.pt) may replace the trained weights
         checkpoint = Path(params.get("checkpoint") or train_dir / MODEL_FILE)

@@ -12,7 +12,6 @@ import contextlib
 import copy
 import csv
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import nn
 from localizers.actionformer import ActionFormer, LossNormalizer, build_model, collate, compute_losses
 from localizers.config import LocalizeConfig, TrainConfig
 from localizers.data import FeatureSource, VideoItem, batch_targets, random_crop, read_features
+from pipeline.context import append_csv_row, save_torch_atomic
 from pipeline.progress import progress
 
 CHECKPOINT = "checkpoint.pt"
@@ -85,14 +85,6 @@ def ema_warning(steps: int | None, decay: float) -> str | None:
     return (f"the EMA weights are {share:.0%} the random initial weights after {steps} steps with decay "
             f"{decay}; their scores mean little: train longer or evaluate the raw weights "
             f"(--set localize_eval.weights=model)")
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, out_dir: Path,
@@ -187,8 +179,8 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
                      "rng_torch": torch.get_rng_state(),
                      "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                      "config": cfg.to_json(), "items": [it.id for it in items]}
-            _atomic_save(state, ckpt_path)
-            _append_csv(log_path, row)
+            save_torch_atomic(state, ckpt_path)
+            append_csv_row(log_path, row)
             _log_scalars(board, row)
             eta = sum(times) / len(times) * (end_epoch - epoch - 1)
             log(f"localize: epoch {epoch + 1}/{tc.total_epochs} loss {row['loss']:.4f} "
@@ -205,17 +197,6 @@ def _duration(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def _append_csv(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _trim_csv(path: Path, last_epoch: int) -> None:
     """Drop log rows of epochs after the checkpoint (a crash between the checkpoint and the log)."""
     if not path.exists():
@@ -226,7 +207,7 @@ def _trim_csv(path: Path, last_epoch: int) -> None:
     if len(kept) != len(rows):
         path.unlink()
         for r in kept:
-            _append_csv(path, r)
+            append_csv_row(path, r)
 
 
 def _tensorboard(board_dir: Path):

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,31 @@ def write_text_atomic(path: Path, text: str) -> None:
         if exc.filename is None:  # a failed write names no file: name the one being written
             exc.filename = str(path)
         raise
+
+
+def save_torch_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` through a temporary file, fsync and a rename (a checkpoint is whole or absent)."""
+    import torch
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_csv_row(path: Path, row: Mapping[str, Any]) -> None:
+    """Append one row to a CSV log (header first when the file is new), flushed to disk."""
+    import csv
+
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @dataclass

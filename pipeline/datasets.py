@@ -15,7 +15,6 @@ import re
 import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from pipeline.context import write_json_atomic
 from pipeline.errors import ConfigError
@@ -209,6 +208,12 @@ def ensure_generated(dataset: Dataset, cache_dir: Path) -> Dataset:
     """Generate the demo data of a manifest with a ``generate:`` block (a no-op when already complete)
     and return the dataset pointing at it. ``status`` never generates; it reads the recorded paths."""
     if dataset.generate is None:
+        return dataset
+    if dataset.task == "detect":  # the manifest names the files inside the generated directory
+        from pipeline.demo_ava import ensure_generated as generate_ava
+
+        generate_ava(dataset.generate, generated_dir(cache_dir, dataset.name, dataset.generate),
+                     dataset.ava.timestamp_offset_s)
         return dataset
     if dataset.videos.is_dir() and dataset.annotations.is_file():
         return dataset  # recorded by an earlier run; the generator renames a dataset in only when complete

@@ -223,6 +223,7 @@ class Planner:
         self.resolved = resolve_params(ws.graph, dataset, list(sets))
         self._inputs: list[tuple[str, str, str]] | None = None
         self._unusable: list[tuple[str, str, str]] = []
+        self._keyframes: tuple[list[tuple[str, str, str]], list[str]] | None = None
         self._imports: dict | None | bool = False  # False: not looked up yet
         self._annotations_fp: str | None | bool = False
 
@@ -234,6 +235,18 @@ class Planner:
             fps = self.ws.index.fingerprints(p for _, p in pairs)
             self._inputs = [(vid, p, fps[p]) for vid, p in pairs]
         return self._inputs
+
+    def keyframe_inputs(self) -> tuple[list[tuple[str, str, str]], list[str]]:
+        """(keyframe id, video path, fingerprint) of every keyframe whose video is present, and the
+        videos named by the annotations that are not (``pipeline.keyframe_items``)."""
+        if self._keyframes is None:
+            from pipeline.keyframe_items import keyframe_items
+
+            if getattr(self.dataset, "ava", None) is None:
+                raise ConfigError(f"{self.dataset.path}: a stage per keyframe needs a detect dataset "
+                                  "(task: detect, with its AVA files)")
+            self._keyframes = keyframe_items(self.dataset, self.inputs(), self.ws.index, self.ws.cache.root)
+        return self._keyframes
 
     def imported(self) -> dict | None:
         if self._imports is False:
@@ -284,17 +297,25 @@ class Planner:
         st = StageState(name, "missing", key=key, dir=self.ws.cache.stage_dir(name, key), material=material,
                         code_files=files, params=self._run_params(spec, params), runtime=runtime)
         if spec.per_item:
-            self._plan_items(st)
+            self._plan_items(spec, st)
         elif self.ws.cache.is_complete(name, key):
             st.state = "done"
         return st
 
-    def _plan_items(self, st: StageState) -> None:
+    def _plan_items(self, spec: StageSpec, st: StageState) -> None:
         if self.dataset.videos is None or not self.dataset.videos.is_dir():
             st.state = "unknown"
             st.reasons.append(self.dataset.videos_error or f"videos directory not found: {self.dataset.videos}")
             return
-        st.inputs = self.inputs()
+        if spec.per_item == "keyframes" and getattr(self.dataset, "ava", None) is None:
+            st.reasons.append("no keyframes: not a detect dataset")   # `run` refuses it; gc and status go on
+        elif spec.per_item == "keyframes":
+            st.inputs, missing = self.keyframe_inputs()
+            if missing:
+                st.reasons.append(f"{len(missing)} annotated video(s) have no file in {self.dataset.videos}, "
+                                  f"e.g. {', '.join(missing[:3])}; their keyframes are left out")
+        else:
+            st.inputs = self.inputs()
         st.unusable = self._unusable
         if st.unusable:
             shown = ", ".join(f"{name} ({why})" for name, _, why in st.unusable[:5])
@@ -439,6 +460,9 @@ def run(ws: Workspace, dataset: Dataset, targets: list[str], sets: list[Override
         planner.dataset = dataset = ensure_generated(dataset, ws.cache.root)
     dataset.check_paths(need_videos=any(ws.graph[n].per_item and not (n == "extract" and imported)
                                         for n in names))
+    for name in names:
+        if ws.graph[name].per_item == "keyframes":
+            planner.keyframe_inputs()  # a dataset without keyframes, or a malformed AVA file: exit 2 now
     from pipeline.locking import Holds
 
     with Holds(ws.cache.root) as holds:
@@ -501,14 +525,17 @@ def _run_stages(ws: Workspace, planner: Planner, names: list[str], targets: list
 
 def check_splits(graph: StageGraph, dataset: Dataset, resolved: dict[str, tuple[dict, dict]],
                  names: list[str]) -> None:
-    """Params naming a split of the dataset (``SplitName``) of the stages to run: the manifest has it."""
+    """Params naming a split of the dataset (``SplitName``) of the stages to run: the manifest has it (a
+    detect dataset: a role of its ``splits`` or a split its annotations or proposals name)."""
     from pipeline.schema import SplitName
 
     for name in names:
         schema = graph.schema(name)
         for param in schema.marked(SplitName) if schema else ():
             value = resolved[name][param.runtime].get(param.key)
-            if value is not None and value not in dataset.splits:
+            if value is not None and dataset.ava is not None:
+                dataset.ava.resolve_split(value)  # a role of its splits or a split name, else exit 2
+            elif value is not None and value not in dataset.splits:
                 raise ConfigError(f"{dataset.path}: splits: no {value!r} split, which {name}.{param.key} names "
                                   f"(has {', '.join(sorted(dataset.splits)) or 'none'})")
 

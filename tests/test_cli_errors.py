@@ -118,7 +118,8 @@ def test_json_is_one_object_on_stdout(toy):
 HEAVY = ("torch", "zarr", "h5py", "decord", "numpy", "extractors", "localizers", "detectors")
 # Planning imports the schema modules stages.yaml declares (import-light by contract) and what they import
 # from their own package; nothing else of a domain.
-SCHEMA_MODULES = {"extractors", "extractors.presets", "extractors.registry", "localizers", "localizers.config"}
+SCHEMA_MODULES = {"extractors", "extractors.presets", "extractors.registry", "localizers", "localizers.config",
+                  "detectors", "detectors.config"}
 _LIST_MODULES = ("import atexit, json, runpy, sys; sys.argv = ['pipeline'] + sys.argv[1:]; "
                  "atexit.register(lambda: print('MODULES', json.dumps(sorted(sys.modules)), file=sys.stderr)); "
                  "runpy.run_module('pipeline.cli', run_name='__main__')")

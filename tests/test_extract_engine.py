@@ -114,7 +114,12 @@ def _tiny(params: dict):
     return preset, build_backbone("i3d", tiny=True)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+# Features of a 4 s 25-fps video per grid preset (the keyframe presets sample no grid).
+GRID_COUNTS = {"thumos_i3d": (100 - 16) // 4 + 1, "thumos_videomae_v2": len(range(0, 100 - 15, 4)),
+               "anet_tsp": (60 - 16) // 16 + 1, "epic_slowfast": (120 - 32) // 16 + 1, "demo": (100 - 16) // 4 + 1}
+
+
+@pytest.mark.parametrize("name", sorted(GRID_COUNTS))
 def test_features_per_video_for_each_preset(tmp_path, name):
     # The preset's sampling and preprocessing with the tiny I3D in place of its backbone.
     path = make_video(tmp_path / "v.mp4", n_frames=100, fps=25)      # 4 s
@@ -128,9 +133,7 @@ def test_features_per_video_for_each_preset(tmp_path, name):
             lambda item, kind, msg: pytest.fail(f"{kind}: {msg}"))
     preset = PRESETS[name]
     n_sampled = 100 if preset.fps is None else round(4 * preset.fps)
-    expected = {"thumos_i3d": (100 - 16) // 4 + 1, "thumos_videomae_v2": len(range(0, 100 - 15, 4)),
-                "anet_tsp": (60 - 16) // 16 + 1, "epic_slowfast": (120 - 32) // 16 + 1,
-                "demo": (100 - 16) // 4 + 1}[name]
+    expected = GRID_COUNTS[name]
     assert done[0]["shape"][0] == expected and done[0]["fps"] == pytest.approx(preset.fps or 25.0, rel=1e-6)
     store = open_stage_store(tmp_path / "out")
     assert store.shape("v")[0] == TimeGrid.from_attrs(store.attrs, store.video_attrs("v")).count(
@@ -258,3 +261,21 @@ def test_full_size_preset_without_weights_names_the_file_it_needs(tmp_path):
                           timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "extract.weights: preset 'thumos_i3d'" in proc.stderr and "rgb_imagenet.pt" in proc.stderr
+
+
+def test_a_vit_b_checkpoint_under_the_vit_g_preset_makes_a_768_d_store(tmp_path):
+    """The store's dimension is the built backbone's: a ViT-B checkpoint (``pipeline weights`` lists the
+    distilled K710 one) with ``backbone_kwargs: {variant: vit_b}`` under the ViT-g THUMOS preset (one block
+    here, to stay small: the dimension is the variant's)."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    make_video(videos / "v.mp4", n_frames=24)
+    ckpt = tmp_path / "vit_b_k710_dl_from_giant.pth"
+    torch.save({"module": build_backbone("videomae", variant="vit_b", depth=1, seed=3).state_dict()}, ckpt)
+    manifest = tmp_path / "vitb.yaml"
+    manifest.write_text(f"name: vitb\ntask: localize\nvideos: {videos}\nparams:\n  extract: {{preset: thumos_videomae_v2, "
+                        f"backbone_kwargs: {{variant: vit_b, depth: 1}}, size: [32, 32], weights: {ckpt}}}\n")
+    out = cli(tmp_path / "cache", manifest)
+    assert out["rc"] == 0, out
+    store = open_stage_store(Path(out["extract"]["dir"]))
+    assert store.attrs["feature_dim"] == 768 and store.shape("v") == ((24 - 16) // 4 + 1, 768)
