@@ -8,11 +8,11 @@ batch size by the linear rule), so ``--set detect.head=acar`` brings ACAR-Net's 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Annotated, Any, Literal, Mapping
 
 from pipeline.errors import ConfigError
-from pipeline.schema import Device, Range, SplitName, Threads, check_instance, frozen
+from pipeline.schema import Device, Range, SplitName, Threads, build
 
 # The names of the detectors.heads registry (kept here so that planning validates a head name without
 # importing torch; tests/test_detect_data.py holds the two equal).
@@ -95,22 +95,12 @@ class DetectRuntime:
     threads: Threads | None = None  # torch intra-op threads (null: torch's default)
 
 
-def _build(cls, params: Mapping[str, Any], stage: str):
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ConfigError(f"{stage}.{unknown[0]}: unknown parameter; known: {', '.join(sorted(known))}")
-    cfg = cls(**{k: frozen(v) for k, v in params.items() if v is not None})
-    check_instance(cfg, stage)
-    return cfg
-
-
 def detect_config(params: Mapping[str, Any]) -> DetectConfig:
     """The ``detect`` params (None: the default) as a validated DetectConfig (also a saved run's
     ``config.json``)."""
-    cfg = _build(DetectConfig, params, "detect")
+    cfg = build(DetectConfig, params, "detect")
     return replace(cfg, head_kwargs=dict(cfg.head_kwargs))
 
 
 def eval_config(params: Mapping[str, Any]) -> DetectEvalConfig:
-    return _build(DetectEvalConfig, params, "detect_eval")
+    return build(DetectEvalConfig, params, "detect_eval")

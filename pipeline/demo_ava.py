@@ -33,13 +33,15 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 
 from pipeline.errors import ConfigError
+from pipeline.schema import Range, build
 
 # Bump when the drawn videos or the annotation files change for the same spec.
 GENERATOR_VERSION = 1
@@ -78,34 +80,39 @@ ACTOR_COLOURS = np.array([(200, 60, 60), (60, 90, 200), (70, 170, 80), (200, 200
 OBJECT_COLOURS = np.array([(40, 230, 230), (230, 40, 200), (20, 20, 20)], np.int16)
 
 
+Count = Annotated[int, Range(ge=1, le=10000, why="a demo, not a benchmark")]
+Pixels = Annotated[int, Range(ge=64, le=4096)]
+Fraction01 = Annotated[float, Range(ge=0, le=1)]
+# keyframes keep 2 s from either end of a video
+Duration = Annotated[float, Range(ge=8, le=3600, why="keyframes keep 2 s from either end")]
+Lead = Annotated[float, Range(ge=0, le=3600)]
+
+
 @dataclass(frozen=True)
 class DemoAvaSpec:
-    """The ``generate:`` block of a detect demo manifest, validated once."""
+    """The ``generate:`` block of a detect demo manifest, validated once (bounds on the fields, then
+    the pairs and sizes as a whole)."""
 
-    seed: int = 0
-    train_videos: int = 12
-    val_videos: int = 6
-    duration_s: tuple[float, float] = (20.0, 30.0)
-    fps: int = 12
-    width: int = 128
-    height: int = 96
-    actors: tuple[int, int] = (2, 4)
-    objects: tuple[int, int] = (1, 3)
-    timestamp_offset_s: int = 900
-    empty_lead_s: tuple[float, float] = (2.0, 5.0)  # videos with actors coming in late: this long
-    empty_lead_fraction: float = 0.3
-    excluded_fraction: float = 0.04  # keyframes listed as excluded
-    proposal_jitter: float = 0.05  # of the box size, per side
-    proposal_miss: float = 0.03  # ground-truth boxes the detector misses
-    false_positives: float = 0.3  # per keyframe, on average
+    seed: Annotated[int, Range(ge=0, le=2**32 - 1)] = 0
+    train_videos: Count = 12
+    val_videos: Count = 6
+    duration_s: tuple[Duration, Duration] = (20.0, 30.0)
+    fps: Annotated[int, Range(ge=4, le=120)] = 12
+    width: Pixels = 128
+    height: Pixels = 96
+    actors: tuple[Annotated[int, Range(ge=1, le=20)], Annotated[int, Range(ge=1, le=20)]] = (2, 4)
+    objects: tuple[Annotated[int, Range(ge=0, le=20)], Annotated[int, Range(ge=0, le=20)]] = (1, 3)
+    timestamp_offset_s: Annotated[int, Range(ge=0)] = 900
+    empty_lead_s: tuple[Lead, Lead] = (2.0, 5.0)  # videos with actors coming in late: this long
+    empty_lead_fraction: Fraction01 = 0.3
+    excluded_fraction: Fraction01 = 0.04  # keyframes listed as excluded
+    proposal_jitter: Fraction01 = 0.05  # of the box size, per side
+    proposal_miss: Fraction01 = 0.03  # ground-truth boxes the detector misses
+    false_positives: Annotated[float, Range(ge=0, le=100)] = 0.3  # per keyframe, on average
 
     @classmethod
     def from_dict(cls, spec: dict) -> "DemoAvaSpec":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(spec) - known)
-        if unknown:
-            raise ConfigError(f"generate.{unknown[0]}: unknown key; known: {', '.join(sorted(known))}")
-        made = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
+        made = build(cls, spec, "generate", "unknown key")
         made._check()
         return made
 
@@ -113,30 +120,13 @@ class DemoAvaSpec:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"generate.{name}: {why} (got {getattr(self, name)!r})")
 
-        for name in ("seed", "train_videos", "val_videos", "fps", "timestamp_offset_s"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise bad(name, "must be a non-negative integer")
-        if self.train_videos < 1 or self.val_videos < 1:
-            raise bad("train_videos" if self.train_videos < 1 else "val_videos", "needs at least one video")
-        if self.fps < 4:
-            raise bad("fps", "must be at least 4")
         for name in ("width", "height"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 64 or value % 2:
+            if getattr(self, name) % 2:
                 raise bad(name, "must be an even integer >= 64")
         for name in ("duration_s", "actors", "objects", "empty_lead_s"):
             pair = getattr(self, name)
-            if len(pair) != 2 or not 0 <= pair[0] <= pair[1]:
-                raise bad(name, "must be [low, high] with 0 <= low <= high")
-        if self.duration_s[0] < 8:
-            raise bad("duration_s", "videos must last at least 8 s (keyframes keep 2 s from either end)")
-        if self.actors[0] < 1:
-            raise bad("actors", "at least one actor per video")
-        for name in ("empty_lead_fraction", "excluded_fraction", "proposal_jitter", "proposal_miss"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise bad(name, "must be in [0, 1]")
-        if self.false_positives < 0:
-            raise bad("false_positives", "must be >= 0")
+            if pair[0] > pair[1]:
+                raise bad(name, "must be [low, high] with low <= high")
 
 
 def ensure_generated(spec: dict, out_dir: Path, timestamp_offset_s: float | None = None) -> Path:
@@ -208,7 +198,7 @@ def _generate(demo: DemoAvaSpec, out: Path) -> None:
         counts[split] = {"videos": n_videos, "gt_rows": len(gt_rows), "proposals": len(proposal_rows),
                          "excluded": len(excluded)}
     record = {"version": f"demo_ava-g{GENERATOR_VERSION}",
-              "spec": {f.name: getattr(demo, f.name) for f in fields(demo)},
+              "spec": asdict(demo),
               "counts": counts, "digest": dataset_digest(out)}
     (out / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
 

@@ -28,7 +28,7 @@ from typing import Annotated, Literal
 import numpy as np
 
 from pipeline.errors import ConfigError
-from pipeline.schema import Range, hints, problem
+from pipeline.schema import Range, build
 
 # Bump when the drawn videos or their annotations change for the same spec.
 GENERATOR_VERSION = 2
@@ -61,14 +61,7 @@ class DemoSpec:
 
     @classmethod
     def from_dict(cls, spec: dict) -> "DemoSpec":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(spec) - known)
-        if unknown:
-            raise ConfigError(f"generate.{unknown[0]}: unknown key; known: {', '.join(sorted(known))}")
-        for name, value in spec.items():
-            if p := problem(hints(cls)[name], value):
-                raise ConfigError(f"generate.{name}: {p}")
-        made = cls(**{name: tuple(v) if isinstance(v, list) else v for name, v in spec.items()})
+        made = build(cls, spec, "generate", "unknown key")
         made._check()
         return made
 

@@ -124,8 +124,12 @@ def test_relation_labels_follow_the_geometry():
 def test_bad_generate_blocks_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="generate.widht: unknown key"):
         demo_ava.ensure_generated({"widht": 64}, tmp_path)
+    with pytest.raises(ConfigError, match="generate.width: must be >= 64, got 62"):
+        demo_ava.ensure_generated({"width": 62}, tmp_path)
     with pytest.raises(ConfigError, match="generate.width: must be an even integer >= 64"):
-        demo_ava.ensure_generated({"width": 63}, tmp_path)
+        demo_ava.ensure_generated({"width": 65}, tmp_path)
+    with pytest.raises(ConfigError, match=r"generate.actors: must be \[low, high\] with low <= high"):
+        demo_ava.ensure_generated({"actors": [3, 2]}, tmp_path)
     with pytest.raises(ConfigError, match="timestamp_offset_s: 0 differs"):
         demo_ava.ensure_generated({}, tmp_path, timestamp_offset_s=0)
     assert not any(tmp_path.iterdir())
