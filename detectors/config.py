@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Annotated, Any, Literal, Mapping
 
-from pipeline.errors import ConfigError
 from pipeline.schema import Device, Range, SplitName, Threads, build
 
 # The names of the detectors.heads registry (kept here so that planning validates a head name without
@@ -49,17 +48,7 @@ class DetectConfig:
 
     @classmethod
     def check_params(cls, params: Mapping[str, Any]) -> None:
-        cfg = detect_config(params)
-        if cfg.head_kwargs:  # only then is the head's module (and torch) imported at planning
-            import inspect
-
-            from detectors.heads import HEADS
-
-            accepted = [p for p in inspect.signature(HEADS[cfg.head]).parameters if p != "self"]
-            unknown = sorted(set(cfg.head_kwargs) - set(accepted))
-            if unknown:
-                raise ConfigError(f"detect.head_kwargs.{unknown[0]}: not a parameter of head {cfg.head} "
-                                  f"({', '.join(accepted)})")
+        detect_config(params)  # head_kwargs are checked against the head's arguments when it is built
 
     def recipe(self, published, batch_clips: int):
         """The head's published ``Recipe`` scaled to ``batch_clips``, with this config's overrides."""

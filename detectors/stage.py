@@ -59,7 +59,11 @@ def _build_head(cfg, reader, ids: tuple[int, ...]):
             kwargs["class_groups"] = groups
     if cfg.loss is not None:
         kwargs["loss"] = cfg.loss
-    kwargs.update(cfg.head_kwargs)  # their names were checked when the run was planned
+    kwargs.update(cfg.head_kwargs)
+    unknown = sorted(set(cfg.head_kwargs) - set(accepted))
+    if unknown:  # here, not at planning: the heads' modules import torch, which planning never does
+        raise ConfigError(f"detect.head_kwargs.{unknown[0]}: not a parameter of head {cfg.head} "
+                          f"({', '.join(p for p in accepted if p != 'self')})")
     try:
         return build_head(cfg.head, **kwargs)
     except (TypeError, ValueError) as exc:

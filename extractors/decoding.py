@@ -238,7 +238,10 @@ class _PyAVReader:
             if i >= len(counts):
                 break
             if counts[i]:
-                rgb = frame.to_ndarray(format="rgb24", width=out_w, height=out_h, interpolation="BICUBIC")
+                # One swscale thread: the decode workers are the parallelism, and a scaler thread pool
+                # left in a process makes PyAV hang in every process forked from it afterwards.
+                rgb = frame.to_ndarray(format="rgb24", width=out_w, height=out_h, interpolation="BICUBIC",
+                                       threads=1)
                 if turns:
                     rgb = np.ascontiguousarray(np.rot90(rgb, turns))
                 buf.extend([rgb] * int(counts[i]))
