@@ -13,7 +13,7 @@ import pytest
 from ava_fixtures import LABELMAP_ID, ROOT, csv_rows, needs_real_ava, real, write
 from detectors.ava_map import (DetectionRows, evaluate_frame_map, read_detections_csv, voc_ap,
                                write_detections_csv)
-from pipeline.ava import KeyframeBoxes, read_boxes, read_exclusions, read_labelmap
+from pipeline.ava import KeyframeBoxes, read_boxes, read_labelmap
 from pipeline.cli import main
 from pipeline.errors import ConfigError
 
@@ -238,20 +238,6 @@ def test_real_validation_head_against_itself_and_perturbed_copies(tmp_path):
         maps.append(evaluate_frame_map(gt, DetectionRows(rows.frames, rows.frame, jitter, rows.label,
                                                          rng.random(len(rows))), labelmap).mAP)
     assert 1.0 > maps[0] > maps[1] > maps[2] > 0.0
-
-
-@needs_real_ava
-def test_real_validation_head_is_fast():
-    import time
-
-    bench = _bench()
-    labelmap = read_labelmap(real("ava_action_list_v2.1_for_activitynet_2018.pbtxt"))
-    gt = read_boxes(real("ava_val_v2.1_head27163.csv"), set(labelmap))
-    rows = bench.make_detections(gt, labelmap, 100_000, 3)
-    t = time.perf_counter()
-    evaluate_frame_map(gt, rows, labelmap)
-    # well under a second on one free core (~0.2 s); generous for two cores shared by a test run
-    assert time.perf_counter() - t < 2.0
 
 
 def _files(tmp_path):
