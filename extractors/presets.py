@@ -16,8 +16,50 @@ from pipeline.errors import ConfigError
 from pipeline.timemap import clip_offset
 
 TAILS = ("drop", "pad")
+STREAMS = ("rgb", "flow", "both")
+FLOW_ESTIMATORS = ("raft", "tvl1")
+RAFT_ARCHS = ("large", "small", "tiny")
 RESIZE_MODES = ("short_side", "squash")
 CHANNEL_ORDERS = ("RGB", "BGR")
+
+
+@dataclass(frozen=True)
+class FlowSpec:
+    """How the flow stream's optical flow is made (``extractors.flow``).
+
+    - ``estimator``: ``raft`` (on the device) or ``tvl1`` (OpenCV contrib, CPU; what the public I3D
+      features used); ``arch`` and ``iters``: the RAFT variant and its update iterations.
+    - ``bound``: flow is clipped to [-bound, bound] pixels and scaled to [-1, 1].
+    - ``quantize``: round to the 8 bits of the TV-L1 JPEG pipelines before scaling.
+    """
+
+    estimator: str = "raft"
+    arch: str = "large"
+    iters: int = 12
+    bound: float = 20.0
+    quantize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.estimator not in FLOW_ESTIMATORS:
+            raise ConfigError(f"extract.flow.estimator: expected one of {FLOW_ESTIMATORS}, got {self.estimator!r}")
+        if self.arch not in RAFT_ARCHS:
+            raise ConfigError(f"extract.flow.arch: expected one of {RAFT_ARCHS}, got {self.arch!r}")
+        if not isinstance(self.iters, int) or isinstance(self.iters, bool) or self.iters < 1:
+            raise ConfigError(f"extract.flow.iters: must be a positive integer, got {self.iters!r}")
+        if isinstance(self.bound, bool) or not isinstance(self.bound, (int, float)) or self.bound <= 0:
+            raise ConfigError(f"extract.flow.bound: must be a positive number, got {self.bound!r}")
+        if not isinstance(self.quantize, bool):
+            raise ConfigError(f"extract.flow.quantize: must be true or false, got {self.quantize!r}")
+
+    @classmethod
+    def merged(cls, base: "FlowSpec", overrides) -> "FlowSpec":
+        if not isinstance(overrides, Mapping):
+            raise ConfigError(f"extract.flow: must be a mapping of {', '.join(f.name for f in dataclasses.fields(cls))}")
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"extract.flow.{unknown[0]}: unknown parameter; known: "
+                              f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+        return dataclasses.replace(base, **overrides)
 
 
 @dataclass(frozen=True)
@@ -30,7 +72,9 @@ class Preset:
       ``squash`` scales to ``size`` = (height, width) exactly. Resizing happens at decode time.
     - ``crop``: centre crop (height, width) after the resize, or ``None``.
     - ``value_range``: what uint8 [0, 255] maps to before ``(x - mean) / std``.
-    - ``feature_dim``: the dimension of the full-size backbone; a ``tiny`` backbone reports its own.
+    - ``feature_dim``: the dimension of the full-size backbone, per stream; a ``tiny`` backbone reports its own.
+    - ``streams``: ``rgb``, ``flow`` or ``both`` (I3D only: rgb then flow features, concatenated);
+      ``flow``: how the flow stream's optical flow is made.
     - ``offset_frames``: the centre of feature 0 in sampled frames (``None``: clip span / 2).
     """
 
@@ -51,6 +95,8 @@ class Preset:
     channel_order: str = "RGB"
     feature_dim: int = 1024
     offset_frames: float | None = None
+    streams: str = "rgb"
+    flow: FlowSpec = field(default_factory=FlowSpec)
     note: str = ""
 
     def __post_init__(self) -> None:
@@ -81,6 +127,16 @@ class Preset:
             raise ConfigError(f"{where}: mean and std need 3 values each, std > 0")
         if self.channel_order not in CHANNEL_ORDERS:
             raise ConfigError(f"{where}: channel_order must be one of {CHANNEL_ORDERS}")
+        if self.streams not in STREAMS:
+            raise ConfigError(f"extract.streams: expected one of {', '.join(STREAMS)}, got {self.streams!r}")
+        if self.streams != "rgb" and self.backbone != "i3d":
+            raise ConfigError(f"extract.streams: {self.streams!r} needs the i3d backbone (the only one with a "
+                              f"flow stream), got {self.backbone!r}")
+
+    @property
+    def output_dim(self) -> int:
+        """Feature dimension of the full-size backbone over the selected streams."""
+        return self.feature_dim * (2 if self.streams == "both" else 1)
 
     @property
     def fps_policy(self) -> str:
@@ -102,13 +158,12 @@ _KINETICS_STD = (0.22803, 0.22145, 0.216989)
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     # ActionFormer/CMCS THUMOS14 I3D: 16-frame clips every 4 native frames, [-1, 1], crop 224 of
-    # short side 256. The released features are two-stream (rgb 1024 | flow 1024 = 2048); optical
-    # flow is not built yet, so this preset extracts the RGB stream only (1024-d).
+    # short side 256, two streams: rgb 1024 | flow 1024 = 2048, flow between consecutive frames at
+    # the decoded resolution, clipped to [-20, 20] and scaled to [-1, 1]. The public features used
+    # TV-L1 (estimator tvl1); RAFT is the default here because it runs on the device.
     Preset(name="thumos_i3d", backbone="i3d", fps=None, clip_len=16, stride=4, tail="drop",
            resize="short_side", size=(256,), crop=(224, 224), value_range=(-1.0, 1.0),
-           feature_dim=1024, offset_frames=8,
-           note="RGB stream only (1024-d); the released THUMOS features are rgb|flow 2048-d and need "
-                "optical flow, which is not extracted yet"),
+           feature_dim=1024, offset_frames=8, streams="both"),
     # TSP R(2+1)D-34 on ActivityNet: 15 fps, 16-frame non-overlapping clips, resize to 128x171,
     # Kinetics mean/std on [0, 1], centre crop 112.
     Preset(name="anet_tsp", backbone="r2plus1d_34", fps=15.0, clip_len=16, stride=16, tail="drop",
@@ -129,16 +184,16 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     # every 1/3 s over 4/3 s clips); fast on CPU.
     Preset(name="demo", backbone="i3d", backbone_kwargs={"tiny": True}, fps=None, clip_len=16,
            stride=4, tail="pad", resize="short_side", size=(64,), crop=(64, 64),
-           value_range=(-1.0, 1.0), feature_dim=1024, offset_frames=8,
-           note="tiny random-init I3D for demos and tests"),
+           value_range=(-1.0, 1.0), feature_dim=1024, offset_frames=8, flow=FlowSpec(arch="tiny", iters=6),
+           note="tiny random-init I3D for demos and tests; streams=flow|both adds the tiny trained RAFT"),
 )}
 
 _TUPLE_FIELDS = ("size", "crop", "value_range", "mean", "std")
 # Keys of extract params that are not preset fields.
-STAGE_PARAMS = ("preset", "weights", "store", "dtype")
+STAGE_PARAMS = ("preset", "weights", "flow_weights", "store", "dtype")
 # Preset fields a user may override; stages.yaml lists each with null = "the preset's value".
 OVERRIDABLE = ("backbone", "backbone_kwargs", "fps", "clip_len", "frame_interval", "stride", "tail", "resize",
-               "size", "crop", "value_range", "mean", "std", "channel_order", "offset_frames")
+               "size", "crop", "value_range", "mean", "std", "channel_order", "offset_frames", "streams", "flow")
 
 
 def resolve_preset(params: Mapping[str, Any]) -> Preset:
@@ -172,4 +227,6 @@ def resolve_preset(params: Mapping[str, Any]) -> Preset:
             raise ConfigError("extract.backbone_kwargs: must be a mapping")
     own = base.backbone_kwargs if overrides.get("backbone", base.backbone) == base.backbone else {}
     overrides["backbone_kwargs"] = {**own, **overrides.get("backbone_kwargs", {})}
+    if "flow" in overrides:
+        overrides["flow"] = FlowSpec.merged(base.flow, overrides["flow"])
     return dataclasses.replace(base, **overrides)
