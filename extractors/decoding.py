@@ -19,10 +19,10 @@ from typing import Iterator
 
 import numpy as np
 
-from extractors.clip_sampling import frames_needed
 from extractors.frame_rate import native_fps, resample_indices
 from extractors.preprocess import resize_shape
 from extractors.presets import Preset
+from extractors.samplers import ClipPlan, GridSampler, TooShort
 from pipeline.timemap import TimeGrid
 
 # decord reads these once, when its library loads (decord #248): they must be set before the first
@@ -82,7 +82,7 @@ class VideoMeta:
     sampled_fps: float
     n_frames: int          # native frames (by timestamp)
     n_sampled: int         # frames on the sampled grid
-    n_decode: int          # leading sampled frames the clips read
+    n_decode: int          # sampled frames the clips read (the plan's frames)
     n_native_decoded: int  # native frames the decoder goes through to produce them
     n_clips: int
     duration: float
@@ -93,11 +93,13 @@ class VideoMeta:
     frame_width: int
 
 
-def decode_video(path: str, spec: DecodeSpec) -> Iterator[tuple]:
-    """Events for one video: ``("meta", VideoMeta)``, then ``("frames", first_sampled_index, uint8
-    array (n, H, W, 3) RGB)`` in order, then ``("done", n_frames_sent)``; ``("reset",)`` when a
-    decoder failed after it had sent something and the next one starts over. Raises ``DecodeError``
-    when every decoder failed (the last decoder's error, naming the others)."""
+def decode_video(path: str, spec: DecodeSpec, sampler=None) -> Iterator[tuple]:
+    """Events for one video: ``("meta", VideoMeta, ClipPlan)``, then ``("frames", position of the first
+    in the plan's frames, uint8 array (n, H, W, 3) RGB)`` in order, then ``("done", n_frames_sent)``;
+    ``("reset",)`` when a decoder failed after it had sent something and the next one starts over.
+    ``sampler`` (``extractors.samplers``) plans the clips; default: the spec's clip grid. Raises
+    ``DecodeError`` when every decoder failed (the last decoder's error, naming the others)."""
+    sampler = sampler or GridSampler(spec.grid, spec.tail)
     errors: list[str] = []
     last: DecodeError | None = None
     for name in spec.decoders:
@@ -105,8 +107,8 @@ def decode_video(path: str, spec: DecodeSpec) -> Iterator[tuple]:
         reader = None
         try:
             reader = _READERS[name](path, spec)
-            meta, native = _plan(reader, spec)
-            yield ("meta", meta)
+            meta, plan, native = _plan(reader, spec, sampler)
+            yield ("meta", meta, plan)
             started = True
             sent = 0
             for chunk in reader.read(native, spec.chunk_frames):
@@ -132,27 +134,26 @@ def decode_video(path: str, spec: DecodeSpec) -> Iterator[tuple]:
     raise DecodeError(last.kind, "; ".join(reversed(errors)))
 
 
-def _plan(reader, spec: DecodeSpec) -> tuple[VideoMeta, np.ndarray]:
+def _plan(reader, spec: DecodeSpec, sampler) -> tuple[VideoMeta, ClipPlan, np.ndarray]:
     ts = reader.timestamps
     if len(ts) == 0:
         raise DecodeError("zero_frames", "the video stream has no frames")
     native = native_fps(ts, reader.nominal_fps)
     fps = float(spec.fps or native)
     sampled = resample_indices(ts, fps, native)
-    grid = spec.grid
-    n_clips = grid.count(len(sampled), spec.tail)
-    if n_clips == 0:
-        raise DecodeError("too_short", f"{len(sampled)} frames at {fps:.3f} fps, fewer than one clip "
-                                       f"of {grid.span_frames} (tail rule {spec.tail!r})")
-    n_decode = frames_needed(grid, len(sampled), spec.tail)
+    try:
+        plan = sampler.plan(len(sampled), fps)
+    except TooShort as e:
+        raise DecodeError("too_short", str(e)) from None
+    wanted = sampled[plan.frames]
     out_h, out_w = reader.out_shape
     meta = VideoMeta(decoder=reader.name, decoder_version=reader.version, native_fps=native,
-                     sampled_fps=fps, n_frames=len(ts), n_sampled=len(sampled), n_decode=n_decode,
-                     n_native_decoded=int(sampled[n_decode - 1]) + 1,
-                     n_clips=n_clips, duration=float(ts[-1] - ts[0] + 1.0 / native),
+                     sampled_fps=fps, n_frames=len(ts), n_sampled=len(sampled), n_decode=len(plan.frames),
+                     n_native_decoded=int(wanted[-1]) + 1 if len(wanted) else 0,
+                     n_clips=plan.n_clips, duration=float(ts[-1] - ts[0] + 1.0 / native),
                      start_time=float(ts[0]), width=reader.width, height=reader.height,
                      frame_height=out_h, frame_width=out_w)
-    return meta, sampled[:n_decode]
+    return meta, plan, wanted
 
 
 def _probe(path: str):

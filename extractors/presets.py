@@ -72,7 +72,9 @@ class Preset:
       ``squash`` scales to ``size`` = (height, width) exactly. Resizing happens at decode time.
     - ``crop``: centre crop (height, width) after the resize, or ``None``.
     - ``value_range``: what uint8 [0, 255] maps to before ``(x - mean) / std``.
-    - ``feature_dim``: the dimension of the full-size backbone, per stream; a ``tiny`` backbone reports its own.
+    - ``feature_dim``: the dimension of the published backbone (per stream), for reference; a store
+      records the dimension of the backbone actually built (a ``tiny`` one, or another variant in
+      ``backbone_kwargs`` with its checkpoint).
     - ``streams``: ``rgb``, ``flow`` or ``both`` (I3D only: rgb then flow features, concatenated);
       ``flow``: how the flow stream's optical flow is made.
     - ``offset_frames``: the centre of feature 0 in sampled frames (``None``: clip span / 2).
@@ -134,11 +136,6 @@ class Preset:
                               f"flow stream), got {self.backbone!r}")
 
     @property
-    def output_dim(self) -> int:
-        """Feature dimension of the full-size backbone over the selected streams."""
-        return self.feature_dim * (2 if self.streams == "both" else 1)
-
-    @property
     def fps_policy(self) -> str:
         return "native" if self.fps is None else "resample"
 
@@ -186,17 +183,36 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            stride=4, tail="pad", resize="short_side", size=(64,), crop=(64, 64),
            value_range=(-1.0, 1.0), feature_dim=1024, offset_frames=8, flow=FlowSpec(arch="tiny", iters=6),
            note="tiny random-init I3D for demos and tests; streams=flow|both adds the tiny trained RAFT"),
+    # Keyframe presets (extract_keyframes: one clip centred on each keyframe; stride and tail serve only
+    # when extract runs them over a clip grid).
+    # SlowFast R50 8x8 as the AVA detectors run it (mmaction2, ACAR-Net): 30 fps, 32 frames at interval
+    # 2, short side 256 keeping the aspect, no crop, 0.45 / 0.225, res5's spatial stride replaced by
+    # dilation 2 (output stride 16): map 2304 x H/16 x W/16, context 2304 x 32.
+    Preset(name="ava_slowfast_r50", backbone="slowfast", backbone_kwargs={"arch": "r50_8x8", "res5_dilation": 2},
+           fps=30.0, clip_len=32, frame_interval=2, resize="short_side", size=(256,), crop=None,
+           value_range=(0.0, 1.0), mean=(0.45, 0.45, 0.45), std=(0.225, 0.225, 0.225), feature_dim=2304),
+    # VideoMAE ViT-B (variant vit_l for ViT-L) as mmaction2's AVA configs: 30 fps, 16 frames at interval
+    # 4, short side 256, ImageNet mean / std; tubelet 2 and patch 16: map C x H/16 x W/16, context C x 8.
+    Preset(name="ava_videomae", backbone="videomae", backbone_kwargs={"variant": "vit_b"}, fps=30.0,
+           clip_len=16, frame_interval=4, resize="short_side", size=(256,), crop=None,
+           value_range=(0.0, 1.0), mean=_IMAGENET_MEAN, std=(0.229, 0.224, 0.225), feature_dim=768),
+    # The AVA demo: tiny seeded SlowFast (same code, width 16, one block per stage: 576 channels) at
+    # output stride 16 on 128-pixel frames, 16 frames at interval 2; fast on CPU.
+    Preset(name="demo_ava", backbone="slowfast", backbone_kwargs={"tiny": True, "res5_dilation": 2}, fps=None,
+           clip_len=16, frame_interval=2, resize="short_side", size=(128,), crop=None,
+           value_range=(0.0, 1.0), mean=(0.45, 0.45, 0.45), std=(0.225, 0.225, 0.225), feature_dim=576,
+           note="tiny random-init SlowFast for the AVA demo and tests"),
 )}
 
 _TUPLE_FIELDS = ("size", "crop", "value_range", "mean", "std")
-# Keys of extract params that are not preset fields.
-STAGE_PARAMS = ("preset", "weights", "flow_weights", "store", "dtype")
+# Keys of extract / extract_keyframes params that are not preset fields.
+STAGE_PARAMS = ("preset", "weights", "flow_weights", "store", "dtype", "compression")
 # Preset fields a user may override; stages.yaml lists each with null = "the preset's value".
 OVERRIDABLE = ("backbone", "backbone_kwargs", "fps", "clip_len", "frame_interval", "stride", "tail", "resize",
                "size", "crop", "value_range", "mean", "std", "channel_order", "offset_frames", "streams", "flow")
 
 
-def resolve_preset(params: Mapping[str, Any]) -> Preset:
+def resolve_preset(params: Mapping[str, Any], stage: str = "extract") -> Preset:
     """The preset named by ``params['preset']`` with every non-null preset field in ``params`` applied.
 
     ``fps: native`` asks for the native rate and ``crop: none`` for no crop (null keeps the preset's);
@@ -205,12 +221,12 @@ def resolve_preset(params: Mapping[str, Any]) -> Preset:
     """
     name = params.get("preset")
     if name not in PRESETS:
-        raise ConfigError(f"extract.preset: unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        raise ConfigError(f"{stage}.preset: unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
     base = PRESETS[name]
     overrides = {k: v for k, v in params.items() if k not in STAGE_PARAMS and v is not None}
     unknown = sorted(set(overrides) - set(OVERRIDABLE))
     if unknown:
-        raise ConfigError(f"extract.{unknown[0]}: unknown parameter; preset fields: {', '.join(OVERRIDABLE)}")
+        raise ConfigError(f"{stage}.{unknown[0]}: unknown parameter; preset fields: {', '.join(OVERRIDABLE)}")
     if overrides.get("fps") == "native":
         overrides["fps"] = None
     if overrides.get("crop") == "none":
@@ -224,7 +240,7 @@ def resolve_preset(params: Mapping[str, Any]) -> Preset:
             overrides[key] = tuple(value)
     if "backbone_kwargs" in overrides:
         if not isinstance(overrides["backbone_kwargs"], Mapping):
-            raise ConfigError("extract.backbone_kwargs: must be a mapping")
+            raise ConfigError(f"{stage}.backbone_kwargs: must be a mapping")
     own = base.backbone_kwargs if overrides.get("backbone", base.backbone) == base.backbone else {}
     overrides["backbone_kwargs"] = {**own, **overrides.get("backbone_kwargs", {})}
     if "flow" in overrides:

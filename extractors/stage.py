@@ -12,10 +12,15 @@ Options: ``--workers N`` decode processes (local) or shards in flight (ray / das
 Processes exactly ``ctx.items``; each video's features are written to the store, then its record
 (``ctx.item_done``); failures go to ``ctx.item_failed`` and the run goes on. torch is imported only
 when the stage runs.
+
+What a record is comes from ``ExtractJob.records``: :class:`VideoRecords` here (a (T, C) matrix per
+video over the preset's clip grid); ``extractors.keyframes`` declares its own (a map and context
+tokens per keyframe) and runs through the same :func:`run_stage` and engine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -28,11 +33,43 @@ from pipeline.errors import ConfigError
 
 _STORE_BACKENDS = ("zarr", "hdf5")
 _DTYPES = ("float16", "float32")
+_COMPRESSIONS = ("none", "zstd", "lz4")
+
+
+@dataclass(frozen=True)
+class VideoRecords:
+    """``extract``'s records: one (T, C) matrix per video over the preset's clip grid."""
+
+    unit = "video"
+
+    def output(self, model):
+        from extractors.outputs import ClipVectors
+
+        return ClipVectors()
+
+    def store_attrs(self, model) -> dict:
+        return {}
+
+    def tasks(self, items: Sequence[Item], preset: Preset) -> list:
+        return list(items)
+
+    def shard_key(self, item: Item) -> str:
+        return item.id
+
+    def write(self, store, item: Item, feats, meta, seconds: float, preset: Preset) -> dict:
+        store.write(item.id, feats, {
+            "source_fingerprint": item.fingerprint, "native_fps": meta.native_fps,
+            "sampled_fps": meta.sampled_fps, "n_frames": meta.n_frames, "duration": meta.duration,
+            "start_time": meta.start_time, "decoder": meta.decoder, "decoder_version": meta.decoder_version,
+            "width": meta.width, "height": meta.height, "extract_seconds": round(seconds, 3)})
+        # The record describes the features only: downstream keys digest it, so no timings here.
+        return {"shape": list(feats.shape), "decoder": meta.decoder, "fps": meta.sampled_fps,
+                "native_fps": meta.native_fps, "n_frames": meta.n_frames}
 
 
 @dataclass(frozen=True)
 class ExtractJob:
-    """Everything a process needs to extract a list of videos into the stage's store (picklable,
+    """Everything a process needs to extract a list of items into the stage's store (picklable,
     so shards can run on Ray or Dask workers)."""
 
     params: Mapping[str, Any]
@@ -40,24 +77,29 @@ class ExtractJob:
     out_dir: Path
     workers: int
     device: str
+    records: Any = VideoRecords()
+    stage: str = "extract"        # names the params in error messages
 
 
 def extract(ctx: StageContext) -> dict:
+    return run_stage(ctx, VideoRecords())
+
+
+def run_stage(ctx: StageContext, records) -> dict:
+    """An extraction stage: ``ctx.items`` through the engine into the stage's store, as ``records`` says."""
     started = time.perf_counter()
-    preset = resolve_preset(ctx.params)
-    _check_params(ctx.params)
-    device = _resolve_device(ctx.runtime.get("device", "auto"))
+    preset = resolve_preset(ctx.params, ctx.name)
+    _check_params(ctx.params, ctx.name)
+    device = _resolve_device(ctx.runtime.get("device", "auto"), ctx.name)
     workers = max(0, int(ctx.options.workers))
-    job = ExtractJob(dict(ctx.params), dict(ctx.runtime), Path(ctx.out_dir), workers, device)
+    job = ExtractJob(dict(ctx.params), dict(ctx.runtime), Path(ctx.out_dir), workers, device, records, ctx.name)
     model, attrs = _model_and_attrs(preset, job)
     flow = _flow_computer(preset, job)
     attrs["flow_checkpoint_sha256"] = _flow_sha256(flow)
     # Created here, once, before any shard opens it: concurrent first writers would race.
-    from pipeline.store import create_store
-
-    create_store(job.out_dir, ctx.params.get("store", "zarr"), ctx.params.get("dtype", "float16"), attrs).close()
+    _create_store(job, attrs).close()
     skipped = len(ctx.all_items) - len(ctx.items)
-    bar = ctx.progress(total=len(ctx.items), desc="extract", unit="video")
+    bar = ctx.progress(total=len(ctx.items), desc=ctx.name, unit=records.unit)
     try:
         if ctx.options.backend == "local" or not ctx.items:
             stats = run_job(job, ctx.items, ctx.item_done, ctx.item_failed, bar=bar, model=model, flow=flow)
@@ -70,10 +112,17 @@ def extract(ctx: StageContext) -> dict:
     finally:
         bar.close()
     seconds = time.perf_counter() - started
-    summary = summary_table(done=done, skipped=skipped, failed=failed, seconds=seconds)
+    summary = summary_table(ctx.name, done=done, skipped=skipped, failed=failed, seconds=seconds)
     return {"summary": summary, "done": done, "skipped": skipped, "failed": failed,
             "seconds": round(seconds, 3), "decoders": decoders, "preset": preset.name,
             "feature_dim": attrs["feature_dim"], "streams": preset.streams, **counts}
+
+
+def _create_store(job: ExtractJob, attrs: dict):
+    from pipeline.store import create_store
+
+    return create_store(job.out_dir, job.params.get("store", "zarr"), job.params.get("dtype", "float16"), attrs,
+                        **({"compression": job.params["compression"]} if "compression" in job.params else {}))
 
 
 def run_job(job: ExtractJob, items: Sequence[Item], item_done: Callable, item_failed: Callable,
@@ -83,38 +132,31 @@ def run_job(job: ExtractJob, items: Sequence[Item], item_done: Callable, item_fa
 
     from extractors.decoding import DecodeSpec
     from extractors.engine import Engine, EngineConfig
-    from pipeline.store import create_store
 
-    preset = resolve_preset(job.params)
+    preset = resolve_preset(job.params, job.stage)
     if model is None:
         model, attrs = _model_and_attrs(preset, job)
         flow = _flow_computer(preset, job)
     else:
         attrs = _store_attrs(preset, job, model)
     attrs["flow_checkpoint_sha256"] = _flow_sha256(flow)
-    store = create_store(job.out_dir, job.params.get("store", "zarr"), job.params.get("dtype", "float16"), attrs)
-    decoders = _decoders(job.runtime)
+    store = _create_store(job, attrs)
+    decoders = _decoders(job.runtime, job.stage)
     spec = DecodeSpec.from_preset(preset, decoders=decoders)
     device = torch.device(job.device)
     config = EngineConfig(device=device, batch_size=int(job.runtime.get("batch_size", 8)),
                           workers=job.workers, video_timeout_s=float(job.runtime.get("video_timeout_s", 600)))
 
-    def on_done(item: Item, feats, meta, seconds: float) -> None:
-        store.write(item.id, feats, {
-            "source_fingerprint": item.fingerprint, "native_fps": meta.native_fps,
-            "sampled_fps": meta.sampled_fps, "n_frames": meta.n_frames, "duration": meta.duration,
-            "start_time": meta.start_time, "decoder": meta.decoder, "decoder_version": meta.decoder_version,
-            "width": meta.width, "height": meta.height, "extract_seconds": round(seconds, 3)})
-        # The record describes the features only: downstream keys digest it, so no timings here.
-        item_done(item, {"shape": list(feats.shape), "decoder": meta.decoder, "fps": meta.sampled_fps,
-                         "native_fps": meta.native_fps, "n_frames": meta.n_frames})
+    def on_done(item: Item, data, meta, seconds: float) -> None:
+        item_done(item, job.records.write(store, item, data, meta, seconds, preset))
 
     threads = torch.get_num_threads()
     if device.type == "cpu" and job.workers:
         # Decode processes need cores too; inference takes what is left.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - job.workers))
     try:
-        return Engine(model, preset, spec, config, flow=flow).run(items, on_done, item_failed, bar=bar)
+        engine = Engine(model, preset, spec, config, job.records.output(model), flow=flow)
+        return engine.run(job.records.tasks(items, preset), on_done, item_failed, bar=bar)
     finally:
         torch.set_num_threads(threads)
         store.close()
@@ -126,10 +168,14 @@ def _run_shards(ctx: StageContext, job: ExtractJob, bar) -> tuple[int, int, dict
     from pipeline.executors import parallel_map
 
     if ctx.params.get("store", "zarr") == "hdf5":
-        raise ConfigError("extract.store: hdf5 takes one writer at a time; use zarr with --backend "
+        raise ConfigError(f"{ctx.name}.store: hdf5 takes one writer at a time; use zarr with --backend "
                           f"{ctx.options.backend}")
     n = max(1, job.workers)
-    shards = [list(ctx.items[i::n]) for i in range(n)]
+    # Items that share a shard key (the keyframes of one video) go to one shard: one decode pass.
+    groups: dict[str, list[Item]] = {}
+    for item in ctx.items:
+        groups.setdefault(job.records.shard_key(item), []).append(item)
+    shards = [[item for group in list(groups.values())[i::n] for item in group] for i in range(n)]
     tasks = [(job, shard, i) for i, shard in enumerate(shards) if shard]
     done = failed = 0
     decoders: dict[str, int] = {}
@@ -158,7 +204,7 @@ def _extract_shard(task) -> tuple[list, list]:
         device = f"cuda:{shard % torch.cuda.device_count()}"   # one GPU per shard
     # Daemonic pool workers may not fork decode processes: decode inline there.
     workers = 0 if multiprocessing.current_process().daemon else 1
-    job = ExtractJob(job.params, job.runtime, job.out_dir, workers, device)
+    job = dataclasses.replace(job, workers=workers, device=device)
     records, failures = [], []
     run_job(job, items, lambda item, record: records.append((item.id, record)),
             lambda item, kind, message: failures.append((item.id, kind, message)))
@@ -180,17 +226,16 @@ def _model_and_attrs(preset: Preset, job: ExtractJob):
 
         if preset.streams == "both":
             needed = (f"rgb: {needed_file('i3d', 'rgb')}; flow: {needed_file('i3d', 'flow')}; pass --set "
-                      "extract.weights='{rgb: PATH, flow: PATH}'")
+                      f"{job.stage}.weights='{{rgb: PATH, flow: PATH}}'")
         else:
             files = needed_file("i3d", "flow") if preset.streams == "flow" else \
                 needed_for_preset(preset.name, preset.backbone)
-            needed = f"{files}; pass --set extract.weights=PATH"
-        raise ConfigError(f"extract.weights: preset {preset.name!r} runs the full {preset.backbone} and needs "
+            needed = f"{files}; pass --set {job.stage}.weights=PATH"
+        raise ConfigError(f"{job.stage}.weights: preset {preset.name!r} runs the full {preset.backbone} and needs "
                           f"its checkpoint(s): {needed} (`pipeline weights` lists the files)")
+    # The backbone built from the kwargs (e.g. a ViT-B variant of a ViT-g preset) decides the feature
+    # dimension, strictly checked against the checkpoint while loading; the store records what it gives.
     model = build_backbone(preset.backbone, **kwargs)
-    if weights is not None and model.feature_dim != preset.output_dim:
-        raise ConfigError(f"extract.weights: {preset.backbone} gives {model.feature_dim}-d features, "
-                          f"preset {preset.name!r} expects {preset.output_dim}")
     return model, _store_attrs(preset, job, model)
 
 
@@ -228,7 +273,7 @@ def _store_attrs(preset: Preset, job: ExtractJob, model) -> dict:
 
     from pipeline import __version__
 
-    decoders = _decoders(job.runtime)
+    decoders = _decoders(job.runtime, job.stage)
     versions = {"pyav": av.__version__}
     if "decord" in decoders:
         import decord
@@ -246,6 +291,7 @@ def _store_attrs(preset: Preset, job: ExtractJob, model) -> dict:
         "dtype": job.params.get("dtype", "float16"),
         "resize_mode": preset.resize,
     })
+    attrs.update(job.records.store_attrs(model))
     return attrs
 
 
@@ -268,41 +314,43 @@ def _weights_sha256(weights, reports=()) -> str | dict | list | None:
     return digest(weights)
 
 
-def _decoders(runtime: Mapping[str, Any]) -> tuple[str, ...]:
+def _decoders(runtime: Mapping[str, Any], stage: str = "extract") -> tuple[str, ...]:
     from extractors.decoding import DECODERS, available_decoders
 
     wanted = tuple(runtime.get("decoders") or DECODERS)
     unknown = [d for d in wanted if d not in DECODERS]
     if unknown:
-        raise ConfigError(f"extract.decoders: unknown decoder {unknown[0]!r}; known: {', '.join(DECODERS)}")
+        raise ConfigError(f"{stage}.decoders: unknown decoder {unknown[0]!r}; known: {', '.join(DECODERS)}")
     usable = available_decoders(wanted)
     if not usable:
-        raise ConfigError(f"extract.decoders: none of {list(wanted)} can be imported here")
+        raise ConfigError(f"{stage}.decoders: none of {list(wanted)} can be imported here")
     return usable
 
 
-def _check_params(params: Mapping[str, Any]) -> None:
-    if params.get("store", "zarr") not in _STORE_BACKENDS:
-        raise ConfigError(f"extract.store: must be one of {_STORE_BACKENDS}, got {params.get('store')!r}")
-    if params.get("dtype", "float16") not in _DTYPES:
-        raise ConfigError(f"extract.dtype: must be one of {_DTYPES}, got {params.get('dtype')!r}")
+def _check_params(params: Mapping[str, Any], stage: str = "extract") -> None:
+    for name, allowed, default in (("store", _STORE_BACKENDS, "zarr"), ("dtype", _DTYPES, "float16"),
+                                   ("compression", _COMPRESSIONS, "none")):
+        if params.get(name, default) not in allowed:
+            raise ConfigError(f"{stage}.{name}: must be one of {allowed}, got {params.get(name)!r}")
+    if params.get("compression", "none") != "none" and params.get("store", "zarr") != "zarr":
+        raise ConfigError(f"{stage}.compression: only the zarr store compresses")
 
 
-def _resolve_device(device: str) -> str:
+def _resolve_device(device: str, stage: str = "extract") -> str:
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"extract.device: {device!r} requested but CUDA is not available")
+        raise ConfigError(f"{stage}.device: {device!r} requested but CUDA is not available")
     if not (device == "cpu" or str(device).startswith("cuda")):
-        raise ConfigError(f"extract.device: must be auto, cpu, cuda or cuda:N, got {device!r}")
+        raise ConfigError(f"{stage}.device: must be auto, cpu, cuda or cuda:N, got {device!r}")
     return str(device)
 
 
-def summary_table(*, done: int, skipped: int, failed: int, seconds: float) -> str:
+def summary_table(stage: str, *, done: int, skipped: int, failed: int, seconds: float) -> str:
     head = ("done", "skipped (cached)", "failed", "seconds")
     row = (str(done), str(skipped), str(failed), f"{seconds:.1f}")
     widths = [max(len(h), len(r)) for h, r in zip(head, row)]
-    return "\n".join(["extract: " + "  ".join(h.rjust(w) for h, w in zip(head, widths)),
-                      "         " + "  ".join(r.rjust(w) for r, w in zip(row, widths))])
+    return "\n".join([f"{stage}: " + "  ".join(h.rjust(w) for h, w in zip(head, widths)),
+                      " " * (len(stage) + 2) + "  ".join(r.rjust(w) for r, w in zip(row, widths))])

@@ -21,10 +21,43 @@ from pipeline.stage_graph import load_yaml
 
 MANIFEST_FIELDS = ("name", "task", "description", "videos", "annotations", "splits", "params", "generate",
                    "features")
+# A detect dataset names the standard AVA files per split (DESIGN.md, "Dataset manifests").
+DETECT_FIELDS = ("name", "task", "description", "videos", "timestamp_offset_s", "labelmap", "annotations",
+                 "exclusions", "proposals", "splits", "params", "generate")
 TASKS = ("localize", "detect")
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".avi", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
                               ".ogv"})
 _VAR = re.compile(r"\$\{([^}]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+@dataclass(frozen=True)
+class AvaLayout:
+    """The AVA files of a detect dataset, resolved to absolute paths; split name -> file."""
+
+    labelmap: Path
+    annotations: dict[str, Path]
+    exclusions: dict[str, Path]
+    proposals: dict[str, Path]
+    timestamp_offset_s: float
+    splits: dict[str, str]  # role (train / test) -> split name
+    manifest: Path
+
+    def resolve_split(self, name: str) -> str:
+        """A split name, or a role of ``splits:`` naming one."""
+        known = {**self.annotations, **self.proposals}
+        if name in known:
+            return name
+        if name in self.splits and self.splits[name] in known:
+            return self.splits[name]
+        raise ConfigError(f"{self.manifest}: split {name!r}: not in annotations or proposals "
+                          f"(splits: {', '.join(sorted(known)) or 'none'})")
+
+    def files(self) -> dict[str, Path]:
+        """Every file the layout names, by its manifest key (``annotations.val``); stage keys fingerprint them."""
+        out = {"labelmap": self.labelmap}
+        for key in ("annotations", "exclusions", "proposals"):
+            out.update((f"{key}.{split}", p) for split, p in sorted(getattr(self, key).items()))
+        return out
 
 
 @dataclass(frozen=True)
@@ -42,6 +75,7 @@ class Dataset:
     # Why `videos` is None when its ${VAR} is unset: an error only for stages that read the videos,
     # so imported features train without THUMOS_VIDEOS.
     videos_error: str | None = None
+    ava: AvaLayout | None = None  # task: detect
 
     def check_paths(self, need_videos: bool) -> None:
         """For ``run``: the videos directory and the annotation file must exist."""
@@ -54,6 +88,10 @@ class Dataset:
                 raise ConfigError(f"{self.path}: videos: directory not found: {self.videos}")
         if self.annotations is not None and not self.annotations.exists():
             raise ConfigError(f"{self.path}: annotations: not found: {self.annotations}")
+        if self.ava is not None and self.generate is None:
+            for key, p in self.ava.files().items():
+                if not p.is_file():
+                    raise ConfigError(f"{self.path}: {key}: not found: {p}")
 
 
 def manifest_dir(project_root: Path) -> Path:
@@ -90,15 +128,16 @@ def load_dataset(name_or_path: str | Path, project_root: Path, cache_dir: Path) 
         raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of fields ({', '.join(MANIFEST_FIELDS)})")
-    for key in raw:
-        if key not in MANIFEST_FIELDS:
-            raise ConfigError(f"{path}: {key}: unknown field; known: {', '.join(MANIFEST_FIELDS)}")
-    name = raw.get("name", path.stem)
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ConfigError(f"{path}: name: expected a plain name (letters, digits, _ . -), got {name!r}")
     task = raw.get("task", "localize")
     if task not in TASKS:
         raise ConfigError(f"{path}: task: expected one of {', '.join(TASKS)}, got {task!r}")
+    allowed = DETECT_FIELDS if task == "detect" else MANIFEST_FIELDS
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"{path}: {key}: unknown field of a {task} dataset; known: {', '.join(allowed)}")
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ConfigError(f"{path}: name: expected a plain name (letters, digits, _ . -), got {name!r}")
 
     def mapping(key: str) -> dict | None:
         value = raw.get(key)
@@ -120,6 +159,17 @@ def load_dataset(name_or_path: str | Path, project_root: Path, cache_dir: Path) 
         videos = _path_field(path, raw, "videos")
     except ConfigError as exc:
         videos, videos_error = None, str(exc)
+    if task == "detect":
+        # Generated detect data: the layout's relative paths are inside the generator's directory.
+        base = path.parent
+        if generate is not None:
+            if raw.get("videos") is not None:
+                raise ConfigError(f"{path}: videos: not allowed with generate: (the generator places them)")
+            base = generated_dir(cache_dir, name, generate)
+            videos = base / "videos"
+        ava = _ava_layout(path, raw, base, splits)
+        return Dataset(name=name, task=task, path=path, root=path.parent, videos=videos, annotations=None,
+                       splits=splits, params=params, generate=generate, videos_error=videos_error, ava=ava)
     annotations = _path_field(path, raw, "annotations")
     if generate is not None:
         for key in ("videos", "annotations"):
@@ -170,10 +220,46 @@ def ensure_generated(dataset: Dataset, cache_dir: Path) -> Dataset:
     return replace(dataset, videos=videos, annotations=annotations)
 
 
+def _ava_layout(path: Path, raw: dict, base: Path, splits: dict) -> AvaLayout:
+    def files(key: str, required: bool) -> dict[str, Path]:
+        value = raw.get(key)
+        if value is None and not required:
+            return {}
+        if not isinstance(value, dict) or not value:
+            raise ConfigError(f"{path}: {key}: expected a mapping split -> file, got {value!r}")
+        return {str(split): _path_value(path, f"{key}.{split}", f, base) for split, f in value.items()}
+
+    if raw.get("labelmap") is None:
+        raise ConfigError(f"{path}: labelmap: required for a detect dataset (an AVA label map .pbtxt)")
+    labelmap = _path_value(path, "labelmap", raw["labelmap"], base)
+    annotations, proposals = files("annotations", False), files("proposals", False)
+    exclusions = files("exclusions", False)
+    if not annotations and not proposals:
+        raise ConfigError(f"{path}: annotations: required for a detect dataset (split -> AVA CSV)")
+    known = set(annotations) | set(proposals)
+    for split in exclusions:
+        if split not in known:
+            raise ConfigError(f"{path}: exclusions.{split}: no annotations or proposals for split {split!r}")
+    for role, split in splits.items():
+        if split not in known:
+            raise ConfigError(f"{path}: splits.{role}: {split!r} is not a split of annotations or proposals "
+                              f"({', '.join(sorted(known))})")
+    offset = raw.get("timestamp_offset_s", 0)
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or offset < 0:
+        raise ConfigError(f"{path}: timestamp_offset_s: expected seconds >= 0, got {offset!r}")
+    return AvaLayout(labelmap=labelmap, annotations=annotations, exclusions=exclusions, proposals=proposals,
+                     timestamp_offset_s=float(offset), splits=dict(splits), manifest=path)
+
+
 def _path_field(path: Path, raw: dict, key: str) -> Path | None:
     value = raw.get(key)
     if value is None:
         return None
+    return _path_value(path, key, value, path.parent)
+
+
+def _path_value(path: Path, key: str, value, base: Path) -> Path:
+    """A path field with environment variables expanded, relative to ``base``."""
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{path}: {key}: expected a path, got {value!r}")
 
@@ -184,7 +270,7 @@ def _path_field(path: Path, raw: dict, key: str) -> Path | None:
         return os.environ[var]
 
     p = Path(os.path.expanduser(_VAR.sub(expand, value)))
-    return p if p.is_absolute() else (path.parent / p).resolve()
+    return p if p.is_absolute() else (base / p).resolve()
 
 
 def list_items(dataset: Dataset) -> list[tuple[str, str]]:

@@ -161,6 +161,7 @@ class Planner:
         self.dataset = dataset
         self.resolved = resolve_params(ws.graph, dataset, list(sets))
         self._inputs: list[tuple[str, str, str]] | None = None
+        self._keyframes: tuple[list[tuple[str, str, str]], list[str]] | None = None
         self._imports: dict | None | bool = False  # False: not looked up yet
         self._annotations_fp: str | None | bool = False
 
@@ -173,6 +174,18 @@ class Planner:
             self._inputs = [(vid, p, fps[p]) for vid, p in pairs]
         return self._inputs
 
+    def keyframe_inputs(self) -> tuple[list[tuple[str, str, str]], list[str]]:
+        """(keyframe id, video path, fingerprint) of every keyframe whose video is present, and the
+        videos named by the annotations that are not (``pipeline.keyframe_items``)."""
+        if self._keyframes is None:
+            from pipeline.keyframe_items import keyframe_items
+
+            if getattr(self.dataset, "ava", None) is None:
+                raise ConfigError(f"{self.dataset.path}: a stage per keyframe needs a detect dataset "
+                                  "(task: detect, with its AVA files)")
+            self._keyframes = keyframe_items(self.dataset, self.inputs(), self.ws.index, self.ws.cache.root)
+        return self._keyframes
+
     def imported(self) -> dict | None:
         if self._imports is False:
             self._imports = lookup_import(self.ws.cache.root, self.dataset.name)
@@ -181,7 +194,11 @@ class Planner:
     def annotations_fingerprint(self) -> str | None:
         if self._annotations_fp is False:
             a = self.dataset.annotations
-            if a is None or not a.exists():
+            if self.dataset.ava is not None:
+                named = {k: p for k, p in self.dataset.ava.files().items() if p.is_file()}
+                fps = self.ws.index.fingerprints(named.values())
+                self._annotations_fp = records_digest({k: fps[os.path.abspath(p)] for k, p in named.items()})
+            elif a is None or not a.exists():
                 self._annotations_fp = None
             elif a.is_dir():
                 files = sorted(p for p in a.rglob("*") if p.is_file())
@@ -218,17 +235,25 @@ class Planner:
         st = StageState(name, "missing", key=key, dir=self.ws.cache.stage_dir(name, key), material=material,
                         code_files=files, params=self._run_params(spec, params), runtime=runtime)
         if spec.per_item:
-            self._plan_items(st)
+            self._plan_items(spec, st)
         elif self.ws.cache.is_complete(name, key):
             st.state = "done"
         return st
 
-    def _plan_items(self, st: StageState) -> None:
+    def _plan_items(self, spec: StageSpec, st: StageState) -> None:
         if self.dataset.videos is None or not self.dataset.videos.is_dir():
             st.state = "unknown"
             st.reasons.append(self.dataset.videos_error or f"videos directory not found: {self.dataset.videos}")
             return
-        st.inputs = self.inputs()
+        if spec.per_item == "keyframes" and getattr(self.dataset, "ava", None) is None:
+            st.reasons.append("no keyframes: not a detect dataset")   # `run` refuses it; gc and status go on
+        elif spec.per_item == "keyframes":
+            st.inputs, missing = self.keyframe_inputs()
+            if missing:
+                st.reasons.append(f"{len(missing)} annotated video(s) have no file in {self.dataset.videos}, "
+                                  f"e.g. {', '.join(missing[:3])}; their keyframes are left out")
+        else:
+            st.inputs = self.inputs()
         records = self.ws.cache.read_records(st.dir)
         st.todo = [Item(vid, Path(path), fp) for vid, path, fp in st.inputs
                    if records.get(vid, {}).get("source_fingerprint") != fp]
@@ -357,6 +382,9 @@ def run(ws: Workspace, dataset: Dataset, targets: list[str], sets: list[Override
             planner.check_files(name)  # a missing checkpoint fails now, not after hours of upstream work
     dataset.check_paths(need_videos=any(ws.graph[n].per_item and not (n == "extract" and imported)
                                         for n in names))
+    for name in names:
+        if ws.graph[name].per_item == "keyframes":
+            planner.keyframe_inputs()  # a dataset without keyframes, or a malformed AVA file: exit 2 now
     states: dict[str, StageState] = {}
     reports: list[StageReport] = []
     failed: set[str] = set()

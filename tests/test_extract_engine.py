@@ -258,3 +258,21 @@ def test_full_size_preset_without_weights_names_the_file_it_needs(tmp_path):
                           timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "extract.weights: preset 'thumos_i3d'" in proc.stderr and "rgb_imagenet.pt" in proc.stderr
+
+
+def test_a_vit_b_checkpoint_under_the_vit_g_preset_makes_a_768_d_store(tmp_path):
+    """The store's dimension is the built backbone's: a ViT-B checkpoint (``pipeline weights`` lists the
+    distilled K710 one) with ``backbone_kwargs: {variant: vit_b}`` under the ViT-g THUMOS preset (one block
+    here, to stay small: the dimension is the variant's)."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    make_video(videos / "v.mp4", n_frames=24)
+    ckpt = tmp_path / "vit_b_k710_dl_from_giant.pth"
+    torch.save({"module": build_backbone("videomae", variant="vit_b", depth=1, seed=3).state_dict()}, ckpt)
+    manifest = tmp_path / "vitb.yaml"
+    manifest.write_text(f"name: vitb\ntask: localize\nvideos: {videos}\nparams:\n  extract: {{preset: thumos_videomae_v2, "
+                        f"backbone_kwargs: {{variant: vit_b, depth: 1}}, size: [32, 32], weights: {ckpt}}}\n")
+    out = cli(tmp_path / "cache", manifest)
+    assert out["rc"] == 0, out
+    store = open_stage_store(Path(out["extract"]["dir"]))
+    assert store.attrs["feature_dim"] == 768 and store.shape("v") == ((24 - 16) // 4 + 1, 768)

@@ -212,8 +212,8 @@ def test_one_flow_per_frame_pair_and_streams_in_order_through_the_engine(tmp_pat
 
 def test_thumos_preset_is_two_stream_2048():
     preset = resolve_preset({"preset": "thumos_i3d"})
-    assert (preset.streams, preset.output_dim, preset.flow.bound) == ("both", 2048, 20.0)
-    assert resolve_preset({"preset": "thumos_i3d", "streams": "rgb"}).output_dim == 1024
+    assert (preset.streams, preset.flow.bound, preset.flow.quantize) == ("both", 20.0, False)
+    assert build_backbone("i3d", stream="two_stream").feature_dim == 2048
     assert resolve_preset({"preset": "demo"}).streams == "rgb"
     with pytest.raises(ConfigError, match="extract.streams: 'both' needs the i3d backbone"):
         resolve_preset({"preset": "anet_tsp", "streams": "both"})
