@@ -113,9 +113,6 @@ class _Held:
     last_flow: torch.Tensor | None = None
 
 
-STREAMS = ("rgb", "flow", "both")
-
-
 class StreamFrames:
     """The engine's frame transform: a video's decoded uint8 frames, chunk by chunk -> the frames its
     model reads, (k, C, h, w) on the device: RGB (3 channels), flow (2) or both (5, RGB first).
@@ -126,8 +123,6 @@ class StreamFrames:
 
     def __init__(self, prep: FramePreprocessor, streams: str = "rgb", flow: FlowComputer | None = None,
                  crop: tuple[int, int] | None = None):
-        if streams not in STREAMS:
-            raise ConfigError(f"extract.streams: expected one of {', '.join(STREAMS)}, got {streams!r}")
         if streams != "rgb" and flow is None:
             raise ValueError("a flow stream needs a FlowComputer")
         self.prep, self.streams, self.flow, self.crop = prep, streams, flow, crop

@@ -33,9 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
 TINY = FlowSpec(arch="tiny", iters=12)
 # Tolerance on the median end-point error of a global motion: the tiny RAFT's held-out EPE on its
-# synthetic training distribution is about 0.3 px (tools/train_raft_tiny.py prints it); H.264 at
-# crf 10 and a texture it was not trained on add some, and 1 px is still a third of the smallest
-# motion tested (3 px/frame), so a network that recovered nothing (EPE = |motion|) fails clearly.
+# synthetic training distribution is 0.73 px (tools/train_raft_tiny.py prints it; borders included);
+# on these H.264 videos of a texture it never saw, the median error is 0.4-0.75 px. 1 px keeps that
+# margin and is still under a third of the smallest translation tested (|(3, -2)| = 3.6 px), so a
+# network that recovered nothing (error = the motion itself) fails clearly.
 TOL_PX = 1.0
 
 
@@ -128,11 +129,12 @@ def test_tiny_raft_recovers_a_rotation(tmp_path):
                             math.sin(a) * (xs - c) + math.cos(a) * (ys - c) + c - ys])
     inner = (slice(None), slice(None), slice(12, -12), slice(12, -12))
     epe = (flows - expected)[inner].norm(dim=1)
-    assert expected[inner[1:]].norm(dim=0).max() > 2.0                      # up to 2.8 px at the corners
+    assert expected[inner[1:]].norm(dim=0).max() > 1.9                      # up to 1.9 px at the inner corners
     assert epe.median() < TOL_PX, epe.median()
-    # Rotation, not translation: the flow curls around the centre with the right sense.
-    curl = (flows[:, 1, 20:44, 40:52].mean() - flows[:, 1, 20:44, 12:24].mean()).item()
-    assert curl > 2 * math.radians(deg) * 20 * 0.7
+    # Rotation, not translation: the right side moves down and the left side up, by the right amount.
+    def swing(f):
+        return (f[..., 1, 20:44, 40:52].mean() - f[..., 1, 20:44, 12:24].mean()).item()
+    assert swing(flows) == pytest.approx(swing(expected), rel=0.2)          # 1.95 px expected
 
 
 def test_tvl1_recovers_a_global_translation_when_opencv_contrib_is_installed(tmp_path):
