@@ -28,6 +28,7 @@ from extractors.stage import ExtractJob, run_job
 from pipeline.context import Item
 from pipeline.errors import ConfigError
 from pipeline.store import open_stage_store
+from pipeline.store.presets import IMPORT_PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -215,7 +216,11 @@ def test_one_flow_per_frame_pair_and_streams_in_order_through_the_engine(tmp_pat
 def test_thumos_preset_is_two_stream_2048():
     preset = resolve_preset({"preset": "thumos_i3d"})
     assert (preset.streams, preset.flow.bound, preset.flow.quantize) == ("both", 20.0, False)
-    assert build_backbone("i3d", stream="two_stream").feature_dim == 2048
+    # A fresh extraction and an import of the public features have the same layout and time axis.
+    public = IMPORT_PRESETS["thumos_i3d"]
+    assert build_backbone("i3d", stream="two_stream").feature_dim == public.feature_dim == 2048
+    assert (preset.fps, preset.stride, preset.clip_len, preset.frame_interval, preset.tail) == \
+        (public.fps, public.stride, public.clip_len, public.frame_interval, public.tail)
     assert resolve_preset({"preset": "demo"}).streams == "rgb"
     with pytest.raises(ConfigError, match="extract.streams: 'both' needs the i3d backbone"):
         resolve_preset({"preset": "anet_tsp", "streams": "both"})
