@@ -32,6 +32,9 @@ os.environ.setdefault("DECORD_REWIND_RETRY_MAX", "8")
 os.environ.setdefault("DECORD_DUPLICATE_WARNING_THRESHOLD", "1.0")
 
 DECODERS = ("decord", "pyav")
+# A plan whose first frame lies further in than this (a keyframe minutes into a film) makes PyAV seek
+# to the keyframe before it instead of decoding everything from the start.
+_SEEK_FRAMES = 250
 
 
 class DecodeError(Exception):
@@ -198,14 +201,15 @@ class _PyAVReader:
         if not pts:
             raise DecodeError("zero_frames", "the video stream has no frames")
         _check_complete(stream.frames, len(pts))
-        self.timestamps = np.sort(np.asarray(pts, dtype=np.float64)) * float(stream.time_base)
+        self.pts = np.sort(np.asarray(pts, dtype=np.int64))
+        self.timestamps = self.pts.astype(np.float64) * float(stream.time_base)
         self.container.seek(0, stream=stream)
 
     def read(self, native: np.ndarray, chunk: int) -> Iterator[np.ndarray]:
         out_h, out_w = self.out_shape
         counts = np.bincount(native, minlength=int(native[-1]) + 1) if len(native) else np.zeros(0, int)
         buf: list[np.ndarray] = []
-        for i, frame in enumerate(self.container.decode(self.stream)):
+        for i, frame in self._frames(int(native[0]) if len(native) else 0):
             if i >= len(counts):
                 break
             if counts[i]:
@@ -216,6 +220,20 @@ class _PyAVReader:
                     buf = []
         if buf:
             yield np.stack(buf)
+
+    def _frames(self, first: int) -> Iterator[tuple[int, object]]:
+        """(native index, frame) in presentation order, from frame ``first`` or a frame before it."""
+        if first >= _SEEK_FRAMES:
+            self.container.seek(int(self.pts[first]), stream=self.stream, backward=True, any_frame=False)
+            frames = self.container.decode(self.stream)
+            head = next(frames, None)
+            at = int(np.searchsorted(self.pts, head.pts)) if head is not None and head.pts is not None else -1
+            if 0 <= at <= first and self.pts[at] == head.pts:
+                yield at, head
+                yield from enumerate(frames, at + 1)
+                return
+            self.container.seek(0, stream=self.stream)    # landed past it: decode from the start
+        yield from enumerate(self.container.decode(self.stream))
 
     def close(self) -> None:
         self.container.close()

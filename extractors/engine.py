@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+import os
 import pickle
 import queue
 import threading
@@ -47,6 +48,7 @@ from extractors.preprocess import FramePreprocessor
 from extractors.presets import Preset
 from extractors.samplers import ClipPlan, GridSampler
 from pipeline.context import Item
+from pipeline.errors import describe_error
 
 # Frame chunks in flight between decode workers and the main process, per worker.
 _CHUNKS_PER_WORKER = 8
@@ -142,7 +144,8 @@ class _Workers:
         self.tasks[w] = self.ctx.SimpleQueue()
         receive, send = self.ctx.Pipe(duplex=False)
         self.current[w] = self.ctx.Value("q", -1, lock=False)
-        self.procs[w] = self.ctx.Process(target=_decode_worker, args=(self.tasks[w], send, self.current[w], self.spec),
+        self.procs[w] = self.ctx.Process(target=_start_worker,
+                                         args=(os.getpid(), self.tasks[w], send, self.current[w], self.spec),
                                          daemon=True, name=f"decode-{w}")
         self.procs[w].start()
         send.close()                      # the child's end: EOF here once the child is gone
@@ -209,6 +212,14 @@ class _Workers:
     def close(self) -> None:
         for w in range(len(self.procs)):
             self._stop(w)
+
+
+def _start_worker(driver: int, *args) -> None:
+    """A decode process ends with its driver (killed or not), never lingering as an orphan."""
+    from pipeline.lifetime import die_with_parent
+
+    die_with_parent(driver)
+    _decode_worker(*args)
 
 
 def _decode_worker(tasks, conn, current, spec: DecodeSpec) -> None:
@@ -539,7 +550,7 @@ class Engine:
             try:
                 on_done(item, feats, meta, seconds)
             except Exception as e:
-                self.write_errors.put((item, f"{type(e).__name__}: {e}"))
+                self.write_errors.put((item, describe_error(e)))
 
     def _drain_write_errors(self) -> None:
         while True:

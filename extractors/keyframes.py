@@ -16,7 +16,7 @@ Params: as ``extract`` (``preset``: ava_slowfast_r50 | ava_videomae | demo_ava, 
 ``store``, ``dtype``) plus ``compression`` (zarr: none | zstd | lz4). Store attributes: those of
 ``extract`` plus ``index: keyframe``, ``fields``, ``feature_stride`` (input pixels per map cell). Record
 attributes: ``video``, ``timestamp``, ``time_s`` (seconds in the file), ``frame_height`` /
-``frame_width`` (the network input), the source fingerprint and the decoder. Read it with
+``frame_width`` (the network input), ``feature_stride``, the source fingerprint and the decoder. Read it with
 ``pipeline.store.loader.RecordReader``.
 """
 
@@ -45,6 +45,7 @@ class KeyframeRecords:
     def store_attrs(self, model) -> dict:
         from extractors.outputs import KeyframeMaps
 
+        KeyframeMaps(model)  # a backbone without a map is refused before the store is made
         return {"index": KeyframeMaps.index, "fields": KeyframeMaps.fields,
                 "feature_stride": int(model.feature_stride), "timestamp_offset_s": self.timestamp_offset_s}
 
@@ -73,7 +74,8 @@ class KeyframeRecords:
         video, timestamp = parse_keyframe_id(item.id)
         height, width = preset.crop or (meta.frame_height, meta.frame_width)
         attrs = {"video": video, "timestamp": timestamp, "time_s": self.seconds(item),
-                 "frame_height": height, "frame_width": width, "source_fingerprint": item.fingerprint,
+                 "frame_height": height, "frame_width": width, "feature_stride": store.attrs["feature_stride"],
+                 "source_fingerprint": item.fingerprint,
                  "sampled_fps": meta.sampled_fps, "native_fps": meta.native_fps, "decoder": meta.decoder,
                  "decoder_version": meta.decoder_version}
         store.write(item.id, data, attrs)

@@ -21,8 +21,7 @@ from pipeline.errors import ConfigError
 
 
 class ClipVectors:
-    fields = None          # a plain (T, C) store
-    index = "video"
+    """``extract``'s output: a plain (T, C) store."""
 
     def forward(self, model: torch.nn.Module, clips: torch.Tensor) -> dict[str, torch.Tensor]:
         out = model(clips)
@@ -35,6 +34,8 @@ class ClipVectors:
 
 
 class KeyframeMaps:
+    """``extract_keyframes``' output: a store of these fields, one record per keyframe id."""
+
     fields = {"map": ["C", "H", "W"], "context": ["C", "T"]}
     index = "keyframe"
 

@@ -122,7 +122,7 @@ def _create_store(job: ExtractJob, attrs: dict):
     from pipeline.store import create_store
 
     return create_store(job.out_dir, job.params.get("store", "zarr"), job.params.get("dtype", "float16"), attrs,
-                        **({"compression": job.params["compression"]} if "compression" in job.params else {}))
+                        compression=job.params.get("compression", "none"))
 
 
 def run_job(job: ExtractJob, items: Sequence[Item], item_done: Callable, item_failed: Callable,
@@ -148,7 +148,13 @@ def run_job(job: ExtractJob, items: Sequence[Item], item_done: Callable, item_fa
                           workers=job.workers, video_timeout_s=float(job.runtime.get("video_timeout_s", 600)))
 
     def on_done(item: Item, data, meta, seconds: float) -> None:
-        item_done(item, job.records.write(store, item, data, meta, seconds, preset))
+        try:
+            record = job.records.write(store, item, data, meta, seconds, preset)
+        except OSError as exc:  # a failed chunk write names no file: name the store
+            if exc.filename is None:
+                exc.filename = str(job.out_dir)
+            raise
+        item_done(item, record)
 
     threads = torch.get_num_threads()
     if device.type == "cpu" and job.workers:

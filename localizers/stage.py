@@ -106,7 +106,7 @@ def train(ctx: StageContext) -> dict:
                 f"({cfg.train.total_epochs} epochs, {device})")
         source = FeatureReader(extract_dir, [it.id for it in items], ctx.runtime.get("in_memory", "auto"))
         result = fit(cfg, items, source, out, device=device, log=ctx.log)
-        tmp = out / f".{MODEL_FILE}.tmp"
+        tmp = out / f".{MODEL_FILE}.{os.getpid()}.tmp"
         torch.save({"model": result.model.state_dict(), "ema": result.ema.state_dict(),
                     "config": cfg.to_json(), "classes": list(ann.classes)}, tmp)
         os.replace(tmp, out / MODEL_FILE)

@@ -103,7 +103,7 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
     start_epoch, step = 0, 0
     ckpt_path = out_dir / CHECKPOINT
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)  # ours, yet no code either
         if state["config"] != cfg.to_json() or state["items"] != [it.id for it in items]:
             raise ValueError(f"{ckpt_path}: checkpoint of another configuration or video list; remove it to retrain")
         model.load_state_dict(state["model"])

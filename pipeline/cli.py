@@ -1,6 +1,8 @@
 """The ``pipeline`` command.
 
-Exit codes: 0 done, 1 some work failed, 2 usage or configuration error. Every user-caused error is one
+Exit codes: 0 done, 1 some work failed (or the machine did: no space, disk quota, I/O error), 2 usage or
+configuration error (also a path the machine refuses: not writable, read-only, a directory where a file
+is expected). Every user-caused error is one
 line ``pipeline: error: <message>`` on stderr (the traceback only with ``--debug``); ``--json`` makes
 stdout one JSON object.
 """
@@ -14,7 +16,7 @@ import traceback
 from pathlib import Path
 
 from pipeline.cli_args import CommandParser
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, environment_fault
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STORE_COMMANDS = {"verify": "verify", "import-features": "import_features", "export": "export_features"}
@@ -86,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `pipeline status | head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as exc:  # the machine, not a bug: the path and the cause
+        if debug:
+            traceback.print_exc()
+        fault = environment_fault(exc)
+        print(f"pipeline: error: {fault}", file=sys.stderr)
+        return fault.exit_code
     except Exception as exc:  # a bug, not a user error: say where to look
         if debug:
             traceback.print_exc()
@@ -212,11 +220,16 @@ def _gc(ws, opts: dict, argv: list[str]) -> int:
     res = collect_garbage(ws, a.dataset, a.dry_run)
     if opts["json"]:
         print(json.dumps({"command": "gc", "dry_run": a.dry_run, "removed": [p for p, _ in res.removed],
-                          "bytes": res.bytes, "kept_unknown": res.kept_unknown}))
+                          "bytes": res.bytes, "kept_unknown": res.kept_unknown, "held": res.held,
+                          "leftovers": res.leftovers}))
         return 0
     verb = "would remove" if a.dry_run else "removed"
     for path, size in res.removed:
         print(f"{verb} {path} ({_human(size)})")
+    for path in res.leftovers:
+        print(f"{verb} {path} (left by a killed write)")
+    for path in res.held:
+        print(f"kept {path}: a running stage reads or writes it", file=sys.stderr)
     for name in res.kept_unknown:
         print(f"kept every output of dataset {name}: its current keys cannot be computed now", file=sys.stderr)
     print(f"{'would reclaim' if a.dry_run else 'reclaimed'} {_human(res.bytes)} ({res.bytes} bytes) "

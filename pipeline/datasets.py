@@ -7,10 +7,12 @@ its videos and annotations from the demo generator under ``<cache>/datasets/``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -273,16 +275,48 @@ def _path_value(path: Path, key: str, value, base: Path) -> Path:
     return p if p.is_absolute() else (base / p).resolve()
 
 
-def list_items(dataset: Dataset) -> list[tuple[str, str]]:
-    """(video id, absolute path) of every file with a video extension in the videos directory, by id."""
-    found: dict[str, str] = {}
+def list_items(dataset: Dataset) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
+    """(video id, absolute path) of every video file in the videos directory, by id; and (file name,
+    path, reason) of the files with a video extension that cannot be items: a symlink loop, a dangling
+    symlink, a directory, a FIFO or other special file, or one of two files with the same stem (video
+    ids are file stems). Those fail on their own; the dataset's other videos go on."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    unusable: list[tuple[str, str, str]] = []
     videos = os.path.abspath(dataset.videos)
     with os.scandir(videos) as entries:
         for e in entries:
             stem, ext = os.path.splitext(e.name)
-            if ext.lower() in VIDEO_EXTENSIONS and not e.name.startswith(".") and e.is_file():
-                if stem in found:
-                    raise ConfigError(f"{dataset.path}: videos: two files with id {stem!r}: "
-                                      f"{os.path.basename(found[stem])} and {e.name} (video ids are file stems)")
-                found[stem] = e.path
-    return sorted(found.items())
+            if ext.lower() not in VIDEO_EXTENSIONS or e.name.startswith("."):
+                continue
+            why = _not_a_video_file(e.path)
+            if why:
+                unusable.append((e.name, e.path, why))
+            else:
+                found.setdefault(stem, []).append((e.name, e.path))
+    items = []
+    for stem, files in found.items():
+        if len(files) == 1:
+            items.append((stem, files[0][1]))
+            continue
+        names = " and ".join(sorted(name for name, _ in files))
+        unusable += [(name, path, f"two files with video id {stem!r}: {names} (video ids are file stems; "
+                                  f"rename one)") for name, path in files]
+    return sorted(items), sorted(unusable)
+
+
+def _not_a_video_file(path: str) -> str | None:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop"
+        if exc.errno == errno.ENOENT:
+            return f"dangling symlink to {os.readlink(path)}" if os.path.islink(path) else "vanished"
+        return f"cannot stat: {exc.strerror}"
+    if stat.S_ISDIR(st.st_mode):
+        return "a directory, not a video file"
+    if stat.S_ISFIFO(st.st_mode):
+        return "a FIFO (named pipe), not a video file"
+    if not stat.S_ISREG(st.st_mode):
+        return "a special file, not a regular video file"
+    return None

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import Cache
+from pipeline.cache import Cache, remove_leftovers
 from pipeline.context import Item, RunOptions, StageContext
 from pipeline.datasets import Dataset, list_items, load_dataset
-from pipeline.errors import ConfigError, PipelineError, WorkFailed
+from pipeline.errors import ConfigError, PipelineError, WorkFailed, environment_fault
 from pipeline.fingerprints import FingerprintIndex
 from pipeline.keys import KEY_FORMAT, code_files, records_digest, stage_key
 from pipeline.stage_graph import StageGraph, StageSpec, load_stage_graph, load_yaml, locate_module
@@ -139,6 +139,7 @@ class StageState:
     runtime: dict = field(default_factory=dict)
     inputs: list[tuple[str, str, str]] = field(default_factory=list)  # per-item: (id, path, fingerprint)
     todo: list[Item] = field(default_factory=list)  # per-item: items missing or changed
+    unusable: list[tuple[str, str, str]] = field(default_factory=list)  # per-item: (file, path, reason)
     records: dict = field(default_factory=dict)      # per-item: id -> record of current, complete items
     reasons: list[str] = field(default_factory=list)
 
@@ -161,6 +162,7 @@ class Planner:
         self.dataset = dataset
         self.resolved = resolve_params(ws.graph, dataset, list(sets))
         self._inputs: list[tuple[str, str, str]] | None = None
+        self._unusable: list[tuple[str, str, str]] = []
         self._keyframes: tuple[list[tuple[str, str, str]], list[str]] | None = None
         self._imports: dict | None | bool = False  # False: not looked up yet
         self._annotations_fp: str | None | bool = False
@@ -169,7 +171,7 @@ class Planner:
         """(id, absolute path, fingerprint) of every item of the dataset (Path objects are built only
         for the items a stage processes: on a no-op rerun over thousands of videos they would dominate)."""
         if self._inputs is None:
-            pairs = list_items(self.dataset)
+            pairs, self._unusable = list_items(self.dataset)
             fps = self.ws.index.fingerprints(p for _, p in pairs)
             self._inputs = [(vid, p, fps[p]) for vid, p in pairs]
         return self._inputs
@@ -254,6 +256,11 @@ class Planner:
                                   f"e.g. {', '.join(missing[:3])}; their keyframes are left out")
         else:
             st.inputs = self.inputs()
+        st.unusable = self._unusable
+        if st.unusable:
+            shown = ", ".join(f"{name} ({why})" for name, _, why in st.unusable[:5])
+            st.reasons.append(f"{len(st.unusable)} file(s) are not usable videos: {shown}"
+                              + (" ..." if len(st.unusable) > 5 else ""))
         records = self.ws.cache.read_records(st.dir)
         st.todo = [Item(vid, Path(path), fp) for vid, path, fp in st.inputs
                    if records.get(vid, {}).get("source_fingerprint") != fp]
@@ -385,6 +392,16 @@ def run(ws: Workspace, dataset: Dataset, targets: list[str], sets: list[Override
     for name in names:
         if ws.graph[name].per_item == "keyframes":
             planner.keyframe_inputs()  # a dataset without keyframes, or a malformed AVA file: exit 2 now
+    from pipeline.locking import Holds
+
+    with Holds(ws.cache.root) as holds:
+        return _run_stages(ws, planner, names, targets, options, wait, holds)
+
+
+def _run_stages(ws: Workspace, planner: Planner, names: list[str], targets: list[str], options: RunOptions,
+                wait: bool, holds) -> list[StageReport]:
+    from pipeline.locking import stage_lock
+
     states: dict[str, StageState] = {}
     reports: list[StageReport] = []
     failed: set[str] = set()
@@ -397,6 +414,11 @@ def run(ws: Workspace, dataset: Dataset, targets: list[str], sets: list[Override
             continue
         force = options.force and name in targets
         st = planner.plan(name, states)
+        if st.key is not None:
+            # Held until the run ends, so gc leaves it alone; planned again once held, in case a gc
+            # was deleting it just then.
+            holds.hold(name, st.key)
+            st = planner.plan(name, states)
         states[name] = st
         if st.state == "imported":
             reports.append(_cached_report(ws, st, "imported"))
@@ -408,15 +430,13 @@ def run(ws: Workspace, dataset: Dataset, targets: list[str], sets: list[Override
         if st.done and not force:
             reports.append(_cached_report(ws, st, "cached"))
             continue
-        from pipeline.locking import stage_lock
-
         with stage_lock(ws.cache.root, name, st.key, wait=wait, quiet=options.json):
             st = planner.plan(name, states)  # another run may have finished it while we waited
             states[name] = st
             if st.done and not force:
                 reports.append(_cached_report(ws, st, "cached"))
                 continue
-            report = _execute(ws, planner, spec, st, states, options, force)
+            report = _execute(ws, planner, ws.graph[name], st, states, options, force)
         reports.append(report)
         if report.status == "failed":
             failed.add(name)
@@ -462,6 +482,10 @@ def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, s
     else:
         out_dir = ws.cache.begin_whole(spec.name, st.key, force)
         items = []
+    # Temporary files of a killed earlier attempt (they would end up inside the finished output);
+    # a per-item stage's records only: its store may hold many files.
+    remove_leftovers(out_dir, recursive=False)
+    remove_leftovers(out_dir / "items", recursive=False)
     ctx = StageContext(name=spec.name, key=st.key, params=st.params, runtime=st.runtime, dataset=planner.dataset,
                        out_dir=out_dir, upstream={n: states[n].dir for n in spec.needs}, items=items,
                        all_items=st.all_items(), options=options)
@@ -470,6 +494,8 @@ def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, s
     # under --json stdout carries one JSON object: whatever the stage prints goes to stderr
     quiet_stdout = contextlib.redirect_stdout(sys.stderr) if options.json else contextlib.nullcontext()
     try:
+        for name, path, why in st.unusable:  # into the failures file; the videos go on
+            ctx.item_failed(Item(name, Path(path), ""), "unusable_file", why)
         with quiet_stdout:
             result = fn(ctx)
         if result is not None and not isinstance(result, dict):
@@ -479,6 +505,10 @@ def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, s
         return _failed(report, str(exc), ctx, started)
     except PipelineError:
         raise
+    except OSError as exc:  # the machine refused (space, permissions): the run stops, in one line
+        if options.debug:
+            traceback.print_exc()
+        raise environment_fault(exc, out_dir) from exc
     except Exception as exc:
         if options.debug:
             traceback.print_exc()
@@ -501,8 +531,9 @@ def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, s
                 report.failures.append({"id": it.id, "stage": spec.name, "kind": "not-recorded",
                                         "message": "the stage returned without recording this item",
                                         "path": str(it.path)})
+        n_unusable = len({name for name, _, _ in st.unusable})
         n_failed = len({f["id"] for f in report.failures})
-        report.items = {"total": len(st.inputs), "done": len(items) - n_failed,
+        report.items = {"total": len(st.inputs) + n_unusable, "done": len(items) - (n_failed - n_unusable),
                         "skipped": len(st.inputs) - len(items), "failed": n_failed}
         manifest["items"] = report.items
         ws.cache.write_records_snapshot(out_dir, records)

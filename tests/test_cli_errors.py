@@ -61,8 +61,6 @@ CASES = {
                  ["status"], ["data/toy.yaml: task: expected one of localize, detect"]),
     "manifest params of unknown stage": (write("data/toy.yaml", "name: toy\nvideos: ../videos\nparams: {up: {}}\n"),
                                          ["run", "upper"], ["data/toy.yaml: params.up: unknown stage"]),
-    "duplicate video ids": (write("videos/a.mkv", "again"), ["run", "upper"],
-                            ["data/toy.yaml: videos: two files with id 'a'"]),
     "unknown --set stage": (None, ["run", "upper", "--set", "uper.repeat=2"],
                             ["--set uper.repeat=2: unknown stage 'uper'; known: upper, total"]),
     "unknown --set param": (None, ["run", "upper", "--set", "upper.rep=2"],

@@ -114,7 +114,12 @@ def _tiny(params: dict):
     return preset, build_backbone("i3d", tiny=True)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+# Features of a 4 s 25-fps video per grid preset (the keyframe presets sample no grid).
+GRID_COUNTS = {"thumos_i3d": (100 - 16) // 4 + 1, "thumos_videomae_v2": len(range(0, 100 - 15, 4)),
+               "anet_tsp": (60 - 16) // 16 + 1, "epic_slowfast": (120 - 32) // 16 + 1, "demo": (100 - 16) // 4 + 1}
+
+
+@pytest.mark.parametrize("name", sorted(GRID_COUNTS))
 def test_features_per_video_for_each_preset(tmp_path, name):
     # The preset's sampling and preprocessing with the tiny I3D in place of its backbone.
     path = make_video(tmp_path / "v.mp4", n_frames=100, fps=25)      # 4 s
@@ -128,9 +133,7 @@ def test_features_per_video_for_each_preset(tmp_path, name):
             lambda item, kind, msg: pytest.fail(f"{kind}: {msg}"))
     preset = PRESETS[name]
     n_sampled = 100 if preset.fps is None else round(4 * preset.fps)
-    expected = {"thumos_i3d": (100 - 16) // 4 + 1, "thumos_videomae_v2": len(range(0, 100 - 15, 4)),
-                "anet_tsp": (60 - 16) // 16 + 1, "epic_slowfast": (120 - 32) // 16 + 1,
-                "demo": (100 - 16) // 4 + 1}[name]
+    expected = GRID_COUNTS[name]
     assert done[0]["shape"][0] == expected and done[0]["fps"] == pytest.approx(preset.fps or 25.0, rel=1e-6)
     store = open_stage_store(tmp_path / "out")
     assert store.shape("v")[0] == TimeGrid.from_attrs(store.attrs, store.video_attrs("v")).count(

@@ -77,7 +77,8 @@ def test_keyframe_records_hold_the_centred_clip_map_and_context(dataset):
                                                                  "context": (np.float16, (576, 16))}
         assert store.shape("vid-b,0902") == {"map": (576, 2, 4), "context": (576, 16)}   # 58x34 -> 55x32
     record = reader.read("vid_a,0903")
-    assert (record["attrs"]["frame_height"], record["attrs"]["frame_width"], record["attrs"]["time_s"]) == (32, 43, 3)
+    attrs = record["attrs"]
+    assert (attrs["frame_height"], attrs["frame_width"], attrs["feature_stride"], attrs["time_s"]) == (32, 43, 16, 3)
     # The same clip cut by hand: 16 frames at interval 2 centred on second 3 (frame 36) of the file.
     preset = resolve_preset(PARAMS)
     spec = DecodeSpec.from_preset(preset, decoders=(record["attrs"]["decoder"],))
@@ -116,6 +117,11 @@ def test_an_added_keyframe_alone_is_extracted_and_one_beyond_the_end_fails_alone
     logged = [json.loads(line) for line in (stage_dir / "failures.jsonl").read_text().splitlines()]
     assert [entry["id"] for entry in logged] == ["vid-b,0910"]
     assert RecordReader(stage_dir).ids == ["vid-b,0901", "vid-b,0902", "vid_a,0901", "vid_a,0903", "vid_a,0904"]
+    # `pipeline verify` checks keyframe stores against their records too (shapes per field).
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "--cache-dir", str(cache), "--json", "verify"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    (store,) = json.loads(proc.stdout)["stores"]
+    assert proc.returncode == 0 and store["dir"] == str(stage_dir) and store["videos"] == 5
 
 
 def test_videomae_keyframes_drop_the_partial_patch_and_keep_the_token_steps(dataset):
@@ -146,3 +152,15 @@ def test_a_dataset_without_keyframes_is_refused_before_any_work(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "loc.yaml: a stage per keyframe needs a detect dataset" in proc.stderr
+
+
+def test_a_backbone_without_a_feature_map_is_refused_before_a_store_is_made(dataset):
+    root, manifest = dataset
+    cache = root / "cache_i3d"
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "--cache-dir", str(cache), "run", "extract_keyframes",
+                           "--dataset", str(manifest), "--set", "extract_keyframes.preset=demo",
+                           "--set", "extract_keyframes.crop=none"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "extract_keyframes: backbone I3D gives no feature map" in proc.stderr
+    assert not list(cache.glob("extract_keyframes/*/features.*"))

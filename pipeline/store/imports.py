@@ -57,7 +57,7 @@ def lookup(cache_dir: Path, dataset_name: str) -> dict | None:
     try:
         with open(path) as f:
             reg = json.load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing imported (or no cache directory yet)
         return None
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: unreadable import registration ({e}); delete it or import again") from None
