@@ -234,7 +234,8 @@ def _model_and_attrs(preset: Preset, job: ExtractJob):
             needed = (f"rgb: {needed_file('i3d', 'rgb')}; flow: {needed_file('i3d', 'flow')}; pass --set "
                       f"{job.stage}.weights='{{rgb: PATH, flow: PATH}}'")
         else:
-            files = needed_file("i3d", "flow") if preset.streams == "flow" else \
+            # One I3D stream: its own files (a preset's list also names the other stream's and RAFT's).
+            files = needed_file("i3d", preset.streams) if preset.backbone == "i3d" else \
                 needed_for_preset(preset.name, preset.backbone)
             needed = f"{files}; pass --set {job.stage}.weights=PATH"
         raise ConfigError(f"{job.stage}.weights: preset {preset.name!r} runs the full {preset.backbone} and needs "
