@@ -63,7 +63,7 @@ def extraction(arch: str, size: int, seconds: float, tmp: Path, device: str) -> 
     if not video.exists():
         make_video(video, seconds, 25, round(size * 16 / 9), size, seed=0)
     params = {"preset": "demo", "size": size, "crop": size, "streams": "both", "store": "zarr",
-              "dtype": "float32", "flow": {"arch": arch, "iters": 12}}
+              "dtype": "float32", "arch": arch, "iters": 12}
     if arch != "tiny":
         weights = tmp / f"raft_{arch}_random.pth"
         torch.save(raft.RAFT(arch).state_dict(), weights)

@@ -9,6 +9,10 @@
   however much the clips overlap (decord re-seeks from a keyframe on every backward ``get_batch``).
 - When decord cannot open or decode a file, PyAV starts it again from the beginning; the caller gets a
   ``reset`` event and every event says which decoder served the video.
+- Rotation metadata (a display matrix, as phones write) is applied as players apply it: frames are
+  decoded upright, ``width`` / ``height`` are the displayed ones and ``rotation`` says by how much the
+  coded picture was turned. decord 0.6.0 mangles such files (turned and squeezed, or four channels), so
+  it declines them and PyAV serves them.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 
 from extractors.frame_rate import native_fps, resample_indices
 from extractors.preprocess import resize_shape
-from extractors.presets import Preset
+from extractors.presets import DECODERS, Preset  # DECODERS: named by the extract schema
 from extractors.samplers import ClipPlan, GridSampler, TooShort
 from pipeline.timemap import TimeGrid
 
@@ -31,7 +35,6 @@ os.environ.setdefault("DECORD_EOF_RETRY_MAX", "2048")
 os.environ.setdefault("DECORD_REWIND_RETRY_MAX", "8")
 os.environ.setdefault("DECORD_DUPLICATE_WARNING_THRESHOLD", "1.0")
 
-DECODERS = ("decord", "pyav")
 # A plan whose first frame lies further in than this (a keyframe minutes into a film) makes PyAV seek
 # to the keyframe before it instead of decoding everything from the start.
 _SEEK_FRAMES = 250
@@ -94,6 +97,7 @@ class VideoMeta:
     height: int
     frame_height: int      # after the decode-time resize
     frame_width: int
+    rotation: int = 0      # degrees counter-clockwise the coded picture is turned for display
 
 
 def decode_video(path: str, spec: DecodeSpec, sampler=None) -> Iterator[tuple]:
@@ -155,7 +159,7 @@ def _plan(reader, spec: DecodeSpec, sampler) -> tuple[VideoMeta, ClipPlan, np.nd
                      n_native_decoded=int(wanted[-1]) + 1 if len(wanted) else 0,
                      n_clips=plan.n_clips, duration=float(ts[-1] - ts[0] + 1.0 / native),
                      start_time=float(ts[0]), width=reader.width, height=reader.height,
-                     frame_height=out_h, frame_width=out_w)
+                     frame_height=out_h, frame_width=out_w, rotation=reader.rotation)
     return meta, plan, wanted
 
 
@@ -171,6 +175,25 @@ def _probe(path: str):
         container.close()
         raise DecodeError("no_video_stream", "the file has no video stream")
     return container
+
+
+def _display_rotation(path: str) -> int:
+    """Counter-clockwise degrees (0, 90, 180 or 270) the first frame's display matrix turns the coded
+    picture; other angles are rare enough to be shown as coded."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            frame = next(container.decode(video=0), None)
+    except (av.error.FFmpegError, OSError):
+        return 0  # the reader's own open reports what is wrong with the file
+    angle = int(round(getattr(frame, "rotation", 0) or 0)) % 360 if frame is not None else 0
+    return angle if angle in (90, 180, 270) else 0
+
+
+def _upright(height: int, width: int, rotation: int) -> tuple[int, int]:
+    """Displayed (height, width) of a coded picture turned by ``rotation``."""
+    return (width, height) if rotation in (90, 270) else (height, width)
 
 
 def _check_complete(declared: int, readable: int) -> None:
@@ -191,7 +214,8 @@ class _PyAVReader:
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = spec.num_threads
         self.stream = stream
-        self.width, self.height = stream.codec_context.width, stream.codec_context.height
+        self.rotation = _display_rotation(path)
+        self.height, self.width = _upright(stream.codec_context.height, stream.codec_context.width, self.rotation)
         if not self.width or not self.height:
             raise DecodeError("unreadable", "the video stream has no frame size")
         self.out_shape = resize_shape(self.height, self.width, spec.resize, spec.size)
@@ -206,14 +230,21 @@ class _PyAVReader:
         self.container.seek(0, stream=stream)
 
     def read(self, native: np.ndarray, chunk: int) -> Iterator[np.ndarray]:
-        out_h, out_w = self.out_shape
+        out_h, out_w = _upright(*self.out_shape, self.rotation)  # the coded picture's orientation
+        turns = self.rotation // 90
         counts = np.bincount(native, minlength=int(native[-1]) + 1) if len(native) else np.zeros(0, int)
         buf: list[np.ndarray] = []
         for i, frame in self._frames(int(native[0]) if len(native) else 0):
             if i >= len(counts):
                 break
             if counts[i]:
-                rgb = frame.to_ndarray(format="rgb24", width=out_w, height=out_h, interpolation="BICUBIC")
+                # One scaling thread: swscale's own pool (PyAV's default) is not fork-safe, and a process
+                # that converted frames and then forks decode workers leaves them hung in their first
+                # conversion (PyAV 18.1 / FFmpeg 8; tests/test_flow.py decodes in-process, then extracts).
+                rgb = frame.to_ndarray(format="rgb24", width=out_w, height=out_h, interpolation="BICUBIC",
+                                       threads=1)
+                if turns:
+                    rgb = np.ascontiguousarray(np.rot90(rgb, turns))
                 buf.extend([rgb] * int(counts[i]))
                 if len(buf) >= chunk:
                     yield np.stack(buf)
@@ -246,6 +277,10 @@ class _DecordReader:
         import decord
 
         self.version = decord.__version__
+        self.rotation = 0
+        if _display_rotation(path):
+            raise DecodeError("rotated", "decord 0.6.0 cannot apply rotation metadata (it turns and squeezes "
+                                         "the frames); decoded with pyav instead when it is listed")
         with _probe(path) as container:
             stream = container.streams.video[0]
             self.width, self.height = stream.codec_context.width, stream.codec_context.height

@@ -76,7 +76,8 @@ class KeyframeRecords:
         attrs = {"video": video, "timestamp": timestamp, "time_s": self.seconds(item),
                  "frame_height": height, "frame_width": width, "feature_stride": store.attrs["feature_stride"],
                  "source_fingerprint": item.fingerprint,
-                 "sampled_fps": meta.sampled_fps, "native_fps": meta.native_fps, "decoder": meta.decoder,
+                 "sampled_fps": meta.sampled_fps, "native_fps": meta.native_fps, "rotation": meta.rotation,
+                 "decoder": meta.decoder,
                  "decoder_version": meta.decoder_version}
         store.write(item.id, data, attrs)
         return {"shapes": {name: list(arr.shape) for name, arr in data.items()}, "frame_size": [height, width],

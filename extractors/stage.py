@@ -1,10 +1,10 @@
 """Stage entry ``extract``: the dataset's videos -> one feature store per stage key.
 
 Params (enter the key): ``preset`` plus any preset field as an override (``stride``, ``fps``,
-``clip_len``, ``crop``, ``streams``, ``flow`` ...; see ``extractors.presets``), ``weights`` (checkpoint
-file or null; ``{rgb: ..., flow: ...}`` for two I3D streams), ``flow_weights`` (the RAFT checkpoint),
-``store`` (zarr | hdf5), ``dtype`` (float16 | float32).
-Runtime (never in the key): ``batch_size``, ``device`` (auto | cpu | cuda | cuda:N),
+``clip_len``, ``crop``, ``streams``, the ``flow`` section's ``iters`` ...; see ``extractors.presets``),
+``weights`` (checkpoint file or null; ``{rgb: ..., flow: ...}`` for two I3D streams), ``flow_weights``
+(the RAFT checkpoint), ``store`` (zarr | hdf5), ``dtype`` (float16 | float32).
+Runtime (never in the key): ``batch_size``, ``flow_batch_size``, ``device`` (auto | cpu | cuda | cuda:N),
 ``video_timeout_s``, ``decoders`` (order to try, default decord then pyav).
 Options: ``--workers N`` decode processes (local) or shards in flight (ray / dask),
 ``--fail-fast``.
@@ -30,10 +30,6 @@ from typing import Any, Callable, Mapping, Sequence
 from extractors.presets import Preset, resolve_preset
 from pipeline.context import Item, StageContext
 from pipeline.errors import ConfigError
-
-_STORE_BACKENDS = ("zarr", "hdf5")
-_DTYPES = ("float16", "float32")
-_COMPRESSIONS = ("none", "zstd", "lz4")
 
 
 @dataclass(frozen=True)
@@ -61,7 +57,8 @@ class VideoRecords:
             "source_fingerprint": item.fingerprint, "native_fps": meta.native_fps,
             "sampled_fps": meta.sampled_fps, "n_frames": meta.n_frames, "duration": meta.duration,
             "start_time": meta.start_time, "decoder": meta.decoder, "decoder_version": meta.decoder_version,
-            "width": meta.width, "height": meta.height, "extract_seconds": round(seconds, 3)})
+            "width": meta.width, "height": meta.height, "rotation": meta.rotation,
+            "extract_seconds": round(seconds, 3)})
         # The record describes the features only: downstream keys digest it, so no timings here.
         return {"shape": list(feats.shape), "decoder": meta.decoder, "fps": meta.sampled_fps,
                 "native_fps": meta.native_fps, "n_frames": meta.n_frames}
@@ -88,8 +85,7 @@ def extract(ctx: StageContext) -> dict:
 def run_stage(ctx: StageContext, records) -> dict:
     """An extraction stage: ``ctx.items`` through the engine into the stage's store, as ``records`` says."""
     started = time.perf_counter()
-    preset = resolve_preset(ctx.params, ctx.name)
-    _check_params(ctx.params, ctx.name)
+    preset = resolve_preset(ctx.params, ctx.name)  # params and runtime were checked against the schema when planned
     device = _resolve_device(ctx.runtime.get("device", "auto"), ctx.name)
     workers = max(0, int(ctx.options.workers))
     job = ExtractJob(dict(ctx.params), dict(ctx.runtime), Path(ctx.out_dir), workers, device, records, ctx.name)
@@ -307,7 +303,7 @@ def _weights_sha256(weights, reports=()) -> str | dict | list | None:
     loading (``model.weight_reports``) are not read again (a ViT-g checkpoint is several GB)."""
     if weights is None:
         return None
-    from extractors.checkpoints import sha256_file
+    from pipeline.checkpoints import sha256_file
 
     known = {report.path: report.sha256 for report in reports}
 
@@ -325,22 +321,10 @@ def _decoders(runtime: Mapping[str, Any], stage: str = "extract") -> tuple[str, 
     from extractors.decoding import DECODERS, available_decoders
 
     wanted = tuple(runtime.get("decoders") or DECODERS)
-    unknown = [d for d in wanted if d not in DECODERS]
-    if unknown:
-        raise ConfigError(f"{stage}.decoders: unknown decoder {unknown[0]!r}; known: {', '.join(DECODERS)}")
     usable = available_decoders(wanted)
     if not usable:
         raise ConfigError(f"{stage}.decoders: none of {list(wanted)} can be imported here")
     return usable
-
-
-def _check_params(params: Mapping[str, Any], stage: str = "extract") -> None:
-    for name, allowed, default in (("store", _STORE_BACKENDS, "zarr"), ("dtype", _DTYPES, "float16"),
-                                   ("compression", _COMPRESSIONS, "none")):
-        if params.get(name, default) not in allowed:
-            raise ConfigError(f"{stage}.{name}: must be one of {allowed}, got {params.get(name)!r}")
-    if params.get("compression", "none") != "none" and params.get("store", "zarr") != "zarr":
-        raise ConfigError(f"{stage}.compression: only the zarr store compresses")
 
 
 def _resolve_device(device: str, stage: str = "extract") -> str:

@@ -15,7 +15,6 @@ import re
 import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from pipeline.context import write_json_atomic
 from pipeline.errors import ConfigError
@@ -319,4 +318,6 @@ def _not_a_video_file(path: str) -> str | None:
         return "a FIFO (named pipe), not a video file"
     if not stat.S_ISREG(st.st_mode):
         return "a special file, not a regular video file"
+    if not os.access(path, os.R_OK):
+        return "not readable (permission denied)"
     return None

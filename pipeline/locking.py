@@ -67,7 +67,7 @@ def stage_lock(cache_root: Path, stage: str, key: str, wait: bool = True, quiet:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            holder = _holder(os.pread(fd, 200, 0).decode(errors="replace").strip())
             if not wait:
                 raise PipelineError(f"stage {stage} (key {key}) is being run by {holder}; "
                                     f"rerun without --no-wait to wait for it") from None
@@ -84,6 +84,20 @@ def stage_lock(cache_root: Path, stage: str, key: str, wait: bool = True, quiet:
         _close(fd)
 
 
+def _holder(text: str) -> str:
+    """Who holds a lock, from what its taker wrote: a pid of this host that is gone cannot hold it (the
+    kernel dropped its lock), so then it is a process that outlived it."""
+    parts = text.split()
+    if len(parts) == 4 and parts[0] == "pid" and parts[1].isdigit() and parts[3] == socket.gethostname():
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            return f"a process left behind by {text}, which is gone"
+        except PermissionError:
+            pass
+    return text or "another process"
+
+
 class Holds:
     """Shared holds a run keeps on every key it reads or writes, released when the run ends."""
 
@@ -95,7 +109,14 @@ class Holds:
         """Waits only while a gc deletes this very entry (then the caller plans it again)."""
         if (stage, key) in self.fds:
             return
-        fd = _open(hold_path(self.cache_root, stage, key))
+        path = hold_path(self.cache_root, stage, key)
+        try:
+            fd = _open(path)
+        except OSError:  # a read-only cache (a shared, finished one): read its lock if there, else no gc can
+            try:
+                fd = _open(path, os.O_RDONLY)
+            except OSError:
+                return
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
         except BaseException:

@@ -9,7 +9,7 @@ import torch
 from layout_fixtures import layout, public_state_dict
 
 from extractors import raft
-from extractors.checkpoints import load_state_dict_checked
+from pipeline.checkpoints import load_state_dict_checked
 from pipeline.errors import ConfigError
 
 THINGS, SMALL, TV = "raft_princeton_things.json", "raft_princeton_small.json", "raft_torchvision_large.json"
