@@ -74,8 +74,9 @@ def test_videos_decode_to_exactly_the_drawn_frames(small):
     root, _ = small
     spec = demo_ava.DemoAvaSpec.from_dict(SMALL)
     world = demo_ava._simulate(spec, np.random.default_rng([spec.seed, 1, 0]))
+    # one scaling thread: swscale's pool left in this process would hang decode workers forked later
     with av.open(str(root / "videos" / "train_000.mkv")) as container:
-        decoded = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+        decoded = np.stack([f.to_ndarray(format="rgb24", threads=1) for f in container.decode(video=0)])
     np.testing.assert_array_equal(decoded, demo_ava._render(spec, world))
 
 
