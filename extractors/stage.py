@@ -5,8 +5,8 @@ Params (enter the key): ``preset`` plus any preset field as an override (``strid
 ``store`` (zarr | hdf5), ``dtype`` (float16 | float32).
 Runtime (never in the key): ``batch_size``, ``device`` (auto | cpu | cuda | cuda:N),
 ``video_timeout_s``, ``decoders`` (order to try, default decord then pyav).
-Options: ``--workers N`` decode processes (local) or shards in flight (ray / dask),
-``--fail-fast``.
+Options: ``--workers N`` decode processes (local) or worker processes of a local cluster (ray / dask;
+on a running cluster, ``--address``, N bounds the tasks in flight), ``--gpus-per-task``, ``--fail-fast``.
 
 Processes exactly ``ctx.items``; each video's features are written to the store, then its record
 (``ctx.item_done``); failures go to ``ctx.item_failed`` and the run goes on. torch is imported only
@@ -90,7 +90,11 @@ def run_stage(ctx: StageContext, records) -> dict:
     started = time.perf_counter()
     preset = resolve_preset(ctx.params, ctx.name)
     _check_params(ctx.params, ctx.name)
-    device = _resolve_device(ctx.runtime.get("device", "auto"), ctx.name)
+    device = ctx.runtime.get("device", "auto")
+    if ctx.options.backend == "local":
+        device = _resolve_device(device, ctx.name)
+    else:  # a cluster task resolves it where it runs, with the GPUs it asked for
+        device = _cluster_device(device, ctx.options.gpus_per_task, ctx.name)
     workers = max(0, int(ctx.options.workers))
     job = ExtractJob(dict(ctx.params), dict(ctx.runtime), Path(ctx.out_dir), workers, device, records, ctx.name)
     model, attrs = _model_and_attrs(preset, job)
@@ -99,11 +103,11 @@ def run_stage(ctx: StageContext, records) -> dict:
     skipped = len(ctx.all_items) - len(ctx.items)
     bar = ctx.progress(total=len(ctx.items), desc=ctx.name, unit=records.unit)
     try:
-        if ctx.options.backend == "local" or not ctx.items:
+        if ctx.options.backend == "local":
             stats = run_job(job, ctx.items, ctx.item_done, ctx.item_failed, bar=bar, model=model)
             done, failed, decoders = stats.done, stats.failed, stats.decoders
         else:
-            done, failed, decoders = _run_shards(ctx, job, bar)
+            done, failed, decoders = _run_cluster(ctx, job, bar) if ctx.items else (0, 0, {})
     finally:
         bar.close()
     seconds = time.perf_counter() - started
@@ -161,52 +165,66 @@ def run_job(job: ExtractJob, items: Sequence[Item], item_done: Callable, item_fa
         store.close()
 
 
-def _run_shards(ctx: StageContext, job: ExtractJob, bar) -> tuple[int, int, dict]:
-    """Shards of videos as tasks of ``pipeline.executors`` (Ray / Dask); each writes its own videos
-    into the shared store, and the records are written here once their data is in."""
-    from pipeline.executors import parallel_map
+def _run_cluster(ctx: StageContext, job: ExtractJob, bar) -> tuple[int, int, dict]:
+    """The items on a Ray or Dask cluster (``pipeline.executors``), one task per video (all keyframes
+    of a video in one task: one decode pass), handed out as workers free up. Each task writes its
+    items' data and then their records itself, where it runs, so a killed driver loses only the tasks
+    in flight; results stream back here for the counts, the bar, the failures and ``--fail-fast``."""
+    import contextlib
+
+    from pipeline.executors import stream
 
     if ctx.params.get("store", "zarr") == "hdf5":
         raise ConfigError(f"{ctx.name}.store: hdf5 takes one writer at a time; use zarr with --backend "
                           f"{ctx.options.backend}")
-    n = max(1, job.workers)
-    # Items that share a shard key (the keyframes of one video) go to one shard: one decode pass.
     groups: dict[str, list[Item]] = {}
     for item in ctx.items:
         groups.setdefault(job.records.shard_key(item), []).append(item)
-    shards = [[item for group in list(groups.values())[i::n] for item in group] for i in range(n)]
-    tasks = [(job, shard, i) for i, shard in enumerate(shards) if shard]
     done = failed = 0
     decoders: dict[str, int] = {}
     by_id = {item.id: item for item in ctx.items}
-    for records, failures in parallel_map(_extract_shard, tasks, backend=ctx.options.backend, workers=n):
-        for item_id, record in records:
-            ctx.item_done(by_id[item_id], record)
-            decoders[record["decoder"]] = decoders.get(record["decoder"], 0) + 1
-            done += 1
-            bar.update(1)
-        for item_id, kind, message in failures:
-            ctx.item_failed(by_id[item_id], kind, message)
-            failed += 1
-            bar.update(1)
+    results = stream(_extract_group, [(job, group) for group in groups.values()], backend=ctx.options.backend,
+                     workers=max(1, ctx.options.workers), address=ctx.options.address,
+                     gpus=ctx.options.gpus_per_task)
+    with contextlib.closing(results):
+        for (_, group), result, error in results:
+            if error is not None:
+                result = [], [(item.id, "worker_died", f"{type(error).__name__}: {error}") for item in group]
+            records, failures = result
+            for item_id, record in records:
+                ctx.done_count += 1
+                decoders[record["decoder"]] = decoders.get(record["decoder"], 0) + 1
+                done += 1
+                bar.update(1)
+            for item_id, kind, message in failures:
+                failed += 1
+                bar.update(1)
+                ctx.item_failed(by_id[item_id], kind, message)
     return done, failed, decoders
 
 
-def _extract_shard(task) -> tuple[list, list]:
-    import multiprocessing
+# One model per worker process, kept across its tasks: built once, not once per video.
+_WORKER_MODEL: dict = {}
 
-    import torch
 
-    job, items, shard = task
-    device = job.device
-    if device.startswith("cuda") and torch.cuda.device_count() > 1:
-        device = f"cuda:{shard % torch.cuda.device_count()}"   # one GPU per shard
-    # Daemonic pool workers may not fork decode processes: decode inline there.
-    workers = 0 if multiprocessing.current_process().daemon else 1
-    job = dataclasses.replace(job, workers=workers, device=device)
+def _extract_group(task) -> tuple[list, list]:
+    """One task on a cluster worker: its items' data into the store, then each item's record.
+    A rerun of the task (its first worker died) rewrites both whole: the writes are idempotent."""
+    from pipeline.context import write_item_record
+
+    job, items = task
+    job = dataclasses.replace(job, workers=1, device=_resolve_device(job.device, job.stage))
+    key = (repr(sorted(job.params.items())), job.stage, job.device)
+    if key not in _WORKER_MODEL:
+        _WORKER_MODEL.clear()
+        _WORKER_MODEL[key] = _model_and_attrs(resolve_preset(job.params, job.stage), job)[0]
     records, failures = [], []
-    run_job(job, items, lambda item, record: records.append((item.id, record)),
-            lambda item, kind, message: failures.append((item.id, kind, message)))
+
+    def done(item: Item, record) -> None:
+        records.append((item.id, write_item_record(job.out_dir / "items", item, record)))
+
+    run_job(job, items, done, lambda item, kind, message: failures.append((item.id, kind, message)),
+            model=_WORKER_MODEL[key])
     return records, failures
 
 
@@ -296,6 +314,17 @@ def _check_params(params: Mapping[str, Any], stage: str = "extract") -> None:
             raise ConfigError(f"{stage}.{name}: must be one of {allowed}, got {params.get(name)!r}")
     if params.get("compression", "none") != "none" and params.get("store", "zarr") != "zarr":
         raise ConfigError(f"{stage}.compression: only the zarr store compresses")
+
+
+def _cluster_device(device: str, gpus: float, stage: str) -> str:
+    if not (device in ("auto", "cpu") or str(device).startswith("cuda")):
+        raise ConfigError(f"{stage}.device: must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if gpus and device == "cpu":
+        raise ConfigError(f"{stage}.device: cpu, but --gpus-per-task {gpus:g} asks for GPUs")
+    if not gpus and str(device).startswith("cuda"):
+        raise ConfigError(f"{stage}.device: {device} on a cluster needs --gpus-per-task (a task sees the GPUs "
+                          f"it asked for)")
+    return "cuda" if gpus and device == "auto" else str(device)
 
 
 def _resolve_device(device: str, stage: str = "extract") -> str:
