@@ -212,8 +212,12 @@ def _extract_group(task) -> tuple[list, list]:
     A rerun of the task (its first worker died) rewrites both whole: the writes are idempotent."""
     from pipeline.context import write_item_record
 
+    import multiprocessing
+
     job, items = task
-    job = dataclasses.replace(job, workers=1, device=_resolve_device(job.device, job.stage))
+    # A daemonic worker (dask-worker's default) may not start a decode process: it decodes inline.
+    decoders = 0 if multiprocessing.current_process().daemon else 1
+    job = dataclasses.replace(job, workers=decoders, device=_resolve_device(job.device, job.stage))
     key = (repr(sorted(job.params.items())), job.stage, job.device)
     if key not in _WORKER_MODEL:
         _WORKER_MODEL.clear()

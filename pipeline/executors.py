@@ -119,31 +119,40 @@ def _dask(fn, tasks: list, workers: int, address: str | None, gpus: float):
     from distributed import Client, LocalCluster
 
     cluster = None
+    # Held for the whole run, not only the start: a nanny restarting a killed worker reads it again,
+    # and a daemonic worker could not start the task's decode process. A saturation of 1: a worker
+    # holds only the task it runs, so its death counts against that task alone (at the default 1.1
+    # the task queued behind it is blamed too, and fails after RETRIES neighbours' deaths).
     with dask.config.set({"distributed.scheduler.allowed-failures": RETRIES,
+                          "distributed.scheduler.worker-saturation": 1.0,
                           "distributed.worker.daemon": False}):
         if address is None:
+            share = _local_gpus() // workers
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                    dashboard_address=None, silence_logs=50,
-                                   resources={"GPU": gpus} if gpus else None)
+                                   resources={"GPU": share} if share else None)
             client = Client(cluster)
             # The workers are this process's children: they end with it, even when it is killed.
             client.run(_die_with, os.getpid())
+            for i, worker in enumerate(sorted(client.scheduler_info()["workers"])):
+                if share:  # each worker sees its own GPUs, as Ray's workers do
+                    client.run(_see_gpus, list(range(i * share, (i + 1) * share)), workers=[worker])
         else:
             try:
                 client = Client(address, timeout=10)
             except (OSError, TimeoutError, ValueError) as exc:
                 raise ConfigError(f"--address {address}: no Dask scheduler there ({exc})") from None
-    try:
-        if gpus:
-            have = [w.get("resources", {}).get("GPU", 0.0) for w in client.scheduler_info()["workers"].values()]
-            if max(have, default=0.0) < gpus:
-                raise ConfigError(f"--gpus-per-task {gpus:g}: no Dask worker declares that many GPUs "
-                                  f"(start workers with --resources GPU=N; the most now: {max(have, default=0):g})")
-        yield from _dask_stream(client, fn, tasks, _window(workers), {"GPU": gpus} if gpus else None)
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        try:
+            if gpus:
+                have = [w.get("resources", {}).get("GPU", 0.0) for w in client.scheduler_info()["workers"].values()]
+                if max(have, default=0.0) < gpus:
+                    raise ConfigError(f"--gpus-per-task {gpus:g}: no Dask worker declares that many GPUs "
+                                      f"(start workers with --resources GPU=N; the most now: {max(have, default=0):g})")
+            yield from _dask_stream(client, fn, tasks, _window(workers), {"GPU": gpus} if gpus else None)
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
 
 
 def _dask_stream(client, fn, tasks: list, window: int, resources):
@@ -170,6 +179,17 @@ def _dask_stream(client, fn, tasks: list, window: int, resources):
                 yield task, future.result(), None
     finally:
         client.cancel(list(pending.futures))
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _see_gpus(devices: list[int]) -> None:
+    # Before CUDA starts in the worker (tasks start it): it then numbers these devices from 0.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
 
 
 def _die_with(driver: int) -> None:
