@@ -105,6 +105,13 @@ class Campaign:
         self.judge(proc.returncode, proc.stderr, allowed, what or " ".join(args))
         return proc
 
+    def generate(self, cache: Path, manifest: Path) -> None:
+        """Only the demo generator of a manifest: the kills and the full disk aim at extraction."""
+        code = ("import sys; from pathlib import Path; from pipeline.datasets import ensure_generated, load_dataset; "
+                "c = Path(sys.argv[2]); ensure_generated(load_dataset(sys.argv[1], Path(sys.argv[3]), c), c)")
+        subprocess.run([sys.executable, "-c", code, str(manifest), str(cache), str(ROOT)], cwd=self.work,
+                       env=self.env, check=True, capture_output=True)
+
     def judge(self, code: int, stderr: str, allowed, what: str) -> None:
         if "Traceback" in stderr:
             self.fault("tracebacks", f"{what}: {stderr.strip().splitlines()[-1]}")
@@ -162,9 +169,7 @@ class Campaign:
         manifest = self.mini("kills", *videos)
         args = ("run", "extract", "--dataset", str(manifest), "--workers", "2")
         # generate the videos first: the kills are aimed at extraction
-        self.cli(cache, "run", "extract", "--dataset", str(manifest), "--set", "extract.stride=1000000",
-                 allowed=(0, 1), what="generate")
-        shutil.rmtree(cache / "extract", ignore_errors=True)
+        self.generate(cache, manifest)
         kept: dict[str, str] = {}
         n_videos = len(list(cache.glob("datasets/kills-*/*/videos/*.mp4")))
         for trial in range(n):
@@ -221,14 +226,14 @@ class Campaign:
                     break
                 time.sleep(0.005)
         elif mode != "worker":
-            time.sleep(self.rng.uniform(0.3, 5.0))
+            time.sleep(self.rng.uniform(0.2, 1.5))
         if proc.poll() is not None:
             return False
         if mode == "worker":  # one of the decode processes, once they are up
             deadline = time.time() + 30
             while proc.poll() is None and not _children(proc.pid) and time.time() < deadline:
                 time.sleep(0.02)
-            time.sleep(self.rng.uniform(0.0, 1.5))
+            time.sleep(self.rng.uniform(0.0, 0.5))
             children = _children(proc.pid)
             if proc.poll() is not None or not children:
                 return False
@@ -296,8 +301,7 @@ class Campaign:
         mnt.mkdir(exist_ok=True)
         src = self.mini("diskmini", train=5, test=2)
         gen = self.work / "diskgen"
-        self.cli(gen, "run", "extract", "--dataset", str(src), "--set", "extract.stride=1000000",
-                 allowed=(0, 1), what="generate for the full disk")
+        self.generate(gen, src)
         videos = next(gen.glob("datasets/diskmini-*/*/videos"))
         manifest = self.work / "manifests" / "disk.yaml"
         manifest.write_text(f"name: disk\ntask: localize\nvideos: {videos}\nparams: {{extract: {{preset: demo}}}}\n")

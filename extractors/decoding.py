@@ -25,7 +25,7 @@ import numpy as np
 
 from extractors.frame_rate import native_fps, resample_indices
 from extractors.preprocess import resize_shape
-from extractors.presets import Preset
+from extractors.presets import DECODERS, Preset  # DECODERS: named by the extract schema
 from extractors.samplers import ClipPlan, GridSampler, TooShort
 from pipeline.timemap import TimeGrid
 
@@ -35,7 +35,6 @@ os.environ.setdefault("DECORD_EOF_RETRY_MAX", "2048")
 os.environ.setdefault("DECORD_REWIND_RETRY_MAX", "8")
 os.environ.setdefault("DECORD_DUPLICATE_WARNING_THRESHOLD", "1.0")
 
-DECODERS = ("decord", "pyav")
 # A plan whose first frame lies further in than this (a keyframe minutes into a film) makes PyAV seek
 # to the keyframe before it instead of decoding everything from the start.
 _SEEK_FRAMES = 250

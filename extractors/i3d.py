@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from extractors.checkpoints import KeyFormat, LoadReport, load_weights
+from pipeline.checkpoints import KeyFormat, LoadReport, load_weights
 from extractors.weights import needed_file
 from pipeline.errors import ConfigError
 

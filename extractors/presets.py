@@ -10,14 +10,26 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
+from extractors.registry import BACKBONES
 from pipeline.errors import ConfigError
-from pipeline.timemap import clip_offset
+from pipeline.schema import Device, Len, Range, check_instance
 
 TAILS = ("drop", "pad")
 RESIZE_MODES = ("short_side", "squash")
 CHANNEL_ORDERS = ("RGB", "BGR")
+DECODERS = ("decord", "pyav")  # the order they are tried in by default
+
+Backbone = Literal[tuple(BACKBONES)]
+Fps = Annotated[float, Range(gt=0, le=1000)]
+ClipLen = Annotated[int, Range(ge=1, le=512, why="512 frames of 224x224 are 0.3 GB per clip in float32, "
+                                                   "times the batch; public feature sets use 8 to 64")]
+FrameInterval = Annotated[int, Range(ge=1, le=64)]
+Stride = Annotated[int, Range(ge=1, le=4096)]
+Pixels = Annotated[int, Range(ge=1, le=4096)]
+Std = Annotated[float, Range(gt=0)]
+Offset = Annotated[float, Range(ge=0, le=512 * 64, why="inside the longest clip")]
 
 
 @dataclass(frozen=True)
@@ -37,52 +49,40 @@ class Preset:
     """
 
     name: str
-    backbone: str
+    backbone: Backbone
     backbone_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    fps: float | None = None
-    clip_len: int = 16
-    frame_interval: int = 1
-    stride: int = 4
-    tail: str = "drop"
-    resize: str = "short_side"
-    size: tuple[int, ...] = (256,)
-    crop: tuple[int, int] | None = (224, 224)
+    fps: Fps | None = None
+    clip_len: ClipLen = 16
+    frame_interval: FrameInterval = 1
+    stride: Stride = 4
+    tail: Literal[TAILS] = "drop"
+    resize: Literal[RESIZE_MODES] = "short_side"
+    size: Annotated[tuple[Pixels, ...], Len(min=1, max=2)] = (256,)
+    crop: tuple[Pixels, Pixels] | None = (224, 224)
     value_range: tuple[float, float] = (0.0, 1.0)
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    channel_order: str = "RGB"
-    feature_dim: int = 1024
-    offset_frames: float | None = None
+    std: tuple[Std, Std, Std] = (1.0, 1.0, 1.0)
+    channel_order: Literal[CHANNEL_ORDERS] = "RGB"
+    feature_dim: Annotated[int, Range(ge=1)] = 1024
+    offset_frames: Offset | None = None
     note: str = ""
 
     def __post_init__(self) -> None:
         where = f"extract preset {self.name!r}"
-        for name in ("clip_len", "frame_interval", "stride", "feature_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{where}: {name} must be a positive integer, got {value!r}")
-        if self.fps is not None and (not isinstance(self.fps, (int, float)) or self.fps <= 0):
-            raise ConfigError(f"{where}: fps must be null (native) or a positive number, got {self.fps!r}")
-        if self.tail not in TAILS:
-            raise ConfigError(f"{where}: tail must be one of {TAILS}, got {self.tail!r}")
-        if self.resize not in RESIZE_MODES:
-            raise ConfigError(f"{where}: resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        check_instance(self, where)
         want = 1 if self.resize == "short_side" else 2
-        if len(self.size) != want or not all(isinstance(s, int) and s > 0 for s in self.size):
+        if len(self.size) != want:
             raise ConfigError(f"{where}: size must be {want} positive integer(s) for resize "
                               f"{self.resize!r}, got {list(self.size)}")
-        if self.crop is not None and (len(self.crop) != 2 or not all(isinstance(c, int) and c > 0
-                                                                    for c in self.crop)):
-            raise ConfigError(f"{where}: crop must be null or [height, width], got {self.crop!r}")
         if self.crop is not None and (min(self.crop) > self.size[0] if self.resize == "short_side"
                                       else self.crop[0] > self.size[0] or self.crop[1] > self.size[1]):
             raise ConfigError(f"{where}: crop {list(self.crop)} does not fit in frames resized to {list(self.size)}")
-        if len(self.value_range) != 2 or self.value_range[0] >= self.value_range[1]:
+        if self.value_range[0] >= self.value_range[1]:
             raise ConfigError(f"{where}: value_range must be [low, high], got {self.value_range!r}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ConfigError(f"{where}: mean and std need 3 values each, std > 0")
-        if self.channel_order not in CHANNEL_ORDERS:
-            raise ConfigError(f"{where}: channel_order must be one of {CHANNEL_ORDERS}")
+        span = self.clip_len * self.frame_interval
+        if self.offset_frames is not None and self.offset_frames > span:
+            raise ConfigError(f"{where}: offset_frames {self.offset_frames} lies outside the clip "
+                              f"({span} sampled frames)")
 
     @property
     def fps_policy(self) -> str:
@@ -93,6 +93,8 @@ class Preset:
         out = dataclasses.asdict(self)
         out["preset"] = out.pop("name")
         out["backbone_kwargs"] = dict(self.backbone_kwargs)
+        from pipeline.timemap import clip_offset  # numpy: not while planning
+
         out["offset_frames"] = clip_offset(self.clip_len, self.frame_interval, self.offset_frames)
         out["fps_policy"] = self.fps_policy
         return out
@@ -154,12 +156,69 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            note="tiny random-init SlowFast for the AVA demo and tests"),
 )}
 
+PRESET_NAMES = tuple(PRESETS)
 _TUPLE_FIELDS = ("size", "crop", "value_range", "mean", "std")
-# Keys of extract / extract_keyframes params that are not preset fields.
-STAGE_PARAMS = ("preset", "weights", "store", "dtype", "compression")
-# Preset fields a user may override; stages.yaml lists each with null = "the preset's value".
-OVERRIDABLE = ("backbone", "backbone_kwargs", "fps", "clip_len", "frame_interval", "stride", "tail", "resize",
-               "size", "crop", "value_range", "mean", "std", "channel_order", "offset_frames")
+
+
+@dataclass(frozen=True)
+class ExtractParams:
+    """Params of ``extract`` (stages.yaml ``schema.params``): a preset, any of its fields overridden
+    (null: the preset's value; a number for ``size``/``crop``/``mean``/``std`` repeats), the backbone's
+    checkpoint and how the features are stored. The stages.yaml defaults list these fields so the stage
+    key of the stores made before the schema stays the same."""
+
+    preset: Literal[PRESET_NAMES] = "thumos_i3d"
+    backbone: Backbone | None = None
+    backbone_kwargs: Mapping[str, Any] | None = None  # merged onto the preset's build kwargs
+    fps: Fps | Literal["native"] | None = None
+    clip_len: ClipLen | None = None
+    frame_interval: FrameInterval | None = None
+    stride: Stride | None = None
+    tail: Literal[TAILS] | None = None
+    resize: Literal[RESIZE_MODES] | None = None
+    size: Pixels | Annotated[tuple[Pixels, ...], Len(min=1, max=2)] | None = None
+    crop: Pixels | tuple[Pixels, Pixels] | Literal["none"] | None = None
+    value_range: tuple[float, float] | None = None
+    mean: float | tuple[float, float, float] | None = None
+    std: Std | tuple[Std, Std, Std] | None = None
+    channel_order: Literal[CHANNEL_ORDERS] | None = None
+    offset_frames: Offset | None = None
+    weights: str | Mapping[str, str] | tuple[str, ...] | None = None  # checkpoint file(s) of the backbone
+    store: Literal["zarr", "hdf5"] = "zarr"
+    dtype: Literal["float16", "float32"] = "float16"
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None:
+        resolve_preset(params)  # the preset with the overrides merged in must be a valid preset
+
+
+@dataclass(frozen=True)
+class ExtractRuntime:
+    batch_size: Annotated[int, Range(ge=1, le=4096)] = 8    # clips per forward; halves on CUDA out-of-memory
+    device: Device = "auto"
+    video_timeout_s: Annotated[float, Range(gt=0, le=86400)] = 600  # a silent decoder is killed after this
+    decoders: Annotated[tuple[Literal[DECODERS], ...], Len(min=1)] = DECODERS  # tried in order per video
+
+
+@dataclass(frozen=True)
+class KeyframeParams(ExtractParams):
+    """Params of ``extract_keyframes``: those of ``extract`` (one clip centred on each keyframe: stride
+    and tail go unused), an AVA preset by default, and the chunk compression of the maps
+    (bench/keyframe_bytes.py measures it: none is the default, reads are 40x faster for 1.3x bytes)."""
+
+    preset: Literal[PRESET_NAMES] = "ava_slowfast_r50"
+    compression: Literal["none", "zstd", "lz4"] = "none"
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None:
+        resolve_preset(params, "extract_keyframes")
+        if params.get("compression", "none") != "none" and params.get("store", "zarr") != "zarr":
+            raise ConfigError("extract_keyframes.compression: only the zarr store compresses")
+
+
+# Preset fields a user may override, and the stages' own params
+OVERRIDABLE = tuple(f.name for f in dataclasses.fields(ExtractParams) if f.name in Preset.__dataclass_fields__)
+STAGE_PARAMS = tuple(f.name for f in dataclasses.fields(KeyframeParams) if f.name not in OVERRIDABLE)
 
 
 def resolve_preset(params: Mapping[str, Any], stage: str = "extract") -> Preset:
@@ -188,9 +247,6 @@ def resolve_preset(params: Mapping[str, Any], stage: str = "extract") -> Preset:
             overrides[key] = (value,) if single else (value,) * (3 if key in ("mean", "std") else 2)
         elif isinstance(value, list):
             overrides[key] = tuple(value)
-    if "backbone_kwargs" in overrides:
-        if not isinstance(overrides["backbone_kwargs"], Mapping):
-            raise ConfigError(f"{stage}.backbone_kwargs: must be a mapping")
     own = base.backbone_kwargs if overrides.get("backbone", base.backbone) == base.backbone else {}
     overrides["backbone_kwargs"] = {**own, **overrides.get("backbone_kwargs", {})}
     return dataclasses.replace(base, **overrides)

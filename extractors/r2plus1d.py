@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from extractors.checkpoints import KeyFormat, load_weights
+from pipeline.checkpoints import KeyFormat, load_weights
 from extractors.weights import needed_file
 from pipeline.errors import ConfigError
 

@@ -18,7 +18,8 @@ match (tIoU at or above the lowest threshold, or nan).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,6 +62,37 @@ class MapResult:
     n_pred: np.ndarray  # (n_class,)
     n_videos: int
     _curves: tuple = field(repr=False, default=())  # per class: (precision, recall), each (n_tiou, n_pred)
+    dataset: str = ""  # what the table calls the ground truth ("thumos", an annotation file's stem)
+    n_videos_gt: int = 0  # videos of the subset before ``only_videos``
+    n_videos_detected: int = 0  # evaluated videos with at least one detection
+    unknown_labels: Mapping[str, int] = field(default_factory=dict)  # label not in the GT -> detections
+
+    @property
+    def protocol(self) -> str:
+        """The evaluation protocol the thresholds name (THUMOS14's or ActivityNet's), with its range."""
+        rounded = tuple(round(t, 4) for t in self.tious)
+        span = f"tIoU {min(self.tious):.2f}:{max(self.tious):.2f}" if len(self.tious) > 1 else f"tIoU {self.tious[0]:.2f}"
+        for name, spec in (("THUMOS14", THUMOS_TIOUS), ("ActivityNet", ANET_TIOUS)):
+            if rounded == tuple(round(t, 4) for t in parse_tious(spec)):
+                return f"{name} protocol, {span}"
+        return span
+
+    def notes(self) -> list[str]:
+        """What a reader must know to trust the numbers: videos left out or never detected, labels
+        that belong to no class of the ground truth."""
+        out = []
+        if self.n_videos_gt > self.n_videos:
+            out.append(f"evaluated {self.n_videos} of the {self.n_videos_gt} videos of the ground truth "
+                       f"(the others were left out)")
+        if self.n_videos_detected < self.n_videos:
+            out.append(f"detections cover {self.n_videos_detected} of the {self.n_videos} evaluated videos; "
+                       f"the ground truth of the other {self.n_videos - self.n_videos_detected} counts as missed")
+        if self.unknown_labels:
+            listed = ", ".join(f"{k!r} ({n})" for k, n in sorted(self.unknown_labels.items())[:5])
+            more = ", ..." if len(self.unknown_labels) > 5 else ""
+            out.append(f"{sum(self.unknown_labels.values())} detections with {len(self.unknown_labels)} labels "
+                       f"that are not classes of the ground truth were ignored: {listed}{more}")
+        return out
 
     @property
     def mAP(self) -> np.ndarray:
@@ -77,8 +109,9 @@ class MapResult:
 
     def table(self, per_class: bool = True) -> str:
         head = "tIoU      " + " ".join(f"{t:>6.2f}" for t in self.tious) + "    avg"
+        name = f"{self.dataset} " if self.dataset else ""
         lines = [
-            f"ActivityNet detection mAP (%) over {len(self.classes)} classes, {self.n_videos} videos",
+            f"{name}detection mAP (%) ({self.protocol}) over {len(self.classes)} classes, {self.n_videos} videos",
             head,
             "mAP       " + " ".join(f"{100 * m:6.2f}" for m in self.mAP) + f" {100 * self.average_mAP:6.2f}",
         ]
@@ -89,7 +122,7 @@ class MapResult:
                 aps = " ".join(f"{100 * a:6.2f}" for a in self.ap[:, k])
                 avg = 100 * float(self.ap[:, k].mean())
                 lines.append(f"{name:<{width}} {self.n_gt[k]:>5d} {self.n_pred[k]:>6d}  {aps} {avg:6.2f}")
-        return "\n".join(lines)
+        return "\n".join(lines + [f"note: {n}" for n in self.notes()])
 
     def to_json(self) -> dict:
         return {
@@ -97,6 +130,12 @@ class MapResult:
             "mAP": [float(m) for m in self.mAP],
             "average_mAP": self.average_mAP,
             "n_videos": self.n_videos,
+            "n_videos_gt": self.n_videos_gt,
+            "n_videos_detected": self.n_videos_detected,
+            "dataset": self.dataset,
+            "protocol": self.protocol,
+            "unknown_labels": dict(self.unknown_labels),
+            "notes": self.notes(),
             "per_class": {
                 name: {
                     "ap": [float(a) for a in self.ap[:, k]],
@@ -115,14 +154,18 @@ def evaluate_detections(
     subset: str | None = None,
     tious: str | Sequence[float] = THUMOS_TIOUS,
     source: str = "detections",
+    only_videos: Collection[str] | None = None,
+    dataset: str = "",
 ) -> MapResult:
     """mAP of `detections` (video -> [{"label", "score", "segment": [start, end]}], in file order)
-    against the ground truth of `subset` (all videos when None).
+    against the ground truth of `subset` (all videos when None), restricted to `only_videos` when given
+    (e.g. the videos that have features: the others would count as misses).
 
     `gt` is the loaded annotations, or an already selected mapping video -> VideoAnnotation. A detection
-    whose label is not a class of the annotations is an error; one whose class has no ground truth in
-    the subset belongs to no evaluated class and is ignored; one on a video without ground truth of its
-    class is a false positive. `source` names the detections in error messages (e.g. their file)."""
+    whose label is not a class of the annotations is counted in `unknown_labels` and ignored, as is one
+    whose class has no ground truth in the subset; one on a video without ground truth of its class is
+    a false positive. `source` names the detections in error messages (e.g. their file); `dataset` names
+    the ground truth in the table."""
     tious = parse_tious(tious)
     if isinstance(gt, TemporalAnnotations):
         known = gt.classes
@@ -132,13 +175,18 @@ def evaluate_detections(
     else:
         videos = dict(gt)
         known = tuple(sorted({label for v in videos.values() for label in v.labels}))
+    n_videos_gt = len(videos)
+    if only_videos is not None:
+        wanted = set(only_videos)
+        videos = {vid: v for vid, v in videos.items() if vid in wanted}
     present = {label for v in videos.values() for label in v.labels}
     classes = tuple(c for c in known if c in present)
     class_of = {c: k for k, c in enumerate(classes)}
     video_code = {vid: i for i, vid in enumerate(videos)}
 
     g_video, g_class, g_seg = _ground_truth_arrays(videos, class_of)
-    p_video, p_class, p_seg, p_score = _detection_arrays(detections, set(known), class_of, video_code, source)
+    p_video, p_class, p_seg, p_score, unknown = _detection_arrays(detections, set(known), class_of, video_code,
+                                                                  source)
     n_cls, n_thr = len(classes), len(tious)
     thresholds = np.asarray(tious)
 
@@ -178,6 +226,10 @@ def evaluate_detections(
         n_pred=n_pred,
         n_videos=len(videos),
         _curves=tuple(curves),
+        dataset=dataset,
+        n_videos_gt=n_videos_gt,
+        n_videos_detected=sum(1 for vid in videos if detections.get(vid)),
+        unknown_labels=unknown,
     )
 
 
@@ -224,17 +276,12 @@ def _detection_arrays(detections, known: set, class_of, video_code, source: str)
             f"{source}: video {vids[owner[i]][0]}: invalid detection (score {scores[i]!r}, "
             f"segment [{starts[i]!r}, {ends[i]!r}]): need finite numbers and end >= start"
         )
-    unknown = [label for label in set(labels) if label not in known]
-    if unknown:
-        i = labels.index(unknown[0])
-        raise ConfigError(
-            f"{source}: video {vids[owner[i]][0]}: label {unknown[0]!r} is not a class of the annotations"
-        )
+    unknown = dict(Counter(label for label in labels if label not in known))
     p_class = np.fromiter((class_of.get(label, -1) for label in labels), np.int64, len(labels))
     codes = np.fromiter((video_code.get(vid, -1) for vid, _ in vids), np.int64, len(vids))
     p_video = codes[owner] if len(owner) else np.zeros(0, dtype=np.int64)
     keep = p_class >= 0
-    return p_video[keep], p_class[keep], p_seg[keep], p_score[keep]
+    return p_video[keep], p_class[keep], p_seg[keep], p_score[keep], unknown
 
 
 def _is_number(x) -> bool:

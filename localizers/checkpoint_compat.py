@@ -35,9 +35,11 @@ def official_state_dict(checkpoint: Mapping, which: str = "ema") -> dict[str, to
     return {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in sd.items()}
 
 
-def load_checkpoint(model: nn.Module, source: str | Path | Mapping, which: str = "ema") -> None:
-    """Load an official (or our) checkpoint into ``model`` strictly; ConfigError lists every problem."""
-    where = str(source) if isinstance(source, (str, Path)) else "checkpoint"
+def load_checkpoint(model: nn.Module, source: str | Path | Mapping, which: str = "ema",
+                    where: str | None = None) -> None:
+    """Load an official (or our) checkpoint into ``model`` strictly; ConfigError lists every problem
+    (naming ``where``, or the file)."""
+    where = where or (str(source) if isinstance(source, (str, Path)) else "checkpoint")
     if isinstance(source, (str, Path)):
         if not Path(source).is_file():
             raise ConfigError(f"{source}: checkpoint file not found")

@@ -27,6 +27,11 @@ def _parser() -> CommandParser:
     p.add_argument("--tiou", default="0.3:0.7:0.1",
                    help="thresholds, start:stop:step (np.linspace values, as the official evaluator) or a "
                         "comma list; THUMOS14 0.3:0.7:0.1 (default), ActivityNet 0.5:0.95:0.05")
+    p.add_argument("--only-detected", action="store_true",
+                   help="evaluate only the videos that have detections (e.g. a run on part of the features); "
+                        "by default the ground truth of every other video counts as missed")
+    p.add_argument("--name", default=None,
+                   help="what the table calls the ground truth (default: the annotation file's name)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 
@@ -53,7 +58,13 @@ def evaluate(argv: list[str], cmd=None) -> int:
     args = _parser().parse_args(argv)
     gt = load_temporal(args.annotations)
     detections = read_detections(args.detections)
-    result = evaluate_detections(gt, detections, subset=args.subset, tious=args.tiou, source=str(args.detections))
+    name = args.name or (args.annotations.name if args.annotations.is_dir() else args.annotations.stem)
+    result = evaluate_detections(gt, detections, subset=args.subset, tious=args.tiou, source=str(args.detections),
+                                 only_videos=detections if args.only_detected else None, dataset=name)
+    for note in result.notes():
+        hint = ("; --only-detected evaluates only those" if "detections cover" in note and not args.only_detected
+                else "")
+        print(f"{PROG}: warning: {note}{hint}", file=sys.stderr)
     if args.json:
         out = {"annotations": str(args.annotations), "detections": str(args.detections), "subset": args.subset}
         out.update(result.to_json())

@@ -11,29 +11,35 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields, replace
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 from pipeline.errors import ConfigError
+from pipeline.schema import Alias, Device, Len, Range, SplitName, Threads, apply, check_instance, frozen
 
+Positive = Annotated[int, Range(ge=1)]
+NonNegative = Annotated[int, Range(ge=0)]
+Fraction = Annotated[float, Range(gt=0, le=1)]
 DEFAULT_RANGES = ((0, 4), (4, 8), (8, 16), (16, 32), (32, 64), (64, 10000))
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    input_dim: int | str = "auto"          # "auto": the feature store's feature_dim
-    num_classes: int | str = "auto"        # "auto": the number of classes in the annotations
-    embed_dim: int = 512                   # embd_dim = fpn_dim = head_dim in the official configs
-    backbone_arch: tuple[int, int, int] = (2, 2, 5)  # embedding convs, stem blocks, downsampling blocks
-    n_head: int = 4
+    input_dim: Positive | Literal["auto"] = "auto"    # "auto": the feature store's feature_dim
+    num_classes: Positive | Literal["auto"] = "auto"  # "auto": the annotated classes; 1: class-agnostic
+    # embd_dim = fpn_dim = head_dim in the official configs
+    embed_dim: Annotated[int, Range(ge=1, le=8192), Alias(("embd_dim",))] = 512
+    # embedding convs, stem blocks, downsampling blocks
+    backbone_arch: tuple[Annotated[int, Range(ge=1, le=64)], NonNegative, Annotated[int, Range(ge=0, le=12)]] = (2, 2, 5)
+    n_head: Annotated[int, Range(ge=1, le=256)] = 4
     window: tuple[int, ...] = (19,) * 6    # local attention window per level; <= 0 means global
-    max_seq_len: int = 2304
-    regression_ranges: tuple[tuple[int, int], ...] = DEFAULT_RANGES
-    head_layers: int = 3
-    head_kernel: int = 3
-    embed_kernel: int = 3
+    max_seq_len: Annotated[int, Range(ge=1, le=1 << 20)] = 2304
+    regression_ranges: tuple[tuple[NonNegative, NonNegative], ...] = DEFAULT_RANGES
+    head_layers: Annotated[int, Range(ge=1, le=64)] = 3
+    head_kernel: Annotated[int, Range(ge=1, le=63)] = 3
+    embed_kernel: Annotated[int, Range(ge=1, le=63)] = 3
     abs_pe: bool = False                   # sinusoidal absolute position embedding (ActivityNet)
-    drop_path: float = 0.1
-    cls_prior_prob: float = 0.01
+    drop_path: Annotated[float, Range(ge=0, lt=1)] = 0.1
+    cls_prior_prob: Annotated[float, Range(gt=0, lt=1)] = 0.01
 
     @property
     def num_levels(self) -> int:
@@ -51,24 +57,24 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 30                       # cosine epochs, after the warm-up ones
-    warmup_epochs: int = 5
-    batch_size: int = 2
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    eta_min: float = 1e-8
-    clip_grad: float = 1.0
-    ema_decay: float = 0.999
-    loss_norm_init: float = 100.0
-    loss_norm_momentum: float = 0.9
-    center_radius: float = 1.5
-    reg_loss: str = "diou"                 # diou | giou
+    epochs: Annotated[int, Range(ge=1, le=10000, why="cosine epochs; a longer schedule is a typo")] = 30
+    warmup_epochs: Annotated[int, Range(ge=0, le=10000, why="a longer warm-up is a typo")] = 5
+    batch_size: Annotated[int, Range(ge=1, le=65536)] = 2
+    lr: Annotated[float, Range(gt=0, le=10)] = 1e-4
+    weight_decay: Annotated[float, Range(ge=0, le=10)] = 0.05
+    eta_min: Annotated[float, Range(ge=0, le=10)] = 1e-8
+    clip_grad: Annotated[float, Range(ge=0)] = 1.0  # 0: no clipping
+    ema_decay: Annotated[float, Range(ge=0, lt=1)] = 0.999
+    loss_norm_init: Annotated[float, Range(gt=0)] = 100.0
+    loss_norm_momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9
+    center_radius: Annotated[float, Range(gt=0)] = 1.5
+    reg_loss: Literal["diou", "giou"] = "diou"
     reg_loss_weight: float = 1.0           # <= 0: balance adaptively, as the official code
-    label_smoothing: float = 0.0
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    seed: int = 1234567891
-    precision: str = "auto"                # auto | fp32 | bf16 (auto: bf16 on CUDA and on AMX CPUs)
+    label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.0
+    focal_alpha: Annotated[float, Range(ge=-1, le=1)] = 0.25  # < 0: no alpha weighting
+    focal_gamma: Annotated[float, Range(ge=0, le=10)] = 2.0
+    seed: Annotated[int, Range(ge=0, le=2**32 - 1, why="numpy seeds are 32-bit")] = 1234567891
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA and on AMX CPUs
 
     @property
     def total_epochs(self) -> int:
@@ -77,26 +83,28 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    trunc_thresh: float = 0.5              # a training crop keeps >= this fraction of one action
-    crop_ratio: tuple[float, float] | None = (0.9, 1.0)  # random crops of short videos too
-    resize_to: int | None = None           # ActivityNet: every video linearly resized to this length
+    # a training crop keeps >= this fraction of one action
+    trunc_thresh: Annotated[float, Range(gt=0, le=1)] = 0.5
+    # random crops of short videos too
+    crop_ratio: tuple[Fraction, Fraction] | None = (0.9, 1.0)
+    resize_to: Positive | None = None      # ActivityNet: every video linearly resized to this length
     # A training segment outside its video: "error" names it; "drop" leaves it out (the official
     # THUMOS14 JSON has four such segments in its validation videos, which ActionFormer's crops drop too).
-    segments_outside: str = "error"
+    segments_outside: Literal["error", "drop"] = "error"
 
 
 @dataclass(frozen=True)
 class TestConfig:
-    pre_nms_thresh: float = 0.001
-    pre_nms_topk: int = 2000
-    nms_method: str = "soft"               # soft | hard | none
-    iou_threshold: float = 0.1
-    nms_sigma: float = 0.5
-    min_score: float = 0.001
-    max_detections: int = 200
-    duration_thresh: float = 0.05          # on the feature grid
+    pre_nms_thresh: Annotated[float, Range(ge=0, le=1)] = 0.001
+    pre_nms_topk: Annotated[int, Range(ge=1, le=1 << 20)] = 2000
+    nms_method: Literal["soft", "hard", "none"] = "soft"
+    iou_threshold: Annotated[float, Range(ge=0, le=1)] = 0.1
+    nms_sigma: Annotated[float, Range(gt=0, le=100)] = 0.5
+    min_score: Annotated[float, Range(ge=0, le=1)] = 0.001
+    max_detections: Annotated[int, Range(ge=1, le=1 << 20)] = 200
+    duration_thresh: Annotated[float, Range(ge=0)] = 0.05  # on the feature grid
     ext_score_file: str | None = None      # video-level class scores to fuse (ActivityNet)
-    ext_score_topk: int = 2
+    ext_score_topk: Annotated[int, Range(ge=1)] = 2
 
 
 @dataclass(frozen=True)
@@ -113,10 +121,15 @@ class LocalizeConfig:
     @classmethod
     def from_json(cls, obj: Mapping) -> "LocalizeConfig":
         def build(kind, values):
-            return kind(**{f.name: as_config_value(values[f.name]) for f in fields(kind) if f.name in values})
+            return kind(**{f.name: frozen(values[f.name]) for f in fields(kind) if f.name in values})
         return cls(preset=obj["preset"], model=build(ModelConfig, obj["model"]),
                    train=build(TrainConfig, obj["train"]), data=build(DataConfig, obj["data"]),
                    test=build(TestConfig, obj["test"]))
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None:
+        """Planning's check of the ``localize`` params: the preset with them merged in must validate."""
+        resolve(params)
 
     def with_dims(self, input_dim: int, num_classes: int) -> "LocalizeConfig":
         """Fill the ``auto`` dimensions; an explicit value that disagrees is a configuration error."""
@@ -153,32 +166,13 @@ PRESETS: dict[str, LocalizeConfig] = {
     ),
 }
 
-_SECTIONS = (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig), ("test", TestConfig))
-
-
-def as_config_value(value: Any) -> Any:
-    """JSON/YAML gives lists; the frozen configs hold tuples (hashable, comparable)."""
-    if isinstance(value, list):
-        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
-    return value
-
-
 def resolve(params: Mapping[str, Any]) -> LocalizeConfig:
-    """``localize`` stage params -> validated :class:`LocalizeConfig` (ConfigError naming the param)."""
-    params = dict(params)
-    name = params.pop("preset", "thumos_i3d")
+    """``localize`` stage params (checked against the :class:`LocalizeConfig` schema by the planner:
+    ``preset`` and any section field, flat) -> the validated config."""
+    name = params.get("preset") or "thumos_i3d"
     if name not in PRESETS:
         raise ConfigError(f"localize.preset: unknown preset {name!r} (known: {', '.join(sorted(PRESETS))})")
-    base = PRESETS[name]
-    owners = {f.name: section for section, kind in _SECTIONS for f in fields(kind)}
-    updates: dict[str, dict] = {section: {} for section, _ in _SECTIONS}
-    for key, value in params.items():
-        if value is None:  # a param listed in stages.yaml and left null keeps the preset's value
-            continue
-        if key not in owners:
-            raise ConfigError(f"localize.{key}: unknown parameter")
-        updates[owners[key]][key] = as_config_value(value)
-    cfg = replace(base, **{s: replace(getattr(base, s), **u) for s, u in updates.items() if u})
+    cfg = apply(PRESETS[name], params)
     validate(cfg)
     return cfg
 
@@ -189,37 +183,49 @@ def _check(ok: bool, param: str, message: str) -> None:
 
 
 def validate(cfg: LocalizeConfig) -> None:
-    m, t, d, s = cfg.model, cfg.train, cfg.data, cfg.test
-    for name in ("input_dim", "num_classes"):
-        v = getattr(m, name)
-        _check(v == "auto" or (isinstance(v, int) and v > 0), name, f"must be 'auto' or a positive integer, got {v!r}")
-    _check(isinstance(m.embed_dim, int) and m.embed_dim > 0 and m.embed_dim % m.n_head == 0, "embed_dim",
-           f"must be a positive multiple of n_head={m.n_head}, got {m.embed_dim!r}")
-    _check(len(m.backbone_arch) == 3 and all(isinstance(a, int) and a >= 0 for a in m.backbone_arch)
-           and m.backbone_arch[0] >= 1, "backbone_arch",
-           f"must be 3 non-negative integers (embedding convs >= 1), got {m.backbone_arch!r}")
+    """Each field against its annotation, then what one field cannot say alone."""
+    check_instance(cfg, "localize")
+    m, d = cfg.model, cfg.data
+    _check(m.embed_dim % m.n_head == 0, "embed_dim", f"must be a multiple of n_head={m.n_head}, got {m.embed_dim!r}")
+    _check(m.max_seq_len % m.strides[-1] == 0, "max_seq_len",
+           f"must be a multiple of the largest stride {m.strides[-1]}, got {m.max_seq_len!r}")
     _check(len(m.window) == m.num_levels, "window", f"needs one window per level ({m.num_levels}), got {m.window!r}")
-    _check(len(m.regression_ranges) == m.num_levels and all(len(r) == 2 and r[0] < r[1] for r in m.regression_ranges),
-           "regression_ranges", f"needs one [low, high] per level ({m.num_levels}), got {m.regression_ranges!r}")
-    _check(isinstance(m.max_seq_len, int) and m.max_seq_len > 0 and m.max_seq_len % m.strides[-1] == 0,
-           "max_seq_len", f"must be a positive multiple of the largest stride {m.strides[-1]}, got {m.max_seq_len!r}")
-    _check(m.head_layers >= 1, "head_layers", "must be >= 1")
+    for level, (w, stride) in enumerate(zip(m.window, m.strides)):
+        _check(w <= m.max_seq_len // stride, "window", f"{w} at level {level} is longer than that level's "
+               f"{m.max_seq_len // stride} steps (max_seq_len {m.max_seq_len} / stride {stride}); <= 0 means global")
+    ranges = m.regression_ranges
+    _check(len(ranges) == m.num_levels and all(lo < hi for lo, hi in ranges), "regression_ranges",
+           f"needs one [low, high] per level ({m.num_levels}), got {ranges!r}")
+    _check(all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), "regression_ranges",
+           f"must cover the levels without gaps (each low = the previous high), got {ranges!r}")
     _check(m.head_kernel % 2 == 1 and m.embed_kernel % 2 == 1, "head_kernel", "kernels must be odd")
-    _check(0 <= m.drop_path < 1, "drop_path", "must be in [0, 1)")
-    _check(0 < m.cls_prior_prob < 1, "cls_prior_prob", "must be in (0, 1)")
-    _check(t.epochs >= 1 and t.warmup_epochs >= 0, "epochs", "epochs must be >= 1 and warmup_epochs >= 0")
-    _check(t.batch_size >= 1, "batch_size", "must be >= 1")
-    _check(t.lr > 0, "lr", "must be > 0")
-    _check(0 <= t.ema_decay < 1, "ema_decay", "must be in [0, 1)")
-    _check(0 <= t.loss_norm_momentum < 1, "loss_norm_momentum", "must be in [0, 1)")
-    _check(t.reg_loss in ("diou", "giou"), "reg_loss", f"must be diou or giou, got {t.reg_loss!r}")
-    _check(t.precision in ("auto", "fp32", "bf16"), "precision", f"must be auto, fp32 or bf16, got {t.precision!r}")
-    _check(0 < d.trunc_thresh <= 1, "trunc_thresh", "must be in (0, 1]")
-    _check(d.crop_ratio is None or (len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1] <= 1),
-           "crop_ratio", f"must be null or [low, high] within (0, 1], got {d.crop_ratio!r}")
-    _check(d.segments_outside in ("error", "drop"), "segments_outside",
-           f"must be 'error' or 'drop', got {d.segments_outside!r}")
+    _check(d.crop_ratio is None or d.crop_ratio[0] <= d.crop_ratio[1], "crop_ratio",
+           f"must be [low, high] with low <= high, got {d.crop_ratio!r}")
     _check(d.resize_to is None or d.resize_to == m.max_seq_len, "resize_to",
            f"must be null or equal to max_seq_len ({m.max_seq_len}), got {d.resize_to!r}")
-    _check(s.nms_method in ("soft", "hard", "none"), "nms_method", f"must be soft, hard or none, got {s.nms_method!r}")
-    _check(s.max_detections >= 1 and s.pre_nms_topk >= 1, "max_detections", "max_detections and pre_nms_topk must be >= 1")
+
+
+@dataclass(frozen=True)
+class LocalizeRuntime:
+    """Runtime values of ``localize`` (stages.yaml ``schema.runtime``): how it runs, never what it makes."""
+
+    device: Device = "auto"
+    threads: Threads | None = None      # torch intra-op threads (null: torch's default)
+    in_memory: bool | Literal["auto"] = "auto"
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    """Params of ``localize_eval``: what to evaluate, and test settings over the trained preset's."""
+
+    split: Annotated[str, SplitName()] = "test"      # a key of the dataset's splits
+    weights: Literal["ema", "model"] = "ema"
+    checkpoint: str | None = None                    # a checkpoint file to evaluate instead
+    tious: Annotated[tuple[Fraction, ...], Len(min=1)] | None = None  # null: the protocol's
+    test: TestConfig = TestConfig()
+
+
+@dataclass(frozen=True)
+class EvalRuntime:
+    device: Device = "auto"
+    threads: Threads | None = None

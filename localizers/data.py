@@ -66,18 +66,23 @@ def read_features(source: FeatureSource, item: VideoItem, start: int | None = No
 def make_item(vid: str, shape: tuple[int, int], grid: TimeGrid, duration: float | None,
               segments_s: np.ndarray, labels: Sequence[str], label_index: Mapping[str, int], input_dim: int,
               min_length: int, resize_to: int | None = None, where: str = "annotations",
-              check_segments: bool = True, outside: str = "error") -> VideoItem:
-    """Validate one video and map its annotation onto the feature grid; ConfigError names video and field.
+              check_segments: bool = True, outside: str = "error", features: str = "features") -> VideoItem:
+    """Validate one video and map its annotation onto the feature grid; ConfigError names video and field
+    (``where``: the annotation file, ``features``: the feature store).
 
-    ``check_segments=False`` for test videos: their ground truth goes to the evaluator untouched (the
-    official THUMOS14 test set has segments past the end of their videos). ``outside="drop"`` leaves
-    segments outside the video out instead of failing on them."""
+    The length rule applies to what the model sees: features resized to ``resize_to`` steps (ActivityNet)
+    may be shorter than the coarsest FPN stride as stored. ``check_segments=False`` for test videos:
+    their ground truth goes to the evaluator untouched (the official THUMOS14 test set has segments past
+    the end of their videos). ``outside="drop"`` leaves segments outside the video out instead of failing
+    on them."""
     length, dim = shape
     if dim != input_dim:
-        raise ConfigError(f"{where}: video {vid}: features: dimension {dim} != localize.input_dim {input_dim}")
-    if length < min_length:
-        raise ConfigError(f"{where}: video {vid}: features: {length} steps, shorter than one step of the "
-                          f"coarsest FPN level ({min_length})")
+        raise ConfigError(f"{features}: video {vid}: feature dimension {dim} != localize.input_dim {input_dim}")
+    if length < 1 or (resize_to or length) < min_length:
+        raise ConfigError(f"{features}: video {vid}: {length} feature steps"
+                          + (f" resized to {resize_to}" if resize_to else "")
+                          + f", shorter than one step of the coarsest FPN level ({min_length}); "
+                          f"extract it with a smaller stride or leave it out of the annotations")
     if duration is None or not math.isfinite(duration) or duration <= 0:
         duration = float(grid.to_seconds(length - 1) + grid.offset / grid.fps)
     segments_s = np.asarray(segments_s, dtype=np.float64).reshape(-1, 2)

@@ -1,10 +1,14 @@
 """Pictures of a localizer's output: a video's timeline over its features, and precision-recall curves.
 
-Matplotlib (the optional ``plot`` extra) with the Agg back-end: files only, no display needed.
+Matplotlib (the optional ``plot`` extra) with the Agg back-end: files only, no display needed; the
+format follows the file's suffix (.png, .pdf, .svg). Figures stay bounded (MAX_ROWS class rows, at most
+MAX_PANELS PR panels) whatever the number of classes, and library warnings stay off the terminal.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -16,6 +20,24 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
 GT_COLOUR = "#222222"
+MAX_ROWS = 20     # class rows of a timeline
+MAX_PANELS = 16   # panels of a PR figure
+
+
+def _quiet(draw):
+    """Library warnings (tight_layout, empty legends, fonts) are not the user's business."""
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return draw(*args, **kwargs)
+    return wrapper
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def class_colours(classes: Sequence[str]) -> dict[str, tuple]:
@@ -23,6 +45,7 @@ def class_colours(classes: Sequence[str]) -> dict[str, tuple]:
     return {name: cmap(k % cmap.N) for k, name in enumerate(classes)}
 
 
+@_quiet
 def draw_timeline(path: Path, video_id: str, duration: float, classes: Sequence[str],
                   ground_truth: Sequence[tuple[str, float, float]],
                   predictions: Sequence[tuple[str, float, float, float]],
@@ -33,6 +56,9 @@ def draw_timeline(path: Path, video_id: str, duration: float, classes: Sequence[
     ``ground_truth``: (label, start, end); ``predictions``: (label, score, start, end); ``features``
     (T, C) at the centre times ``times`` (T,) in seconds.
     """
+    classes = list(classes)[:MAX_ROWS]
+    ground_truth = [g for g in ground_truth if g[0] in classes]
+    predictions = [p for p in predictions if p[0] in classes]
     colours = class_colours(classes)
     row = {name: k for k, name in enumerate(classes)}
     fig, (ax_seg, ax_feat) = plt.subplots(
@@ -45,7 +71,8 @@ def draw_timeline(path: Path, video_id: str, duration: float, classes: Sequence[
     # Weakest first, so strong predictions are drawn on top.
     for label, score, start, end in sorted(predictions, key=lambda p: p[1]):
         ax_seg.add_patch(Rectangle((start, row[label] + 0.54), end - start, 0.38,
-                                   color=colours[label], alpha=float(np.clip(score, 0.0, 1.0)), linewidth=0))
+                                   color=colours[label], alpha=float(np.clip(score, 0.1, 1.0)), linewidth=0))
+        ax_seg.text(start, row[label] + 0.9, f"{score:.2f}", fontsize=6, va="bottom")
     ax_seg.set_ylim(len(classes), 0)
     ax_seg.set_yticks(np.arange(len(classes)) + 0.5, list(classes))
     for k in range(1, len(classes)):
@@ -63,40 +90,62 @@ def draw_timeline(path: Path, video_id: str, duration: float, classes: Sequence[
                    extent=(times[0] - half, times[-1] + half, feats.shape[0], 0))
     ax_feat.set_ylabel(f"feature channel\n({feats.shape[0]}, standardised)", fontsize=9)
     ax_feat.set_xlabel("time (s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
+@_quiet
 def draw_pr_curves(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
                    tious: Sequence[float], ap: np.ndarray) -> None:
     """One panel per class, one precision-recall curve per tIoU threshold; ``ap`` (n_tiou, n_class)
     in the order of ``curves``."""
-    names = list(curves)
-    cols = min(4, max(1, len(names)))
-    rows = -(-len(names) // cols)
+    colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, len(tious)))
+    panels = [(name, [(precision[i], recall[i], colours[i], f"tIoU {t:.2f}: AP {100 * ap[i, k]:.1f}")
+                      for i, t in enumerate(tious) if precision.size])
+              for k, (name, (precision, recall)) in enumerate(curves.items())]
+    _pr_panels(path, "Precision-recall per class at each tIoU threshold", panels)
+
+
+@_quiet
+def draw_pr_compare(path: Path, classes: Sequence[str], results: Mapping, tiou_index: int) -> None:
+    """One panel per class, one precision-recall curve per run (``results``: label -> MapResult of the
+    same ground truth) at the threshold ``tiou_index``."""
+    colours = plt.get_cmap("tab10")
+    panels = []
+    for name in classes:
+        lines = []
+        for j, (label, r) in enumerate(results.items()):
+            if name in r.classes:
+                precision, recall = r.pr_curves()[name]
+                if precision.size:
+                    lines.append((precision[tiou_index], recall[tiou_index], colours(j % 10),
+                                  f"{label}: AP {100 * r.ap[tiou_index, r.classes.index(name)]:.1f}"))
+        panels.append((name, lines))
+    tiou = next(iter(results.values())).tious[tiou_index]
+    _pr_panels(path, f"Precision-recall per class at tIoU {tiou:.2f}", panels)
+
+
+def _pr_panels(path: Path, title: str, panels: Sequence[tuple[str, Sequence[tuple]]]) -> None:
+    """A grid of at most MAX_PANELS panels ``(class, [(precision, recall, colour, legend label)])``."""
+    panels = list(panels)[:MAX_PANELS]
+    cols = min(4, max(1, len(panels)))
+    rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False,
                              sharex=True, sharey=True)
-    tiou_colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, len(tious)))
-    for k, name in enumerate(names):
+    for k, (name, lines) in enumerate(panels):
         ax = axes[k // cols, k % cols]
-        precision, recall = curves[name]
-        for i, t in enumerate(tious):
-            if precision.size:
-                ax.plot(np.concatenate([[0.0], recall[i]]), np.concatenate([[precision[i][0]], precision[i]]),
-                        color=tiou_colours[i], linewidth=1.2, label=f"tIoU {t:.2f}: AP {100 * ap[i, k]:.1f}")
+        for precision, recall, colour, label in lines:
+            ax.plot(np.concatenate([[0.0], recall]), np.concatenate([[precision[0]], precision]),
+                    color=colour, linewidth=1.2, label=label)
         ax.set_title(name, fontsize=10)
         ax.set_xlim(0, 1.02)
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6.5, loc="lower left")
-    for k in range(len(names), rows * cols):
+    for k in range(len(panels), rows * cols):
         axes[k // cols, k % cols].axis("off")
     for ax in axes[-1]:
         ax.set_xlabel("recall")
     for ax in axes[:, 0]:
         ax.set_ylabel("precision")
-    fig.suptitle("Precision-recall per class at each tIoU threshold", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.suptitle(title, fontsize=11)
+    _save(fig, path)

@@ -26,9 +26,13 @@ def _parser() -> CommandParser:
     p.add_argument("--set", action="append", default=[], metavar="STAGE.PARAM=VALUE",
                    help="the same overrides as the run whose outputs to show")
     p.add_argument("--video", help="video id for --plot (default: the first test video)")
-    p.add_argument("--plot", type=Path, metavar="PNG", help="timeline of one video over its features")
-    p.add_argument("--plot-pr", type=Path, metavar="PNG", help="precision-recall curves per class and tIoU")
+    p.add_argument("--plot", type=Path, metavar="FILE", help="timeline of one video over its features "
+                                                             "(.png, .pdf or .svg)")
+    p.add_argument("--plot-pr", type=Path, metavar="FILE", help="precision-recall curves per class and tIoU")
     p.add_argument("--min-score", type=float, default=0.05, help="hide predictions below this score")
+    p.add_argument("--top-k", type=int, default=10, help="timeline: the K best predictions, with their scores")
+    p.add_argument("--classes", help="comma-separated classes to draw (default: timeline: the classes in the "
+                                     "video's ground truth or top predictions; PR: up to 12 with the most ground truth)")
     p.add_argument("--json", action="store_true", help="print the written paths as one JSON object")
     return p
 
@@ -58,7 +62,7 @@ def main(argv: list[str], cmd) -> int:
         _timeline(cmd, dataset, args, gt, detections, video, plots)
         written["plot"] = str(args.plot)
     if args.plot_pr is not None:
-        _pr(eval_dir, dataset, gt, detections, args.plot_pr, plots)
+        _pr(eval_dir, dataset, gt, detections, args.plot_pr, plots, args.classes)
         written["plot_pr"] = str(args.plot_pr)
     if args.json:
         json.dump(written, sys.stdout)
@@ -87,15 +91,77 @@ def _timeline(cmd, dataset, args, gt, detections, video: str, plots) -> None:
         store.close()
     ann = gt.videos[video]
     truth = [(label, float(s), float(e)) for label, (s, e) in zip(ann.labels, ann.segments)]
+    ranked = sorted(detections.get(video, []), key=lambda d: -d["score"])
     predicted = [(d["label"], float(d["score"]), float(d["segment"][0]), float(d["segment"][1]))
-                 for d in detections.get(video, []) if d["score"] >= args.min_score]
-    plots.draw_timeline(args.plot, video, ann.duration, gt.classes, truth, predicted, features, times)
+                 for d in ranked if d["score"] >= args.min_score][:args.top_k]
+    # only the classes this video is about: an ActivityNet timeline of 200 rows was 12518 px tall
+    shown = _pick_classes(args.classes, gt.classes) or \
+        [c for c in gt.classes if c in {t[0] for t in truth} | {p[0] for p in predicted}]
+    plots.draw_timeline(args.plot, video, ann.duration, shown, [t for t in truth if t[0] in shown],
+                        [p for p in predicted if p[0] in shown], features, times)
 
 
-def _pr(eval_dir: Path, dataset, gt, detections, path: Path, plots) -> None:
+def _pick_classes(spec: str | None, known) -> list[str] | None:
+    if not spec:
+        return None
+    wanted = [c.strip() for c in spec.split(",") if c.strip()]
+    unknown = [c for c in wanted if c not in known]
+    if unknown:
+        raise ConfigError(f"{PROG}: --classes: {', '.join(unknown)} not in the annotations' classes")
+    return wanted
+
+
+def _pr(eval_dir: Path, dataset, gt, detections, path: Path, plots, classes: str | None) -> None:
     from localizers.anet_map import evaluate_detections
 
     tious = json.loads((eval_dir / "metrics.json").read_text())["tious"]
     subset = (dataset.splits or {}).get("test")
-    result = evaluate_detections(gt, detections, subset=subset, tious=tious)
-    plots.draw_pr_curves(path, result.pr_curves(), result.tious, result.ap)
+    result = evaluate_detections(gt, detections, subset=subset, tious=tious, only_videos=detections)
+    names = _pick_classes(classes, result.classes) or _most_annotated(result)
+    keep = [result.classes.index(c) for c in names]
+    curves = result.pr_curves()
+    plots.draw_pr_curves(path, {c: curves[c] for c in names}, result.tious, result.ap[:, keep])
+
+
+def _most_annotated(result, limit: int = 12) -> list[str]:
+    """Up to ``limit`` classes, those with the most ground truth, in annotation order (a bounded figure)."""
+    order = sorted(range(len(result.classes)), key=lambda k: -int(result.n_gt[k]))[:limit]
+    if len(result.classes) > limit:
+        print(f"{PROG}: drawing {limit} of {len(result.classes)} classes (most ground truth); --classes picks "
+              f"others", file=sys.stderr)
+    return [result.classes[k] for k in sorted(order)]
+
+
+def compare_plot(argv: list[str], cmd) -> int:
+    """`pipeline compare A B --plot FILE`: the PR curves of localize_eval runs, one panel per class,
+    one curve per run at the middle tIoU threshold."""
+    p = CommandParser(prog="pipeline compare-plot localize_eval", description=compare_plot.__doc__)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--run", action="append", required=True, metavar="LABEL=DIR", help="a localize_eval output")
+    p.add_argument("--classes")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"{PROG}: matplotlib is not installed; {INSTALL_HINT}", file=sys.stderr)
+        return 2
+    from localizers import plots
+    from localizers.anet_map import evaluate_detections
+    from pipeline.annotations import load_temporal
+
+    results = {}
+    for spec in args.run:
+        label, _, d = spec.partition("=")
+        metrics = json.loads((Path(d) / "metrics.json").read_text())
+        if "annotations" not in metrics:
+            raise ConfigError(f"{d}: metrics.json predates compare plots; rerun the evaluation (--force)")
+        detections = json.loads((Path(d) / "detections.json").read_text())["results"]
+        results[label] = evaluate_detections(load_temporal(metrics["annotations"]), detections,
+                                             subset=metrics["subset"], tious=metrics["tious"], only_videos=detections)
+    first = next(iter(results.values()))
+    names = _pick_classes(args.classes, first.classes) or _most_annotated(first)
+    mid = len(first.tious) // 2
+    plots.draw_pr_compare(args.out, names, {label: r for label, r in results.items()}, mid)
+    print(f"wrote {args.out}")
+    return 0

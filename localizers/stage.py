@@ -2,10 +2,12 @@
 
 torch is imported inside the functions: the CLI imports this module while planning.
 
-Outputs of ``localize``: ``config.json`` (resolved config, classes, the extract store it read),
+Outputs of ``localize``: ``config.json`` (resolved config, classes, the extract store it read, and under
+``params`` the resolved values of this stage and extract: a valid ``--config`` file),
 ``checkpoint.pt`` (after every epoch, for resuming), ``train_log.csv``, ``model.pt`` (final weights and
-EMA weights). Outputs of ``localize_eval``: ``detections.json`` (ActivityNet submission format) and
-``metrics.json``.
+EMA weights). Outputs of ``localize_eval``: ``detections.json`` (ActivityNet submission format), the same
+detections as ``results.pkl`` (ActionFormer's) and ``detections_thumos14.txt`` (THUMOS14's evaluator),
+and ``metrics.json`` (mAP per tIoU and per-class AP over the videos that have features).
 """
 
 from __future__ import annotations
@@ -20,21 +22,25 @@ from pipeline.errors import ConfigError
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.json"
-EVAL_PARAMS = ("split", "weights", "tious", "checkpoint")
 
 
-def _device(runtime: Mapping[str, Any]):
+def _device(runtime: Mapping[str, Any], log=print):
     import torch
 
-    threads = runtime.get("threads")
-    if threads:  # small models on a shared CPU: fewer intra-op threads avoid spinning on busy cores
-        torch.set_num_threads(int(threads))
+    from pipeline.threads import choose_threads
+
     wanted = str(runtime.get("device", "auto"))
     if wanted == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if wanted.startswith("cuda") and not torch.cuda.is_available():
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif wanted.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"runtime.device: {wanted} requested but CUDA is not available")
-    return torch.device(wanted)
+    else:
+        device = torch.device(wanted)
+    if device.type == "cpu":  # on a busy CPU, threads spinning for a held core stall every step
+        threads, why = choose_threads(runtime.get("threads"))
+        torch.set_num_threads(threads)
+        log(f"localize: {threads} torch thread{'s' if threads > 1 else ''} ({why})")
+    return device
 
 
 def _annotations(ctx: StageContext):
@@ -61,7 +67,10 @@ def _items(store, videos: Mapping, cfg, label_index, where: str, check_segments:
     present = [vid for vid in sorted(videos) if vid in store]
     missing = len(videos) - len(present)
     if missing:
-        log(f"localize: {missing} of {len(videos)} annotated videos have no features; skipped")
+        absent = [vid for vid in sorted(videos) if vid not in store]
+        named = ", ".join(absent[:3]) + (", ..." if missing > 3 else "")
+        log(f"localize: {missing} of {len(videos)} annotated videos have no features in {store.path}; "
+            f"left out ({named})")
     if not present:
         raise ConfigError(f"{where}: none of the {len(videos)} videos has features in the extract store")
     if cfg.model.num_classes == 1:  # class-agnostic (ActivityNet with external video-level scores)
@@ -69,7 +78,7 @@ def _items(store, videos: Mapping, cfg, label_index, where: str, check_segments:
     items = [make_item(vid, store.shape(vid), store.grid(vid), videos[vid].duration, videos[vid].segments,
                        videos[vid].labels, label_index, cfg.model.input_dim, cfg.model.strides[-1],
                        cfg.data.resize_to, where=where, check_segments=check_segments,
-                       outside=cfg.data.segments_outside)
+                       outside=cfg.data.segments_outside, features=str(store.path))
              for vid in present]
     dropped = sum(len(videos[vid].segments) for vid in present) - sum(len(item.segments) for item in items)
     if dropped:
@@ -99,15 +108,17 @@ def train(ctx: StageContext) -> dict:
         "train_videos": [it.id for it in items],
         # relative: the cache may move as a whole
         "extract_dir": os.path.relpath(extract_dir, out.parent / ctx.key),
+        # what made this model, by stage: `pipeline run ... --config <this file>` makes it again
+        "params": dict(ctx.config),
     })
-    device = _device(ctx.runtime)
+    device = _device(ctx.runtime, ctx.log)
     if not (out / MODEL_FILE).exists():
         ctx.log(f"localize: training {cfg.preset} on {len(items)} videos of {subset} "
                 f"({cfg.train.total_epochs} epochs, {device})")
         source = FeatureReader(extract_dir, [it.id for it in items], ctx.runtime.get("in_memory", "auto"))
-        result = fit(cfg, items, source, out, device=device, log=ctx.log)
+        result = fit(cfg, items, source, out, device=device, log=ctx.log, board_dir=ctx.board_dir)
         tmp = out / f".{MODEL_FILE}.{os.getpid()}.tmp"
-        torch.save({"model": result.model.state_dict(), "ema": result.ema.state_dict(),
+        torch.save({"model": result.model.state_dict(), "ema": result.ema.state_dict(), "steps": result.steps,
                     "config": cfg.to_json(), "classes": list(ann.classes)}, tmp)
         os.replace(tmp, out / MODEL_FILE)
     last = _last_log_row(out / "train_log.csv")
@@ -130,27 +141,25 @@ def _last_log_row(path: Path) -> dict:
 def evaluate(ctx: StageContext) -> dict:
     from dataclasses import replace
 
+    import torch
+
     from localizers.actionformer import build_model, load_video_scores, video_detections
     from localizers.anet_map import ANET_TIOUS, THUMOS_TIOUS, evaluate_detections
     from localizers.checkpoint_compat import load_checkpoint
-    from localizers.config import LocalizeConfig, TestConfig, as_config_value, validate
+    from localizers.config import LocalizeConfig, validate
+    from localizers.formats import write_results_pickle, write_thumos_txt
+    from localizers.train import ema_warning
+    from pipeline.schema import apply
     from pipeline.store import open_stage_store
 
-    params = dict(ctx.params)
+    params = dict(ctx.params)  # checked against localizers.config.EvalParams when the run was planned
     split = params.get("split", "test")
     weights = params.get("weights", "ema")
-    if weights not in ("ema", "model"):
-        raise ConfigError(f"localize_eval.weights: must be ema or model, got {weights!r}")
-    test_fields = {f for f in TestConfig.__dataclass_fields__}
-    unknown = set(params) - test_fields - set(EVAL_PARAMS)
-    if unknown:
-        raise ConfigError(f"localize_eval.{sorted(unknown)[0]}: unknown parameter")
     train_dir = Path(ctx.upstream["localize"])
     with open(train_dir / CONFIG_FILE) as f:
         saved = json.load(f)
     cfg = LocalizeConfig.from_json(saved["config"])
-    overrides = {k: as_config_value(v) for k, v in params.items() if k in test_fields and v is not None}
-    cfg = replace(cfg, test=replace(cfg.test, **overrides))
+    cfg = replace(cfg, test=apply(cfg.test, params))  # the test settings set here, over the trained ones
     validate(cfg)
     if cfg.model.num_classes == 1 and len(saved["classes"]) > 1 and not cfg.test.ext_score_file:
         raise ConfigError("localize_eval.ext_score_file: a class-agnostic model (num_classes 1) needs "
@@ -162,17 +171,32 @@ def evaluate(ctx: StageContext) -> dict:
     subset, videos = _subset(ctx, ann, split)
     with open_stage_store(train_dir / saved["extract_dir"]) as store:
         items = _items(store, videos, cfg, ann.label_index(), str(ann.path), False, ctx.log)
-        device = _device(ctx.runtime)
+        device = _device(ctx.runtime, ctx.log)
         model = build_model(cfg).to(device).eval()
         # an official epoch_034.pth.tar (or another model.pt) may replace the trained weights
-        load_checkpoint(model, params.get("checkpoint") or train_dir / MODEL_FILE, weights)
+        checkpoint = Path(params.get("checkpoint") or train_dir / MODEL_FILE)
+        if not checkpoint.is_file():
+            raise ConfigError(f"{checkpoint}: checkpoint file not found")
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        load_checkpoint(model, state, weights, where=str(checkpoint))
+        if weights == "ema" and (note := ema_warning(state.get("steps"), cfg.train.ema_decay)):
+            ctx.log(f"localize_eval: warning: {note}")
         ext = load_video_scores(cfg.test.ext_score_file, ann.classes) if cfg.test.ext_score_file else None
         results = {item.id: video_detections(model, store, item, cfg.test, ann.classes, ext, device)
                    for item in ctx.progress(items, total=len(items), desc="localize_eval", unit="video")}
     out = Path(ctx.out_dir)
     write_json_atomic(out / "detections.json", {"version": "VERSION 1.3", "results": results, "external_data": {}})
-    metrics = evaluate_detections(ann, results, subset=subset, tious=tious)
-    write_json_atomic(out / "metrics.json", metrics.to_json())
+    write_results_pickle(out / "results.pkl", results, ann.classes)
+    write_thumos_txt(out / "detections_thumos14.txt", results, ann.classes)
+    # Videos without features have no detections: evaluated, they would count as misses of the model.
+    metrics = evaluate_detections(ann, results, subset=subset, tious=tious, only_videos=results,
+                                  dataset=ctx.dataset.name)
+    # what a PR plot needs to evaluate the detections again (pipeline compare --plot)
+    write_json_atomic(out / "metrics.json", {**metrics.to_json(), "annotations": str(ann.path), "subset": subset})
     map_at = dict(zip([round(t, 2) for t in metrics.tious], metrics.mAP.tolist()))
-    return {"summary": metrics.table(), "mAP@0.5": map_at.get(0.5), "average_mAP": float(metrics.average_mAP),
-            "videos": len(items), "weights": weights}
+    summary = metrics.table()
+    if metrics.n_videos < len(videos):
+        summary = (f"localize_eval: evaluated {metrics.n_videos} of the {len(videos)} videos of split {split} "
+                   f"({subset}): the others have no features\n" + summary)
+    return {"summary": summary, "mAP@0.5": map_at.get(0.5), "average_mAP": float(metrics.average_mAP),
+            "videos": len(items), "split_videos": len(videos), "weights": weights}

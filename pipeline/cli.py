@@ -20,18 +20,22 @@ from pipeline.errors import ConfigError, PipelineError, environment_fault
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STORE_COMMANDS = {"verify": "verify", "import-features": "import_features", "export": "export_features"}
-BUILTIN = ("run", "status", "gc")
+BUILTIN = ("run", "status", "gc", "runs", "compare")
 _GLOBAL_VALUES = ("--cache-dir", "--stages")
 _GLOBAL_FLAGS = ("--debug", "--json")
 
 USAGE = """pipeline [--cache-dir DIR] [--stages FILE] [--debug] [--json] COMMAND ...
 
 commands:
-  run <stage>|train|eval|all [--stage S] --dataset D [--set stage.param=value ...] [--force]
+  run <stage>|train|eval|all [--stage S] --dataset D [--config FILE] [--set stage.param=value ...] [--force]
         [--backend local|ray|dask [--address A] [--gpus-per-task G]] [--workers N]
         [--fail-fast|--keep-going] [--no-wait]
-  status [--dataset D] [--set ...]        done / stale (and what changed) / missing, per stage
-  gc [--dry-run] [--dataset D ...]        remove cache entries no current key refers to
+  status [--dataset D] [--config F] [--set ...]
+                                          done / stale (and what changed) / not run / missing, per stage
+  gc [--dry-run] [--experiments] [--dataset D ...]
+                                          remove what no current key, import or named experiment keeps
+  runs [--dataset D]                      every experiment: name or key, what differs, status, mAP, time
+  compare A B ... [--plot FILE]           experiments (names or key prefixes) side by side
   verify | import-features | export ...   feature stores (see `pipeline <command> --help`)
   <verb> [<stage>] ...                    a stage's domain command from stages.yaml `commands:`
                                           (evaluate localize, show localize, weights, ...)"""
@@ -50,6 +54,8 @@ def _split_globals(argv: list[str]) -> tuple[dict, list[str]]:
                 if i + 1 >= len(argv):
                     raise ConfigError(f"{name}: expected a value")
                 value, i = argv[i + 1], i + 1
+            if not value.strip():
+                raise ConfigError(f"{name}: expected a path, got {value!r}")
             opts[name[2:].replace("-", "_")] = value
         elif arg in _GLOBAL_FLAGS:
             opts[arg[2:]] = True
@@ -69,8 +75,13 @@ def _workspace(opts: dict):
     else:
         stages = Path("stages.yaml")
     stages = stages.resolve()
-    cache = opts["cache_dir"] or os.environ.get("PIPELINE_CACHE") or stages.parent / "cache"
-    return Workspace.open(stages, Path(cache).expanduser().resolve())
+    env = os.environ.get("PIPELINE_CACHE")
+    if env is not None and not env.strip() and not opts["cache_dir"]:
+        raise ConfigError("PIPELINE_CACHE: set but empty (unset it, or name the cache directory)")
+    cache = Path(opts["cache_dir"] or env or stages.parent / "cache").expanduser().resolve()
+    if cache.exists() and not cache.is_dir():
+        raise ConfigError(f"--cache-dir {cache}: not a directory")
+    return Workspace.open(stages, cache)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,19 +130,70 @@ def _main(argv: list[str]) -> int:
         return _run(ws, opts, rest)
     if verb == "status":
         return _status(ws, opts, rest)
+    if verb == "runs":
+        return _runs(ws, opts, rest)
+    if verb == "compare":
+        return _compare(ws, opts, rest)
     return _gc(ws, opts, rest)
+
+
+def _runs(ws, opts: dict, argv: list[str]) -> int:
+    from pipeline.experiments import format_runs, list_runs
+
+    p = CommandParser(prog="pipeline runs", allow_abbrev=False)
+    p.add_argument("--dataset", action="append", default=[], help="only this dataset's runs (its name)")
+    a = p.parse_args(argv)
+    runs = list_runs(ws, a.dataset or None)
+    if opts["json"]:
+        print(json.dumps({"command": "runs", "runs": [
+            {"name": r.name, "key": r.key, "stage": r.stage, "dataset": r.dataset, "status": r.status,
+             "dir": str(r.dir), "seconds": r.seconds, "differs": r.differs, "mAP": dict(r.columns()),
+             "per_class": r.per_class()} for r in runs]}, default=str))
+    else:
+        print(format_runs(runs))
+    return 0
+
+
+def _compare(ws, opts: dict, argv: list[str]) -> int:
+    from pipeline.experiments import find_run, format_compare, list_runs
+
+    p = CommandParser(prog="pipeline compare", allow_abbrev=False)
+    p.add_argument("refs", nargs="+", metavar="NAME_OR_KEY", help="experiment names or key prefixes (pipeline runs)")
+    p.add_argument("--plot", type=Path, metavar="FILE", help="PR curves side by side (.png, .pdf, .svg): the "
+                                                             "compared stage's compare-plot command")
+    p.add_argument("--classes", help="comma-separated classes to plot (default: every class, up to 12)")
+    a = p.parse_args(argv)
+    if len(a.refs) < 2:
+        raise ConfigError("compare: give at least two experiments (names or key prefixes)")
+    all_runs = list_runs(ws)
+    runs = [find_run(all_runs, ref) for ref in a.refs]
+    if len({r.stage for r in runs}) > 1:
+        raise ConfigError(f"compare: the runs belong to different stages ({', '.join(sorted({r.stage for r in runs}))})")
+    if opts["json"]:
+        print(json.dumps({"command": "compare", "runs": [
+            {"name": r.name, "key": r.key, "stage": r.stage, "dataset": r.dataset, "params": r.params,
+             "mAP": dict(r.columns()), "per_class": r.per_class()} for r in runs]}, default=str))
+    else:
+        print(format_compare(runs))
+    if a.plot is not None:
+        verb = "compare-plot"
+        if verb not in ws.graph[runs[0].stage].commands:
+            raise ConfigError(f"compare --plot: stage {runs[0].stage} declares no {verb} command in {ws.graph.path}")
+        argv = ["--out", str(a.plot)] + [x for r in runs for x in ("--run", f"{r.label}={r.dir}")]
+        return _domain(ws, opts, verb, [runs[0].stage] + argv + (["--classes", a.classes] if a.classes else []))
+    return 0
 
 
 def _run(ws, opts: dict, argv: list[str]) -> int:
     from pipeline.context import RunOptions
-    from pipeline.datasets import ensure_generated
-    from pipeline.runner import parse_sets, run, targets_for
+    from pipeline.runner import parse_config, parse_sets, run, targets_for
 
     p = CommandParser(prog="pipeline run", allow_abbrev=False)
     p.add_argument("what", help="a stage name, or train / eval (with --stage), or all")
     p.add_argument("--stage")
     p.add_argument("--dataset", required=True)
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="STAGE.PARAM=VALUE")
+    p.add_argument("--config", metavar="FILE", help="stage -> {param: value} (YAML or JSON), under --set")
     p.add_argument("--force", action="store_true")
     p.add_argument("--backend", choices=("local", "ray", "dask"), default="local")
     p.add_argument("--workers", type=int, default=1)
@@ -141,6 +203,7 @@ def _run(ws, opts: dict, argv: list[str]) -> int:
     g.add_argument("--fail-fast", action="store_true")
     g.add_argument("--keep-going", action="store_true")
     p.add_argument("--no-wait", action="store_true")
+    p.add_argument("--name", help="name this experiment (pipeline runs / compare; gc keeps it)")
     a = p.parse_args(argv)
     if a.workers < 1:
         raise ConfigError(f"--workers {a.workers}: expected a positive number")
@@ -152,13 +215,15 @@ def _run(ws, opts: dict, argv: list[str]) -> int:
         from pipeline.executors import check_installed
 
         check_installed(a.backend)
-    sets = parse_sets(a.sets)
+    if a.name is not None:
+        from pipeline.experiments import check_name
+
+        check_name(a.name)
+    sets = (parse_config(a.config) if a.config else []) + parse_sets(a.sets)
     dataset = ws.load_dataset(a.dataset)
     targets = targets_for(ws.graph, dataset, a.what, a.stage)
-    dataset = ensure_generated(dataset, ws.cache.root)
     options = RunOptions(workers=a.workers, backend=a.backend, address=a.address, gpus_per_task=a.gpus_per_task,
-                         fail_fast=a.fail_fast, force=a.force,
-                         debug=opts["debug"], json=opts["json"])
+                         fail_fast=a.fail_fast, force=a.force, debug=opts["debug"], json=opts["json"], name=a.name)
     reports = run(ws, dataset, targets, sets, options, wait=not a.no_wait)
     failed = any(r.status in ("failed", "skipped") or r.items.get("failed") for r in reports)
     code = 1 if failed else 0
@@ -192,14 +257,15 @@ def _print_run(reports) -> None:
 
 def _status(ws, opts: dict, argv: list[str]) -> int:
     from pipeline.datasets import known_manifests
-    from pipeline.runner import parse_sets
+    from pipeline.runner import parse_config, parse_sets
     from pipeline.status import explain, format_text
 
     p = CommandParser(prog="pipeline status", allow_abbrev=False)
     p.add_argument("--dataset", action="append", default=[])
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="STAGE.PARAM=VALUE")
+    p.add_argument("--config", metavar="FILE")
     a = p.parse_args(argv)
-    sets = parse_sets(a.sets)
+    sets = (parse_config(a.config) if a.config else []) + parse_sets(a.sets)
     out = []
     if a.dataset:  # named datasets: any error in them is the user's to fix (exit 2)
         for name in a.dataset:
@@ -227,14 +293,19 @@ def _gc(ws, opts: dict, argv: list[str]) -> int:
 
     p = CommandParser(prog="pipeline gc", allow_abbrev=False)
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--experiments", action="store_true",
+                   help="also remove anonymous experiments (outputs of keys no longer current, not named)")
     p.add_argument("--dataset", action="append", default=[])
     a = p.parse_args(argv)
-    res = collect_garbage(ws, a.dataset, a.dry_run)
+    res = collect_garbage(ws, a.dataset, a.dry_run, experiments=a.experiments)
     if opts["json"]:
         print(json.dumps({"command": "gc", "dry_run": a.dry_run, "removed": [p for p, _ in res.removed],
+                          "kept": [{"dir": d, "why": why} for d, why in res.kept],
                           "bytes": res.bytes, "kept_unknown": res.kept_unknown, "held": res.held,
                           "leftovers": res.leftovers}))
         return 0
+    for path, why in res.kept:
+        print(f"keep {path}: {why}")
     verb = "would remove" if a.dry_run else "removed"
     for path, size in res.removed:
         print(f"{verb} {path} ({_human(size)})")

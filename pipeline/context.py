@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 
 @dataclass(frozen=True)
@@ -38,15 +38,21 @@ class RunOptions:
     force: bool = False
     debug: bool = False
     json: bool = False
+    name: str | None = None  # the experiment's name (--name): labels its logs, never its key
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` through a temporary file and a rename: readers never see half a file."""
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -82,6 +88,8 @@ class StageContext:
       get their persistent ``<key>`` directory, which accumulates items over runs.
     - ``upstream``: name -> output directory of each stage in ``needs`` (complete).
     - ``items`` / ``all_items``: per-item stages only: the items to (re)process now, and every item.
+    - ``config``: stage -> params and runtime values, for this stage and every stage it needs, as
+      resolved for this run: a valid ``--config`` file, so an output can say how to make it again.
     """
 
     name: str
@@ -94,8 +102,12 @@ class StageContext:
     items: list[Item] = field(default_factory=list)
     all_items: list[Item] = field(default_factory=list)
     options: RunOptions = field(default_factory=RunOptions)
+    config: Mapping[str, Any] = field(default_factory=dict)
     failures: list[dict] = field(default_factory=list)
     done_count: int = 0
+    # TensorBoard run directory: one log root for the cache, runs named after the experiment (or
+    # dataset and key); None: the stage's own out_dir/tensorboard.
+    board_dir: Path | None = None
 
     @property
     def records_dir(self) -> Path:

@@ -15,7 +15,6 @@ import re
 import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from pipeline.context import write_json_atomic
 from pipeline.errors import ConfigError

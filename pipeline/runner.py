@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.cache import Cache, remove_leftovers
 from pipeline.context import Item, RunOptions, StageContext
-from pipeline.datasets import Dataset, list_items, load_dataset
+from pipeline.datasets import Dataset, ensure_generated, list_items, load_dataset
 from pipeline.errors import ConfigError, PipelineError, WorkFailed, environment_fault
 from pipeline.fingerprints import FingerprintIndex
 from pipeline.keys import KEY_FORMAT, code_files, records_digest, stage_key
@@ -79,10 +79,31 @@ def parse_sets(sets: list[str]) -> list[Override]:
     return out
 
 
+def parse_config(path: str | Path) -> list[Override]:
+    """``--config FILE``: the keys ``--set`` takes, as a file (``{localize: {epochs: 5, model: {...}}}``).
+    A file with a top-level ``params:`` (a manifest, the ``config.json`` a run wrote) gives that mapping."""
+    import yaml
+
+    p = Path(path).expanduser()
+    try:
+        raw = load_yaml(p.read_text())
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: invalid YAML: {' '.join(str(exc).split())}") from None
+    if isinstance(raw, dict) and isinstance(raw.get("params"), dict):
+        raw = raw["params"]
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise ConfigError(f"--config {path}: expected a mapping of stage -> {{param: value}}")
+    return [Override(str(stage), (str(k),), v, f"{p}: {stage}.{k}")
+            for stage, values in raw.items() for k, v in values.items()]
+
+
 def resolve_params(graph: StageGraph, dataset: Dataset | None, sets: list[Override]
                    ) -> dict[str, tuple[dict, dict]]:
-    """stage -> (params, runtime): stages.yaml defaults <- manifest ``params`` <- ``--set``."""
-    resolved = {n: (copy.deepcopy(dict(s.params)), copy.deepcopy(dict(s.runtime))) for n, s in graph.stages.items()}
+    """stage -> (params, runtime): stages.yaml defaults <- manifest ``params`` <- ``--config`` <- ``--set``
+    (``sets`` holds the last two, in that order). A stage with a schema has every value checked here,
+    its defaults included, and its ``check_params`` run: nothing bad gets past planning."""
     overrides: list[Override] = []
     if dataset is not None:
         for stage, values in dataset.params.items():
@@ -92,26 +113,64 @@ def resolve_params(graph: StageGraph, dataset: Dataset | None, sets: list[Overri
     for o in overrides + list(sets):
         if o.stage not in graph.stages:
             raise ConfigError(f"{o.source}: unknown stage {o.stage!r}; known: {', '.join(graph.order)}")
-        spec = graph.stages[o.stage]
-        params, runtime = resolved[o.stage]
+    resolved = {}
+    for name, spec in graph.stages.items():
+        mine = [o for o in overrides + list(sets) if o.stage == name]
+        schema = graph.schema(name)
+        if schema is None:
+            resolved[name] = _apply_listed(spec, mine)
+            continue
+        defaults = [Override(name, (k,), v, f"{graph.path}: stages.{name}.{part}.{k}")
+                    for part in ("params", "runtime") for k, v in getattr(spec, part).items()]
+        params, runtime = _apply_schema(schema, defaults + mine)
+        schema.check_params(params)
+        resolved[name] = (params, runtime)
+    return resolved
+
+
+def _apply_schema(schema, overrides: list[Override]) -> tuple[dict, dict]:
+    params: dict = {}
+    runtime: dict = {}
+    for o in overrides:
+        for path, value in schema.expand(o.path, o.value):
+            try:
+                param, rest = schema.locate(path)
+            except ConfigError as exc:
+                raise ConfigError(f"{o.source}: {exc}") from None
+            target = runtime if param.runtime else params
+            _set(target, (param.key, *rest), value)
+            where = o.source if len(o.path) == len(path) else f"{o.source}.{path[-1]}"
+            schema.check(param, target[param.key], where)
+    return params, runtime
+
+
+def _apply_listed(spec: StageSpec, overrides: list[Override]) -> tuple[dict, dict]:
+    """A stage without a schema: the keys its stages.yaml ``params`` / ``runtime`` list, nothing else."""
+    params, runtime = copy.deepcopy(dict(spec.params)), copy.deepcopy(dict(spec.runtime))
+    for o in overrides:
         top = o.path[0]
         target = params if top in spec.params else runtime if top in spec.runtime else None
         if target is None:
             known = ", ".join(list(spec.params) + list(spec.runtime)) or "none"
             raise ConfigError(f"{o.source}: unknown param {o.stage}.{top}; known: {known}")
-        for i, part in enumerate(o.path[:-1]):
-            if not isinstance(target.get(part), dict):
-                if i == 0:
-                    raise ConfigError(f"{o.source}: {o.stage}.{part} is not a mapping (its default is "
-                                      f"{target.get(part)!r}); set it whole")
-                target[part] = {}
-            target = target[part]
-        last = o.path[-1]
-        if isinstance(o.value, dict) and isinstance(target.get(last), dict):
-            _deep_merge(target[last], o.value)
-        else:
-            target[last] = copy.deepcopy(o.value)
-    return resolved
+        if len(o.path) > 1 and not isinstance(target.get(top), dict):
+            raise ConfigError(f"{o.source}: {o.stage}.{top} is not a mapping (its default is "
+                              f"{target.get(top)!r}); set it whole")
+        _set(target, o.path, o.value)
+    return params, runtime
+
+
+def _set(target: dict, path: tuple[str, ...], value: Any) -> None:
+    """Set ``path`` to ``value``; a mapping set onto a mapping merges into it."""
+    for part in path[:-1]:
+        if not isinstance(target.get(part), dict):
+            target[part] = {}
+        target = target[part]
+    last = path[-1]
+    if isinstance(value, dict) and isinstance(target.get(last), dict):
+        _deep_merge(target[last], value)
+    else:
+        target[last] = copy.deepcopy(value)
 
 
 def _deep_merge(base: dict, extra: dict) -> None:
@@ -160,6 +219,7 @@ class Planner:
     def __init__(self, ws: Workspace, dataset: Dataset, sets: list[Override] = ()):
         self.ws = ws
         self.dataset = dataset
+        self.sets = list(sets)
         self.resolved = resolve_params(ws.graph, dataset, list(sets))
         self._inputs: list[tuple[str, str, str]] | None = None
         self._unusable: list[tuple[str, str, str]] = []
@@ -190,7 +250,7 @@ class Planner:
 
     def imported(self) -> dict | None:
         if self._imports is False:
-            self._imports = lookup_import(self.ws.cache.root, self.dataset.name)
+            self._imports = lookup_import(self.ws.cache.root, self.dataset)
         return self._imports
 
     def annotations_fingerprint(self) -> str | None:
@@ -322,6 +382,14 @@ class Planner:
             out[p] = self._file_param(spec, p, params.get(p), as_key=False)
         return out
 
+    def config_of(self, name: str) -> dict:
+        """The resolved values of ``name`` and the stages it needs, as a ``--config`` file holds them."""
+        out = {}
+        for n in self.ws.graph.closure([name]):
+            params, runtime = self.resolved[n]
+            out[n] = {**self._run_params(self.ws.graph[n], params), **runtime}
+        return out
+
     def plan_all(self, names: list[str]) -> dict[str, StageState]:
         states: dict[str, StageState] = {}
         for name in self.ws.graph.closure(names):
@@ -329,10 +397,10 @@ class Planner:
         return states
 
 
-def lookup_import(cache_root: Path, dataset_name: str) -> dict | None:
+def lookup_import(cache_root: Path, dataset: Dataset) -> dict | None:
     from pipeline.store.imports import lookup  # light: numpy, zarr and h5py load only with a store
 
-    return lookup(cache_root, dataset_name)
+    return lookup(cache_root, dataset)
 
 
 # ---------------------------------------------------------------- running
@@ -380,13 +448,16 @@ def targets_for(graph: StageGraph, dataset: Dataset, what: str, stage: str | Non
 
 def run(ws: Workspace, dataset: Dataset, targets: list[str], sets: list[Override], options: RunOptions,
         wait: bool = True) -> list[StageReport]:
-    planner = Planner(ws, dataset, sets)
+    planner = Planner(ws, dataset, sets)  # every param and runtime value checked here
     names = ws.graph.closure(targets)
+    check_splits(ws.graph, dataset, planner.resolved, names)
     imported = planner.imported() is not None
     for name in names:
         if not (name == "extract" and imported):
             ws.graph.check_entry(name)
             planner.check_files(name)  # a missing checkpoint fails now, not after hours of upstream work
+    if dataset.generate is not None:  # generating the demo is the first work: after every check
+        planner.dataset = dataset = ensure_generated(dataset, ws.cache.root)
     dataset.check_paths(need_videos=any(ws.graph[n].per_item and not (n == "extract" and imported)
                                         for n in names))
     for name in names:
@@ -444,7 +515,26 @@ def _run_stages(ws: Workspace, planner: Planner, names: list[str], targets: list
                 break
         else:  # what dependants see: the committed output, the records now complete
             states[name] = planner.plan(name, states)
+    if options.name:
+        from pipeline.experiments import record_experiment
+
+        record_experiment(ws.cache.root, options.name, planner.dataset, [o.source for o in planner.sets],
+                          {n: st.key for n, st in states.items() if st.key is not None})
     return reports
+
+
+def check_splits(graph: StageGraph, dataset: Dataset, resolved: dict[str, tuple[dict, dict]],
+                 names: list[str]) -> None:
+    """Params naming a split of the dataset (``SplitName``) of the stages to run: the manifest has it."""
+    from pipeline.schema import SplitName
+
+    for name in names:
+        schema = graph.schema(name)
+        for param in schema.marked(SplitName) if schema else ():
+            value = resolved[name][param.runtime].get(param.key)
+            if value is not None and value not in dataset.splits:
+                raise ConfigError(f"{dataset.path}: splits: no {value!r} split, which {name}.{param.key} names "
+                                  f"(has {', '.join(sorted(dataset.splits)) or 'none'})")
 
 
 def _cached_report(ws: Workspace, st: StageState, status: str) -> StageReport:
@@ -482,13 +572,15 @@ def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, s
     else:
         out_dir = ws.cache.begin_whole(spec.name, st.key, force)
         items = []
+    run_name = options.name or f"{planner.dataset.name}-{st.key[:12]}"
     # Temporary files of a killed earlier attempt (they would end up inside the finished output);
     # a per-item stage's records only: its store may hold many files.
     remove_leftovers(out_dir, recursive=False)
     remove_leftovers(out_dir / "items", recursive=False)
     ctx = StageContext(name=spec.name, key=st.key, params=st.params, runtime=st.runtime, dataset=planner.dataset,
                        out_dir=out_dir, upstream={n: states[n].dir for n in spec.needs}, items=items,
-                       all_items=st.all_items(), options=options)
+                       all_items=st.all_items(), options=options, config=planner.config_of(spec.name),
+                       board_dir=ws.cache.root / "tensorboard" / run_name / spec.name)
     started = time.time()
     report = StageReport(spec.name, "ran", key=st.key, dir=str(st.dir))
     # under --json stdout carries one JSON object: whatever the stage prints goes to stderr

@@ -7,6 +7,7 @@ level and parsed with ``ast``, so planning never pays for torch or a domain pack
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.machinery
 import sys
 from dataclasses import dataclass, field
@@ -14,11 +15,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.errors import ConfigError
+from pipeline.schema import StageSchema, load_class
 
 STAGE_FIELDS = ("entry", "needs", "code", "version", "per_item", "tasks", "file_params", "commands",
-                "params", "runtime")
+                "schema", "params", "runtime")
+SCHEMA_FIELDS = ("params", "runtime")
 TOP_FIELDS = ("stages",)
-CACHE_ROOT_NAMES = ("datasets", "imports", "keyframes")
+CACHE_ROOT_NAMES = ("datasets", "imports", "experiments", "tensorboard", "keyframes")
 # What a per-item stage maps over: the dataset's video files, or the keyframes of its splits (a detect
 # dataset), each keyframe an item of its own whose source is its video file.
 PER_ITEM_KINDS = ("videos", "keyframes")
@@ -37,6 +40,7 @@ class StageSpec:
     commands: Mapping[str, str] = field(default_factory=dict)
     params: Mapping[str, Any] = field(default_factory=dict)
     runtime: Mapping[str, Any] = field(default_factory=dict)
+    schema: Mapping[str, str] = field(default_factory=dict)  # params / runtime -> 'module:Class'
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,14 @@ class StageGraph:
         """Fail (exit 2) if the stage's entry cannot be imported, without importing it."""
         _check_target(self, name, "entry", self[name].entry)
 
+    def schema(self, name: str) -> StageSchema | None:
+        """The stage's declared schema (None: it accepts the keys its stages.yaml defaults list)."""
+        spec = self[name]
+        if not spec.schema:
+            return None
+        return _load_schema(str(self.root), f"{self.path}: stages.{name}.schema", name,
+                            spec.schema.get("params"), spec.schema.get("runtime"))
+
     def check_command(self, name: str, verb: str) -> None:
         _check_target(self, name, f"commands.{verb}", self[name].commands[verb])
 
@@ -91,10 +103,25 @@ class StageGraph:
 
 
 def load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` through libyaml when it is there (several times faster on every command)."""
+    """``yaml.safe_load`` through libyaml when it is there (several times faster on every command), with
+    ``2e-4`` read as the number it is (YAML 1.2; PyYAML's 1.1 rules want ``2.0e-4`` and give a string)."""
     import yaml
 
-    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    return yaml.load(text, Loader=_loader())
+
+
+@functools.lru_cache(maxsize=None)
+def _loader():
+    import re
+
+    import yaml
+
+    class Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    return Loader
 
 
 def load_stage_graph(path: str | Path) -> StageGraph:
@@ -167,9 +194,20 @@ def _parse_stage(path: Path, name: str, fields: Any) -> StageSpec:
         if p not in params:
             raise ConfigError(f"{where}.file_params: {p!r} is not a param of the stage")
     commands = {verb: _target(f"{where}.commands.{verb}", t) for verb, t in mapping("commands").items()}
+    schema = mapping("schema")
+    for key, target in schema.items():
+        if key not in SCHEMA_FIELDS:
+            raise ConfigError(f"{where}.schema.{key}: unknown field; known: {', '.join(SCHEMA_FIELDS)}")
+        _target(f"{where}.schema.{key}", target)
     return StageSpec(name=name, entry=entry, needs=names("needs"), code=names("code"), version=version,
                      per_item=per_item, tasks=names("tasks"), file_params=file_params, commands=commands,
-                     params=params, runtime=runtime)
+                     params=params, runtime=runtime, schema=schema)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_schema(root: str, where: str, stage: str, params: str | None, runtime: str | None) -> StageSchema:
+    return StageSchema(stage, *(load_class(t, root, f"{where}.{k}") if t else None
+                                for k, t in (("params", params), ("runtime", runtime))))
 
 
 def _target(where: str, value: Any) -> str:

@@ -1,4 +1,5 @@
-"""``pipeline status``: for every stage of a dataset, done / stale (and what changed) / missing.
+"""``pipeline status``: for every stage of a dataset, done / stale (and what changed) / not run (a
+configuration that never ran: how it differs from the closest earlier run) / missing.
 
 What changed is found by comparing the key material of the current plan with the ``inputs`` of the
 stage's earlier manifests for the dataset (the closest one: fewest differences): which param, which
@@ -19,7 +20,14 @@ _SHOW_IDS = 5
 def explain(ws: Workspace, dataset: Dataset, sets: list[Override] = ()) -> list[dict]:
     planner = Planner(ws, dataset, sets)
     states = planner.plan_all(ws.graph.for_task(dataset.task))
-    return [_describe(ws, dataset, st) for st in states.values()]
+    rows: dict[str, dict] = {}
+    for name, st in states.items():
+        rows[name] = _describe(ws, dataset, st)
+        # a configuration that never ran is "not run", and so is everything downstream of it
+        if rows[name]["state"] == "stale" and any(rows[n]["state"] == "not run" for n in ws.graph[name].needs
+                                                  if n in rows):
+            rows[name]["state"] = "not run"
+    return list(rows.values())
 
 
 def _describe(ws: Workspace, dataset: Dataset, st: StageState) -> dict:
@@ -46,8 +54,12 @@ def _describe(ws: Workspace, dataset: Dataset, st: StageState) -> dict:
     explanations = [changes(m.get("inputs") or {}, m.get("code_files") or {}, st)
                     for m in ws.cache.manifests(st.name, dataset.name)]
     if explanations:
-        out["state"] = "stale"
-        out["reasons"] += min(explanations, key=len) or ["inputs differ from the last output"]
+        closest = min(explanations, key=len) or ["inputs differ from the last output"]
+        # other params than any earlier output: this configuration never ran (stale is for a configuration
+        # that ran and whose code or inputs changed since)
+        never = any(r.startswith("param ") for r in closest)
+        out["state"] = "not run" if never else "stale"
+        out["reasons"] += [("closest earlier run: " if never else "") + r for r in closest]
     elif ws.cache.partial_dir(st.name, st.key).exists():
         out["reasons"].append("interrupted: a partial output exists and will be resumed")
     return out

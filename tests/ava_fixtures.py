@@ -26,6 +26,8 @@ item {
 }
 """
 LABELMAP_LABEL_ID = LABELMAP_ID.replace("  id:", "  label_id:")
+# the 2019 list (ava_action_list_v2.2_for_activitynet_2019.pbtxt): `label { ... label_type: ... }` blocks
+LABELMAP_2019 = LABELMAP_LABEL_ID.replace("item {", "label {").replace("\n}", "\n  label_type: PERSON_MOVEMENT\n}")
 
 
 def real(name: str) -> Path:

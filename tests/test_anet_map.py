@@ -80,11 +80,12 @@ def test_zero_length_segments_follow_the_official_nan_semantics():
 
 def test_labels_unknown_or_absent_from_the_subset():
     gt = _gt({"v": [("A", 0, 10)], "w": [("B", 0, 10)]})
-    with pytest.raises(ConfigError, match="video v: label 'C' is not a class"):
-        evaluate_detections(gt, {"v": [_det("C", 0.9, 0, 10)]})
+    # a label that is not a class of the ground truth is counted and reported, not fatal
+    r = evaluate_detections(gt, {"v": [_det("C", 0.9, 0, 10), _det("A", 0.8, 0, 10), _det("C", 0.7, 0, 1)]})
+    assert r.unknown_labels == {"C": 2} and _ap(r, "A") == pytest.approx([1.0] * 5)
+    assert any("2 detections with 1 labels that are not classes" in n for n in r.notes())
     only_v = {"v": gt["v"]}
-    with pytest.raises(ConfigError, match="label 'B'"):
-        evaluate_detections(only_v, {"v": [_det("B", 0.9, 0, 10)]})
+    assert evaluate_detections(only_v, {"v": [_det("B", 0.9, 0, 10)]}).unknown_labels == {"B": 1}
     with pytest.raises(ConfigError, match="video v: invalid detection"):
         evaluate_detections(gt, {"v": [_det("A", 0.9, 10, 0)]})
     with pytest.raises(ConfigError, match="video v: score and segment must be numbers"):
@@ -223,3 +224,28 @@ def test_cli_prints_table_or_json_and_names_bad_files(tmp_path, capsys):
         evaluate(["--annotations", str(gt), "--detections", str(pred), "--subset", "validation"])
     with pytest.raises(ConfigError, match="--tiou"):
         evaluate(["--annotations", str(gt), "--detections", str(pred), "--tiou", "x"])
+
+
+def test_cli_warns_on_partial_detections_and_only_detected_scores_the_covered_videos(tmp_path, capsys):
+    """Detections for 1 of 4 ground-truth videos: by default the other 3 count as misses (and a warning
+    says so); --only-detected evaluates the covered video alone. The table names the dataset and protocol."""
+    import json
+
+    from localizers.cli import evaluate
+
+    gt = tmp_path / "thumos_part.json"
+    gt.write_text(json.dumps({"database": {v: {"subset": "Test", "duration": 50.0, "annotations": [
+        {"segment": [0, 10], "label": "A"}]} for v in ("v1", "v2", "v3", "v4")}}))
+    pred = tmp_path / "pred.json"
+    pred.write_text(json.dumps({"results": {"v1": [_det("A", 0.9, 0, 10), _det("Z", 0.5, 0, 10)]}}))
+    assert evaluate(["--annotations", str(gt), "--detections", str(pred)]) == 0
+    out, err = capsys.readouterr()
+    assert "thumos_part detection mAP (%) (THUMOS14 protocol, tIoU 0.30:0.70) over 1 classes, 4 videos" in out
+    assert "mAP        25.00  25.00  25.00  25.00  25.00  25.00" in out
+    assert "detections cover 1 of the 4 evaluated videos" in err and "--only-detected" in err
+    assert "1 detections with 1 labels that are not classes of the ground truth were ignored: 'Z' (1)" in err
+    assert evaluate(["--annotations", str(gt), "--detections", str(pred), "--only-detected", "--json",
+                     "--tiou", "0.5:0.95:0.05"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mAP"] == [1.0] * 10 and out["n_videos"] == 1 and out["n_videos_gt"] == 4
+    assert out["protocol"].startswith("ActivityNet protocol") and out["unknown_labels"] == {"Z": 1}

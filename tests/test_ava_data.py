@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ava_fixtures import LABELMAP_ID, LABELMAP_LABEL_ID, ROOT, csv_rows, needs_real_ava, real, write
+from ava_fixtures import LABELMAP_2019, LABELMAP_ID, LABELMAP_LABEL_ID, ROOT, csv_rows, needs_real_ava, real, write
 from pipeline.ava import (keyframe_id, load_split, parse_keyframe_id, read_boxes, read_exclusions, read_labelmap,
                           read_proposals)
 from pipeline.boxes import box_iou, clip_boxes, valid_boxes
@@ -40,8 +40,8 @@ def test_box_helpers():
         [True, False, False, False]
 
 
-@pytest.mark.parametrize("text", [LABELMAP_ID, LABELMAP_LABEL_ID, "12: stand\n79: talk to (e.g., self, a person, "
-                                  "a group)\n\n80: watch (a person)\n"])
+@pytest.mark.parametrize("text", [LABELMAP_ID, LABELMAP_LABEL_ID, LABELMAP_2019,
+                                  "12: stand\n79: talk to (e.g., self, a person, a group)\n\n80: watch (a person)\n"])
 def test_labelmap_syntaxes(tmp_path, text):
     assert read_labelmap(write(tmp_path, "map.pbtxt", text)) == {
         12: "stand", 79: "talk to (e.g., self, a person, a group)", 80: "watch (a person)"}
@@ -63,10 +63,10 @@ def test_labelmap_errors(tmp_path, text, fragment):
 def test_boxes_merged_per_box_and_timestamps_in_both_forms(tmp_path):
     p = write(tmp_path, "gt.csv", csv_rows([
         ("v", "0902", 0.1, 0.1, 0.5, 0.9, 12, 0),
-        ("v", "902", 0.1, 0.1, 0.5, 0.9, 79, 0),     # same box, plain timestamp
         ("v", "0902", 0.5, 0.1, 0.9, 0.9, 80, 1),
         ("v", "0902", 0.1, 0.1, 0.5, 0.9, 80, 2),    # same coordinates, another person: another box
         ("w", "1000", 0.2, 0.2, 0.4, 0.4, 2, 5),     # an AVA action outside the label map: box kept, no label
+        ("v", "902", 0.1, 0.100, 0.5, 0.9, 79, 0),   # the first box again, further down, plain timestamp
     ]) + "\n")
     table = read_boxes(p, {12, 79, 80})
     assert list(table) == [("v", 902), ("w", 1000)]
@@ -80,6 +80,17 @@ def test_boxes_merged_per_box_and_timestamps_in_both_forms(tmp_path):
     assert "1 rows of actions outside the label map dropped" in s.summary()
     seven = read_boxes(write(tmp_path, "gt7.csv", "v,902,0.1,0.1,0.5,0.9,12\n"), None)
     assert seven[("v", 902)].person_ids == (-1,)
+
+
+def test_spaces_quotes_and_blank_lines_read_as_the_plain_file(tmp_path):
+    plain = "v,0902,0.1,0.1,0.5,0.9,12,0\nv,0902,0.1,0.1,0.5,0.9,79,0\n-x9,1000,0.2,0.2,0.4,0.4,80,5\n"
+    messy = ' v, 0902 ,0.1,0.1,0.5,0.9,12,0\n\n  \n"v",902,0.1,0.1,0.5,0.9,79,0\n-x9,1000,0.2,0.2,0.4,0.4,80,5 \n'
+    a, b = (read_boxes(write(tmp_path, name, text), {12, 79, 80}) for name, text in (("a.csv", plain),
+                                                                                     ("b.csv", messy)))
+    assert list(a) == list(b) == [("v", 902), ("-x9", 1000)]
+    assert all(a[k].labels == b[k].labels and np.array_equal(a[k].boxes, b[k].boxes) for k in a)
+    with pytest.raises(ConfigError, match="b.csv:5: x1: expected a number, got 'x'"):
+        read_boxes(write(tmp_path, "b.csv", messy.replace("-x9,1000,0.2", "-x9,1000,x")), {12, 79, 80})
 
 
 def test_out_of_range_boxes_are_clipped_and_degenerate_ones_dropped_and_counted(tmp_path):
@@ -164,6 +175,11 @@ def test_proposal_pickle_as_mmaction2_writes_it(tmp_path):
     p = tmp_path / "dense_proposals.pkl"
     p.write_bytes(pickle.dumps({k: np.array(v, dtype=np.float32) for k, v in data.items()}, protocol=4))
     _check_proposals(read_proposals(p, min_score=0.5))
+    old = tmp_path / "numpy1.pkl"  # written under numpy 1, whose arrays pickle as numpy.core.multiarray
+    old.write_bytes(pickle.dumps({k: np.array(v) for k, v in data.items()}, protocol=2)
+                    .replace(b"numpy._core.", b"numpy.core."))
+    assert b"numpy.core.multiarray" in old.read_bytes()
+    _check_proposals(read_proposals(old, min_score=0.5))
     p5 = tmp_path / "proposals.bin"  # told apart from a CSV by its first byte too; protocol 5 buffers
     p5.write_bytes(pickle.dumps({k: np.array(v) for k, v in data.items()}, protocol=5))
     _check_proposals(read_proposals(p5, min_score=0.5))
@@ -198,7 +214,8 @@ def _detect_manifest(tmp_path, extra: str = "") -> Path:
     write(tmp_path, "train.csv", csv_rows([("v", 902, 0.1, 0.1, 0.5, 0.9, 12, 0), ("v", 903, 0.1, 0.1, 0.5, 0.9, 80, 0),
                                            ("w", 950, 0.1, 0.1, 0.5, 0.9, 79, 0)]))
     write(tmp_path, "excl.csv", "v,0903\nv,0905\n")
-    write(tmp_path, "boxes.csv", csv_rows([("v", 904, 0.1, 0.1, 0.5, 0.9, "", 0.9), ("v", 905, 0.1, 0.1, 0.5, 0.9, "", 0.9),
+    write(tmp_path, "boxes.csv", csv_rows([("v", 904, 0.1, 0.1, 0.5, 0.9, "", 0.9),
+                                           ("v", 905, 0.1, 0.1, 0.5, 0.9, "", 0.9),
                                            ("w", 950, 0.2, 0.1, 0.5, 0.9, "", 0.3)]))
     (tmp_path / "videos").mkdir(exist_ok=True)
     return write(tmp_path, "ava.yaml", f"""name: toyava

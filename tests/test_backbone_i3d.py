@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from layout_fixtures import layout, public_state_dict
 
 from extractors import i3d
-from extractors.checkpoints import load_state_dict_checked
+from pipeline.checkpoints import load_state_dict_checked
 from extractors.registry import build_backbone
 from pipeline.errors import ConfigError
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from extractors.registry import build_backbone
-from extractors.checkpoints import load_state_dict_checked
+from pipeline.checkpoints import load_state_dict_checked
 from extractors.slowfast import ARCHS, KEY_FORMATS, SlowFast, SlowFastConfig, build
 from pipeline.errors import ConfigError
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from extractors.checkpoints import mismatch_report
+from pipeline.checkpoints import mismatch_report
 from extractors.registry import build_backbone
 from extractors.videomae import VARIANTS, Attention, VideoMAE, VideoMAEConfig, build, position_table, \
     sinusoid_table

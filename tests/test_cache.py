@@ -73,8 +73,9 @@ def test_param_change_reruns_that_stage_and_dependants_only(toy):
     out = toy.run()
     assert statuses(out) == {"upper": "cached", "total": "cached"}
     status = toy.status("--set", "total.fmt.width=4")
-    assert status["upper"]["state"] == "done" and status["total"]["state"] == "stale"
-    assert status["total"]["reasons"] == ["param total.fmt.width: 0 -> 4"]
+    # a configuration that never ran is "not run" (not stale), with how it differs from the closest run
+    assert status["upper"]["state"] == "done" and status["total"]["state"] == "not run"
+    assert status["total"]["reasons"] == ["closest earlier run: param total.fmt.width: 0 -> 4"]
 
 
 def test_touch_without_change_rehashes_once_and_reruns_nothing(toy):
@@ -223,9 +224,13 @@ def test_gc_removes_what_no_current_key_refers_to(toy):
     current = toy.run()
     old = toy.run("--set", "total.scale=3")
     old_dir = toy.cache / "total" / old["by_stage"]["total"]["key"]
-    dry = toy.cli("gc", "--dry-run")
-    assert str(old_dir) in dry.stdout and old_dir.exists()
+    # an anonymous experiment (a --set run) is kept, and gc says why; --experiments removes it
     proc = toy.cli("gc")
+    assert f"keep {old_dir}: anonymous experiment (pipeline gc --experiments removes it)" in proc.stdout
+    assert old_dir.exists()
+    dry = toy.cli("gc", "--dry-run", "--experiments")
+    assert f"would remove {old_dir}" in dry.stdout and old_dir.exists()
+    proc = toy.cli("gc", "--experiments")
     assert "reclaimed" in proc.stdout and not old_dir.exists()
     for name in ("upper", "total"):
         assert (toy.cache / name / current["by_stage"][name]["key"]).exists()

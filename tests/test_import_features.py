@@ -49,7 +49,7 @@ def test_thumos_i3d_npy_import_time_mapping_records_and_export(tmp_path, capsys)
     cmd = _cmd(tmp_path, ann)
     assert import_features([str(src), "--dataset", "thumos", "--format", "npy", "--preset", "thumos_i3d"], cmd) == 0
 
-    reg = lookup(cmd.cache_dir, "toy")
+    reg = lookup(cmd.cache_dir, cmd.load_dataset(None))
     assert reg["format"] == "npy" and reg["source"] == str(src.resolve()) and reg["videos"] == 2
     out = Path(reg["dir"])
     assert out == cmd.cache_dir / "extract" / reg["key"]
@@ -76,7 +76,7 @@ def test_thumos_i3d_npy_import_time_mapping_records_and_export(tmp_path, capsys)
 
     # Importing the same files again finds the same key; export writes per-video .npy back.
     assert import_features([str(src), "--dataset", "thumos", "--format", "npy", "--preset", "thumos_i3d"], cmd) == 0
-    assert lookup(cmd.cache_dir, "toy")["key"] == reg["key"]
+    assert lookup(cmd.cache_dir, cmd.load_dataset(None))["key"] == reg["key"]
     assert export_features(["--dataset", "thumos", "--to", str(tmp_path / "exported")], cmd) == 0
     for vid, arr in arrays.items():
         back = np.load(tmp_path / "exported" / f"{vid}.npy")
@@ -93,7 +93,7 @@ def test_epic_slowfast_npz_without_annotations(tmp_path):
     cmd = _cmd(tmp_path, None)
     import_features([str(src), "--dataset", "epic", "--format", "npz", "--preset", "epic_slowfast",
                      "--dtype", "float32"], cmd)
-    store = open_stage_store(lookup(cmd.cache_dir, "toy")["dir"])
+    store = open_stage_store(lookup(cmd.cache_dir, cmd.load_dataset(None))["dir"])
     np.testing.assert_array_equal(store.read("P01_01"), arr)
     i = np.arange(12)
     # EPIC-KITCHENS SlowFast: 32-frame windows every 16 frames at 30 fps: t_i = (16i + 16) / 30.
@@ -115,7 +115,7 @@ def test_anet_tsp_pkl_with_v_prefix_and_merged_h5(tmp_path):
     for src, fmt in [(pkl_dir, "pkl"), (tmp_path / "tsp_merged.h5", "h5")]:
         cmd = _cmd(tmp_path, ann)
         import_features([str(src), "--dataset", "anet", "--format", fmt, "--preset", "anet_tsp"], cmd)
-        reg = lookup(cmd.cache_dir, "toy")
+        reg = lookup(cmd.cache_dir, cmd.load_dataset(None))
         keys.add(reg["key"])
         store = open_stage_store(reg["dir"])
         assert store.videos() == ["abc", "xyz-1"]  # ids as in the annotations, without "v_"
@@ -137,7 +137,7 @@ def _bad_import(tmp_path: Path, files: dict[str, object], match: str, preset=("-
     with pytest.raises(ConfigError, match=match):
         import_features([str(src), "--dataset", "d", "--format", "npy", *preset], cmd)
     # Nothing imported half: no store, no record, no registration.
-    assert lookup(cmd.cache_dir, "toy") is None
+    assert lookup(cmd.cache_dir, cmd.load_dataset(None)) is None
     extract = cmd.cache_dir / "extract"
     assert not extract.exists() or list(extract.iterdir()) == []
 
@@ -147,7 +147,7 @@ def _bad_import(tmp_path: Path, files: dict[str, object], match: str, preset=("-
     ({"v1": _feats(0, 5, 8), "v2": np.array([["a", "b"]] * 3)}, r"bad/v2\.npy: features must be a numeric array"),
     ({"v1": _feats(0, 5, 8), "v2": np.array([[1.0, np.nan]] * 3)}, r"bad/v2\.npy: features contain NaN/Inf"),
     ({"v1": _feats(0, 5, 8), "v2": np.array([[1.0, np.inf]] * 3)}, r"bad/v2\.npy: features contain NaN/Inf"),
-    ({"v1": _feats(0, 5, 8), "nope": _feats(1, 5, 8)}, r"bad/nope\.npy: video 'nope' is not in the annotations"),
+    ({"v1": _feats(0, 5, 8), "nope": _feats(1, 5, 8)}, r"bad/nope\.npy: 1 of 2 feature files name no video"),
     ({"v1": _feats(0, 5, 8), "v2": np.zeros(5)}, r"bad/v2\.npy: features must have shape \(T, C\)"),
     ({"v1": np.full((3, 8), 1e6)}, r"bad/v1\.npy: .*float16 range"),
 ])
@@ -205,7 +205,8 @@ def test_cli_import_then_status_sees_imported_extract(tmp_path, capsys):
     cache = tmp_path / "cache"
     assert main(["--cache-dir", str(cache), "import-features", str(src), "--dataset", str(manifest),
                  "--format", "npy", "--stride", "4", "--clip-len", "16"]) == 0
-    reg = lookup(cache, "mini")
+    mini = SimpleNamespace(name="mini", path=manifest)
+    reg = lookup(cache, mini)
     assert open_stage_store(reg["dir"]).videos() == ["v1"]
     capsys.readouterr()
     assert main(["--cache-dir", str(cache), "--json", "verify"]) == 0
@@ -216,7 +217,47 @@ def test_cli_import_then_status_sees_imported_extract(tmp_path, capsys):
     assert main(["--cache-dir", str(cache), "gc", "--dataset", str(manifest)]) == 0
     assert (Path(reg["dir"]) / "manifest.json").is_file()
     assert main(["--cache-dir", str(cache), "import-features", "--unregister", "--dataset", str(manifest)]) == 0
-    assert lookup(cache, "mini") is None
+    assert lookup(cache, mini) is None
     capsys.readouterr()
     assert main(["--cache-dir", str(cache), "run", "extract", "--dataset", str(manifest)]) == 2
     assert "MINI_VIDEOS_UNSET is not set" in capsys.readouterr().err
+
+
+def test_two_manifests_named_alike_keep_their_own_imports(tmp_path, capsys):
+    """Imports belong to a manifest file (path, then content), not to its `name:`; export takes the right one."""
+    from pipeline.cli import main
+
+    cache = tmp_path / "cache"
+    manifests = []
+    for i, sub in enumerate(("a", "b")):
+        d = tmp_path / sub
+        (d / "feats").mkdir(parents=True)
+        np.save(d / "feats" / "v1.npy", _feats(i, 6, 16))
+        _ann(d / "ann.json", {"v1": 30.0})
+        (d / "same.yaml").write_text("name: same\ntask: localize\nannotations: ann.json\nsplits: {train: validation}\n")
+        manifests.append(d / "same.yaml")
+        assert main(["--cache-dir", str(cache), "import-features", str(d / "feats"), "--dataset", str(d / "same.yaml"),
+                     "--format", "npy", "--stride", "4", "--clip-len", "16"]) == 0
+        assert "stored as float16 (values changed by up to" in capsys.readouterr().err
+    for i, m in enumerate(manifests):
+        assert main(["--cache-dir", str(cache), "export", "--dataset", str(m), "--to", str(tmp_path / f"out{i}")]) == 0
+        np.testing.assert_array_equal(np.load(tmp_path / f"out{i}" / "v1.npy"),
+                                      _feats(i, 6, 16).astype(np.float16).astype(np.float32))
+    # a manifest moved elsewhere keeps its import (found by its content)
+    moved = tmp_path / "moved.yaml"
+    moved.write_text(manifests[0].read_text() + "# moved\n")
+    assert lookup(cache, SimpleNamespace(name="same", path=moved)) is None
+    manifests[0].rename(moved := tmp_path / "a" / "renamed.yaml")
+    assert lookup(cache, SimpleNamespace(name="same", path=moved))["source"] == str((tmp_path / "a" / "feats").resolve())
+
+
+def test_every_misnamed_file_is_counted_and_v_prefixed_ids_get_a_hint(tmp_path):
+    src = tmp_path / "feats"
+    src.mkdir()
+    for vid in ("abc", "def", "ghi", "jkl", "v_ok"):
+        np.save(src / f"{vid}.npy", _feats(0, 5, 8))
+    ann = _ann(tmp_path / "a.json", {"v_abc": 30.0, "v_def": 30.0, "ok": 30.0})
+    cmd = _cmd(tmp_path, ann)
+    with pytest.raises(ConfigError, match=r"4 of 5 feature files name no video of the annotations of toy .*"
+                                          r"abc\.npy, .*def\.npy, .*ghi\.npy, \.\.\.; 2 of them match with a 'v_' prefix"):
+        import_features([str(src), "--dataset", "d", "--format", "npy", "--stride", "4", "--clip-len", "16"], cmd)

@@ -146,7 +146,7 @@ def import_features(argv: list[str], cmd) -> int:
     args = p.parse_args(argv)
     dataset = cmd.load_dataset(args.dataset)
     if args.unregister:
-        removed = unregister(cmd.cache_dir, dataset.name)
+        removed = unregister(cmd.cache_dir, dataset)
         _emit(cmd, args, {"dataset": dataset.name, "unregistered": removed},
               [f"{dataset.name}: " + ("import registration removed" if removed else "nothing was imported")])
         return 0
@@ -161,7 +161,7 @@ def import_features(argv: list[str], cmd) -> int:
     reg = import_into_cache(args.source, args.format, dataset, Path(cmd.cache_dir), mapping, dtype=args.dtype,
                             backend=args.backend, fingerprints=index.fingerprints, log=log)
     _emit(cmd, args, reg, [f"{dataset.name}: extract = {reg['videos']} videos imported from {reg['source']} "
-                     f"(key {reg['key']}, {reg['dir']})"])
+                     f"as {reg['dtype']} (key {reg['key']}, {reg['dir']})"])
     return 0
 
 
@@ -204,7 +204,7 @@ def export_features(argv: list[str], cmd) -> int:
         stage_dir = args.stage_dir
     else:
         dataset = cmd.load_dataset(args.dataset)
-        reg = lookup(cmd.cache_dir, dataset.name)
+        reg = lookup(cmd.cache_dir, dataset)
         stage_dir = Path(reg["dir"]) if reg else cmd.stage_dir("extract", dataset, args.sets)
         if stage_dir is None:
             raise ConfigError(f"--dataset {dataset.name}: extract is not done for the current key "

@@ -2,7 +2,9 @@
 
 ``import_into_cache`` turns public feature files into ``<cache>/extract/<key>/`` exactly like an
 extraction would leave it (a store, ``items/<vid>.json`` records, ``manifest.json`` with
-``imported_from``) and registers it in ``<cache>/imports/<dataset>.json``. The key hashes the
+``imported_from``) and registers it in ``<cache>/imports/<name>-<hash of the manifest's path>.json``,
+which records the manifest's path and content digest: an import belongs to one manifest file (found
+again by its content when the file moves), never to every manifest that shares its ``name:``. The key hashes the
 imported files' content fingerprints and the time-mapping parameters. The store is built in
 ``<key>.partial`` beside its final place, under the key's lock, and renamed in when every file has
 passed the checks, so a bad file leaves nothing behind. The core runner consults :func:`lookup` when planning ``extract``.
@@ -10,6 +12,7 @@ passed the checks, so a bad file leaves nothing behind. The core runner consults
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -46,14 +49,51 @@ class TimeMapping:
             raise ConfigError(f"--fps: expected a positive number, got {self.fps!r}")
 
 
-def registration_path(cache_dir: Path, dataset_name: str) -> Path:
-    return Path(cache_dir) / "imports" / f"{dataset_name}.json"
+def manifest_identity(dataset) -> tuple[str, str]:
+    """(resolved path, sha256 of the content) of a dataset's manifest: what an import belongs to. Two
+    manifests that share a ``name:`` are two datasets."""
+    path = Path(dataset.path).resolve()
+    try:
+        content = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        content = ""
+    return str(path), content
 
 
-def lookup(cache_dir: Path, dataset_name: str) -> dict | None:
-    """The registration of the features imported for ``dataset_name`` (``{"key", "dir", "source",
-    "format", ...}``), or None when nothing was imported for it."""
-    path = registration_path(cache_dir, dataset_name)
+def registration_path(cache_dir: Path, dataset) -> Path:
+    path, _ = manifest_identity(dataset)
+    return Path(cache_dir) / "imports" / f"{dataset.name}-{hashlib.sha256(path.encode()).hexdigest()[:16]}.json"
+
+
+def registrations(cache_dir: Path) -> list[tuple[Path, dict]]:
+    """Every registration file and its content (unreadable ones left out)."""
+    out = []
+    for p in sorted((Path(cache_dir) / "imports").glob("*.json")):
+        try:
+            out.append((p, json.loads(p.read_text())))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return out
+
+
+def _find(cache_dir: Path, dataset) -> Path | None:
+    """The registration of this manifest: by its path, else by its content when the manifest it was
+    made for is gone (moved, not copied)."""
+    own = registration_path(cache_dir, dataset)
+    if own.exists():
+        return own
+    _, content = manifest_identity(dataset)
+    moved = [p for p, reg in registrations(cache_dir) if content and reg.get("manifest_sha256") == content
+             and not Path(reg.get("manifest", "")).exists()]
+    return moved[0] if moved else None
+
+
+def lookup(cache_dir: Path, dataset) -> dict | None:
+    """The registration of the features imported for ``dataset`` (``{"key", "dir", "source",
+    "format", ...}``), or None when nothing was imported for its manifest."""
+    path = _find(cache_dir, dataset)
+    if path is None:
+        return None
     try:
         with open(path) as f:
             reg = json.load(f)
@@ -62,15 +102,15 @@ def lookup(cache_dir: Path, dataset_name: str) -> dict | None:
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: unreadable import registration ({e}); delete it or import again") from None
     if not (Path(reg.get("dir", "")) / "manifest.json").is_file():
-        raise ConfigError(f"{path}: imported features of {dataset_name} are gone ({reg.get('dir')}); import "
+        raise ConfigError(f"{path}: imported features of {dataset.name} are gone ({reg.get('dir')}); import "
                           f"again or remove the registration (pipeline import-features --unregister --dataset "
-                          f"{dataset_name})")
+                          f"{dataset.path})")
     return reg
 
 
-def unregister(cache_dir: Path, dataset_name: str) -> bool:
-    path = registration_path(cache_dir, dataset_name)
-    if path.exists():
+def unregister(cache_dir: Path, dataset) -> bool:
+    path = _find(cache_dir, dataset)
+    if path is not None and path.exists():
         path.unlink()
         return True
     return False
@@ -108,11 +148,11 @@ def import_into_cache(src: Path, fmt: str, dataset, cache_dir: Path, mapping: Ti
     sources = importers.list_sources(src, fmt)
     annotations = annotation_index(dataset.annotations)
     ids: dict[str, importers.Source] = {}
+    unmatched = [s for s in sources if annotations and match_video(s.vid, annotations) is None]
+    if unmatched:
+        raise ConfigError(_unmatched_message(unmatched, len(sources), annotations, dataset))
     for s in sources:
         vid = match_video(s.vid, annotations) if annotations else s.vid
-        if vid is None:
-            raise ConfigError(f"{s.where}: video {s.vid!r} is not in the annotations of {dataset.name} "
-                              f"({dataset.annotations})")
         if vid in ids:
             raise ConfigError(f"{s.where}: video {vid!r} also comes from {ids[vid].where}")
         ids[vid] = s
@@ -123,8 +163,10 @@ def import_into_cache(src: Path, fmt: str, dataset, cache_dir: Path, mapping: Ti
                      "mapping": asdict(mapping), "fps": fps_of, "sources": source_fp, "dtype": dtype,
                      "backend": backend})
     final = Path(cache_dir) / "extract" / key
+    manifest_path, manifest_sha = manifest_identity(dataset)
     reg = {"key": key, "dir": str(final), "source": str(src), "format": fmt, "preset": mapping.preset,
-           "videos": len(ids), "dataset": dataset.name, "time": time.time()}
+           "videos": len(ids), "dataset": dataset.name, "manifest": manifest_path, "manifest_sha256": manifest_sha,
+           "dtype": dtype, "time": time.time()}
     from pipeline.locking import stage_lock
 
     # The extract key's lock: a concurrent import of the same files waits, and gc leaves the
@@ -135,8 +177,21 @@ def import_into_cache(src: Path, fmt: str, dataset, cache_dir: Path, mapping: Ti
         else:
             _build(final, src, fmt, ids, fps_of, source_fp, annotations, mapping, dtype, backend, key,
                    dataset.name, log)
-    write_json_atomic(registration_path(cache_dir, dataset.name), reg)
+    write_json_atomic(registration_path(cache_dir, dataset), reg)
     return reg
+
+
+def _unmatched_message(unmatched: list, total: int, annotations: dict, dataset, shown: int = 3) -> str:
+    """Every file whose video is not annotated, counted, the first few named; a hint when the ids
+    would match with a ``v_`` prefix added (annotation ids that carry it, files that do not)."""
+    names = ", ".join(s.where for s in unmatched[:shown]) + (", ..." if len(unmatched) > shown else "")
+    msg = (f"{unmatched[0].where}: {len(unmatched)} of {total} feature files name no video of the annotations "
+           f"of {dataset.name} ({dataset.annotations}): {names}")
+    prefixed = sum(1 for s in unmatched if f"v_{s.vid}" in annotations)
+    if prefixed:
+        msg += (f"; {prefixed} of them match with a 'v_' prefix (the annotation ids carry it, the files do not): "
+                f"rename the files to v_<id> or strip the prefix from the annotation ids")
+    return msg
 
 
 def _video_fps(vid: str, source, mapping: TimeMapping, annotations: dict, dataset) -> float:
@@ -157,6 +212,8 @@ def _source_fingerprint(source, file_fps: dict[str, str]) -> str:
 def _build(final: Path, src: Path, fmt: str, ids: dict, fps_of: dict, source_fp: dict, annotations: dict,
            mapping: TimeMapping, dtype: str, backend: str, key: str, dataset_name: str,
            log: Callable[[str], None]) -> None:
+    import numpy as np
+
     from pipeline.cache import Cache
     from pipeline.store import create_store, importers
 
@@ -173,6 +230,7 @@ def _build(final: Path, src: Path, fmt: str, ids: dict, fps_of: dict, source_fp:
                               f"has {mapping.feature_dim}")
         store = create_store(tmp, backend=backend, dtype=dtype, attrs=_store_attrs(mapping, dim, src, fmt))
         records = {}
+        rounding = 0.0
         with store:
             for vid, source in ids.items():
                 arr = first if vid == first_vid else importers.load(source, fmt)
@@ -183,6 +241,8 @@ def _build(final: Path, src: Path, fmt: str, ids: dict, fps_of: dict, source_fp:
                     store.write(vid, arr, _video_attrs(vid, source, source_fp, fps_of, annotations))
                 except ValueError as e:  # e.g. values beyond the float16 range
                     raise ConfigError(f"{source.where}: {e}") from None
+                if dtype == "float16":  # what storing costs, said at import
+                    rounding = max(rounding, float(np.max(np.abs(arr - arr.astype(np.float16)), initial=0.0)))
                 records[vid] = {"id": vid, "source_fingerprint": source_fp[vid], "shape": list(arr.shape),
                                 "dtype": dtype, "sampled_fps": fps_of[vid], "imported_from": source.where}
                 write_json_atomic(tmp / "items" / f"{vid}.json", records[vid])
@@ -198,7 +258,9 @@ def _build(final: Path, src: Path, fmt: str, ids: dict, fps_of: dict, source_fp:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"import-features: {len(ids)} videos from {src} -> {final}")
+    change = (f" (values changed by up to {rounding:.2g}; --dtype float32 keeps them exact)"
+              if dtype == "float16" else "")
+    log(f"import-features: {len(ids)} videos from {src} -> {final}, stored as {dtype}{change}")
 
 
 def _store_attrs(mapping: TimeMapping, dim: int, src: Path, fmt: str) -> dict:

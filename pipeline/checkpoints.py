@@ -1,4 +1,4 @@
-"""Reading public checkpoint files and loading them strictly into our backbones.
+"""Reading public checkpoint files and loading them strictly into our modules (backbones, detection heads).
 
 A published checkpoint differs from our modules in three ways only: a container around the state dict
 (``model``, ``module``, ``state_dict``, ``model_state``, ``state_dict_ema``), key names (prefixes such as
