@@ -205,9 +205,9 @@ _WORKER_MODEL: dict = {}
 def _extract_group(task) -> tuple[list, list]:
     """One task on a cluster worker: its items' data into the store, then each item's record.
     A rerun of the task (its first worker died) rewrites both whole: the writes are idempotent."""
-    from pipeline.context import write_item_record
-
     import multiprocessing
+
+    from pipeline.context import write_item_record
 
     job, items = task
     # A daemonic worker (dask-worker's default) may not start a decode process: it decodes inline.
