@@ -6,8 +6,8 @@ Params (enter the key): ``preset`` plus any preset field as an override (``strid
 (the RAFT checkpoint), ``store`` (zarr | hdf5), ``dtype`` (float16 | float32).
 Runtime (never in the key): ``batch_size``, ``flow_batch_size``, ``device`` (auto | cpu | cuda | cuda:N),
 ``video_timeout_s``, ``decoders`` (order to try, default decord then pyav).
-Options: ``--workers N`` decode processes (local) or shards in flight (ray / dask),
-``--fail-fast``.
+Options: ``--workers N`` decode processes (local) or worker processes of a local cluster (ray / dask;
+on a running cluster, ``--address``, N bounds the tasks in flight), ``--gpus-per-task``, ``--fail-fast``.
 
 Processes exactly ``ctx.items``; each video's features are written to the store, then its record
 (``ctx.item_done``); failures go to ``ctx.item_failed`` and the run goes on. torch is imported only
@@ -87,24 +87,28 @@ def run_stage(ctx: StageContext, records) -> dict:
     """An extraction stage: ``ctx.items`` through the engine into the stage's store, as ``records`` says."""
     started = time.perf_counter()
     preset = resolve_preset(ctx.params, ctx.name)  # params and runtime were checked against the schema when planned
-    device = str(torch_device(ctx.runtime.get("device", "auto"), f"{ctx.name}.device"))
+    device = ctx.runtime.get("device", "auto")
+    if ctx.options.backend == "local":
+        device = str(torch_device(device, f"{ctx.name}.device"))
+    else:  # a cluster task resolves it where it runs, with the GPUs it asked for
+        device = _cluster_device(device, ctx.options.gpus_per_task, ctx.name)
     workers = max(0, int(ctx.options.workers))
     job = ExtractJob(dict(ctx.params), dict(ctx.runtime), Path(ctx.out_dir), workers, device, records, ctx.name)
     model, attrs = _model_and_attrs(preset, job)
     flow = _flow_computer(preset, job)
     attrs["flow_checkpoint_sha256"] = _flow_sha256(flow)
-    # Created here, once, before any shard opens it: concurrent first writers would race.
+    # Created here, once, before any task opens it: concurrent first writers would race.
     _create_store(job, attrs).close()
     skipped = len(ctx.all_items) - len(ctx.items)
     bar = ctx.progress(total=len(ctx.items), desc=ctx.name, unit=records.unit)
     try:
-        if ctx.options.backend == "local" or not ctx.items:
+        if ctx.options.backend == "local":
             stats = run_job(job, ctx.items, ctx.item_done, ctx.item_failed, bar=bar, model=model, flow=flow)
             done, failed, decoders = stats.done, stats.failed, stats.decoders
             counts = {"decoded_frames": stats.decoded_frames, "native_frames": stats.native_frames,
                       "flow_pairs": stats.flow_pairs}
         else:
-            done, failed, decoders = _run_shards(ctx, job, bar)
+            done, failed, decoders = _run_cluster(ctx, job, bar) if ctx.items else (0, 0, {})
             counts = {}
     finally:
         bar.close()
@@ -165,52 +169,71 @@ def run_job(job: ExtractJob, items: Sequence[Item], item_done: Callable, item_fa
         store.close()
 
 
-def _run_shards(ctx: StageContext, job: ExtractJob, bar) -> tuple[int, int, dict]:
-    """Shards of videos as tasks of ``pipeline.executors`` (Ray / Dask); each writes its own videos
-    into the shared store, and the records are written here once their data is in."""
-    from pipeline.executors import parallel_map
+def _run_cluster(ctx: StageContext, job: ExtractJob, bar) -> tuple[int, int, dict]:
+    """The items on a Ray or Dask cluster (``pipeline.executors``), one task per video (all keyframes
+    of a video in one task: one decode pass), handed out as workers free up. Each task writes its
+    items' data and then their records itself, where it runs, so a killed driver loses only the tasks
+    in flight; results stream back here for the counts, the bar, the failures and ``--fail-fast``."""
+    import contextlib
+
+    from pipeline.executors import stream
 
     if ctx.params.get("store", "zarr") == "hdf5":
         raise ConfigError(f"{ctx.name}.store: hdf5 takes one writer at a time; use zarr with --backend "
                           f"{ctx.options.backend}")
-    n = max(1, job.workers)
-    # Items that share a shard key (the keyframes of one video) go to one shard: one decode pass.
     groups: dict[str, list[Item]] = {}
     for item in ctx.items:
         groups.setdefault(job.records.shard_key(item), []).append(item)
-    shards = [[item for group in list(groups.values())[i::n] for item in group] for i in range(n)]
-    tasks = [(job, shard, i) for i, shard in enumerate(shards) if shard]
     done = failed = 0
     decoders: dict[str, int] = {}
     by_id = {item.id: item for item in ctx.items}
-    for records, failures in parallel_map(_extract_shard, tasks, backend=ctx.options.backend, workers=n):
-        for item_id, record in records:
-            ctx.item_done(by_id[item_id], record)
-            decoders[record["decoder"]] = decoders.get(record["decoder"], 0) + 1
-            done += 1
-            bar.update(1)
-        for item_id, kind, message in failures:
-            ctx.item_failed(by_id[item_id], kind, message)
-            failed += 1
-            bar.update(1)
+    results = stream(_extract_group, [(job, group) for group in groups.values()], backend=ctx.options.backend,
+                     workers=max(1, ctx.options.workers), address=ctx.options.address,
+                     gpus=ctx.options.gpus_per_task)
+    with contextlib.closing(results):
+        for (_, group), result, error in results:
+            if error is not None:
+                result = [], [(item.id, "worker_died", f"{type(error).__name__}: {error}") for item in group]
+            records, failures = result
+            for item_id, record in records:
+                ctx.done_count += 1
+                decoders[record["decoder"]] = decoders.get(record["decoder"], 0) + 1
+                done += 1
+                bar.update(1)
+            for item_id, kind, message in failures:
+                failed += 1
+                bar.update(1)
+                ctx.item_failed(by_id[item_id], kind, message)
     return done, failed, decoders
 
 
-def _extract_shard(task) -> tuple[list, list]:
+# One model (and flow estimator) per worker process, kept across its tasks: built once, not per video.
+_WORKER_MODEL: dict = {}
+
+
+def _extract_group(task) -> tuple[list, list]:
+    """One task on a cluster worker: its items' data into the store, then each item's record.
+    A rerun of the task (its first worker died) rewrites both whole: the writes are idempotent."""
     import multiprocessing
 
-    import torch
+    from pipeline.context import write_item_record
 
-    job, items, shard = task
-    device = job.device
-    if device.startswith("cuda") and torch.cuda.device_count() > 1:
-        device = f"cuda:{shard % torch.cuda.device_count()}"   # one GPU per shard
-    # Daemonic pool workers may not fork decode processes: decode inline there.
-    workers = 0 if multiprocessing.current_process().daemon else 1
-    job = dataclasses.replace(job, workers=workers, device=device)
+    job, items = task
+    # A daemonic worker (dask-worker's default) may not start a decode process: it decodes inline.
+    decoders = 0 if multiprocessing.current_process().daemon else 1
+    job = dataclasses.replace(job, workers=decoders, device=str(torch_device(job.device, f"{job.stage}.device")))
+    key = (repr(sorted(job.params.items())), job.stage, job.device)
+    if key not in _WORKER_MODEL:
+        _WORKER_MODEL.clear()
+        preset = resolve_preset(job.params, job.stage)
+        _WORKER_MODEL[key] = (_model_and_attrs(preset, job)[0], _flow_computer(preset, job))
     records, failures = [], []
-    run_job(job, items, lambda item, record: records.append((item.id, record)),
-            lambda item, kind, message: failures.append((item.id, kind, message)))
+
+    def done(item: Item, record) -> None:
+        records.append((item.id, write_item_record(job.out_dir / "items", item, record)))
+
+    run_job(job, items, done, lambda item, kind, message: failures.append((item.id, kind, message)),
+            model=_WORKER_MODEL[key][0], flow=_WORKER_MODEL[key][1])
     return records, failures
 
 
@@ -326,6 +349,16 @@ def _decoders(runtime: Mapping[str, Any], stage: str = "extract") -> tuple[str, 
     if not usable:
         raise ConfigError(f"{stage}.decoders: none of {list(wanted)} can be imported here")
     return usable
+
+
+def _cluster_device(device: str, gpus: float, stage: str) -> str:
+    # The form of ``device`` was checked against the schema; here, only its fit with the GPU request.
+    if gpus and device == "cpu":
+        raise ConfigError(f"{stage}.device: cpu, but --gpus-per-task {gpus:g} asks for GPUs")
+    if not gpus and str(device).startswith("cuda"):
+        raise ConfigError(f"{stage}.device: {device} on a cluster needs --gpus-per-task (a task sees the GPUs "
+                          f"it asked for)")
+    return "cuda" if gpus and device == "auto" else str(device)
 
 
 def summary_table(stage: str, *, done: int, skipped: int, failed: int, seconds: float) -> str:

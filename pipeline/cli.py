@@ -28,7 +28,8 @@ USAGE = """pipeline [--cache-dir DIR] [--stages FILE] [--debug] [--json] COMMAND
 
 commands:
   run <stage>|train|eval|all [--stage S] --dataset D [--config FILE] [--set stage.param=value ...] [--force]
-        [--backend local|ray|dask] [--workers N] [--fail-fast|--keep-going] [--no-wait]
+        [--backend local|ray|dask [--address A] [--gpus-per-task G]] [--workers N]
+        [--fail-fast|--keep-going] [--no-wait]
   status [--dataset D] [--config F] [--set ...]
                                           done / stale (and what changed) / not run / missing, per stage
   gc [--dry-run] [--experiments] [--dataset D ...]
@@ -196,6 +197,8 @@ def _run(ws, opts: dict, argv: list[str]) -> int:
     p.add_argument("--force", action="store_true")
     p.add_argument("--backend", choices=("local", "ray", "dask"), default="local")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--address", help="a running cluster: Ray auto|HOST:PORT, Dask tcp://HOST:PORT")
+    p.add_argument("--gpus-per-task", type=float, default=0.0)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--fail-fast", action="store_true")
     g.add_argument("--keep-going", action="store_true")
@@ -204,6 +207,14 @@ def _run(ws, opts: dict, argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.workers < 1:
         raise ConfigError(f"--workers {a.workers}: expected a positive number")
+    if a.backend == "local" and (a.address or a.gpus_per_task):
+        raise ConfigError(f"--{'address' if a.address else 'gpus-per-task'}: only with --backend ray or dask")
+    if a.gpus_per_task < 0:
+        raise ConfigError(f"--gpus-per-task {a.gpus_per_task:g}: expected 0 or more")
+    if a.backend != "local":
+        from pipeline.executors import check_installed
+
+        check_installed(a.backend)
     if a.name is not None:
         from pipeline.experiments import check_name
 
@@ -211,8 +222,8 @@ def _run(ws, opts: dict, argv: list[str]) -> int:
     sets = (parse_config(a.config) if a.config else []) + parse_sets(a.sets)
     dataset = ws.load_dataset(a.dataset)
     targets = targets_for(ws.graph, dataset, a.what, a.stage)
-    options = RunOptions(workers=a.workers, backend=a.backend, fail_fast=a.fail_fast, force=a.force,
-                         debug=opts["debug"], json=opts["json"], name=a.name)
+    options = RunOptions(workers=a.workers, backend=a.backend, address=a.address, gpus_per_task=a.gpus_per_task,
+                         fail_fast=a.fail_fast, force=a.force, debug=opts["debug"], json=opts["json"], name=a.name)
     reports = run(ws, dataset, targets, sets, options, wait=not a.no_wait)
     failed = any(r.status in ("failed", "skipped") or r.items.get("failed") for r in reports)
     code = 1 if failed else 0

@@ -31,7 +31,9 @@ class RunOptions:
     """Command-line options that change how a stage runs, never what it outputs."""
 
     workers: int = 1
-    backend: str = "local"  # local | ray | dask (joblib back-ends)
+    backend: str = "local"  # local | ray | dask (pipeline.executors)
+    address: str | None = None    # a running Ray / Dask cluster; None: a local one for the run
+    gpus_per_task: float = 0.0    # GPUs each cluster task asks for
     fail_fast: bool = False
     force: bool = False
     debug: bool = False
@@ -89,6 +91,16 @@ def append_csv_row(path: Path, row: Mapping[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def write_item_record(records_dir: Path, item: Item, record: Mapping[str, Any] | None = None) -> dict:
+    """Write ``item``'s completion record (atomically; rewriting it is harmless) and return it. Also
+    called where a cluster task runs, so the record is committed where the item finished."""
+    rec = dict(record or {})
+    rec["id"] = item.id
+    rec["source_fingerprint"] = item.fingerprint
+    write_json_atomic(records_dir / f"{item.id}.json", rec)
+    return rec
+
+
 @dataclass
 class StageContext:
     """Everything a stage function may use. Built by the runner; tests may build one by hand.
@@ -133,10 +145,7 @@ class StageContext:
     def item_done(self, item: Item, record: Mapping[str, Any] | None = None) -> None:
         """Mark one item complete. Call only after its data is durably written: this record is the
         completion mark the planner reads, and it carries the source fingerprint."""
-        rec = dict(record or {})
-        rec["id"] = item.id
-        rec["source_fingerprint"] = item.fingerprint
-        write_json_atomic(self.records_dir / f"{item.id}.json", rec)
+        write_item_record(self.records_dir, item, record)
         self.done_count += 1
 
     def item_failed(self, item: Item, kind: str, message: str) -> None:

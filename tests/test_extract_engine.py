@@ -26,10 +26,10 @@ from extractors.engine import Engine, EngineConfig
 from extractors.preprocess import FramePreprocessor
 from extractors.presets import PRESETS, resolve_preset
 from extractors.registry import build_backbone
-from extractors.stage import ExtractJob, _extract_shard, extract, run_job
+from extractors.stage import ExtractJob, _extract_group, extract, run_job
 from pipeline.context import Item, RunOptions, StageContext
 from pipeline.errors import ConfigError, WorkFailed
-from pipeline.executors import parallel_map
+from pipeline.executors import stream
 from pipeline.store import open_stage_store
 from pipeline.timemap import TimeGrid
 
@@ -235,19 +235,22 @@ def test_fail_fast_stops_at_the_first_failure(tmp_path):
         extract(StageContext(**{**ctx.__dict__, "runtime": {"device": "tpu"}}))
 
 
-def test_shards_write_into_the_shared_store_and_executor_maps_in_order(tmp_path):
+def test_cluster_tasks_write_data_and_records_where_they_run(tmp_path):
     items = [Item(f"v{i}", make_video(tmp_path / f"v{i}.mp4", n_frames=20 + 4 * i), "fp") for i in range(3)]
     ctx = _ctx(tmp_path, [])
-    extract(ctx)   # creates the store, as the stage does before sharding
+    extract(ctx)   # creates the store, as the stage does before submitting
     job = ExtractJob(dict(ctx.params), dict(ctx.runtime), ctx.out_dir, 1, "cpu")
-    # What a Ray / Dask task runs, here in-process: each shard writes its videos, returns the records.
-    results = [_extract_shard((job, items[:2], 0)), _extract_shard((job, items[2:], 1))]
-    assert [[r[0] for r in records] for records, _ in results] == [["v0", "v1"], ["v2"]]
-    store = open_stage_store(ctx.out_dir)
-    assert [store.shape(v)[0] for v in store.videos()] == [2, 3, 4]
-    assert parallel_map(abs, [-3, 2, -1, 5], workers=2) == [3, 2, 1, 5]
+    # What a Ray / Dask task runs, here in-process: its videos' data, then their records, then the
+    # same again (a task rerun after its worker died) without a second copy of anything.
+    for _ in range(2):
+        results = [_extract_group((job, items[:2])), _extract_group((job, items[2:]))]
+        assert [[r[0] for r in records] for records, _ in results] == [["v0", "v1"], ["v2"]]
+        assert sorted(p.name for p in ctx.records_dir.iterdir()) == ["v0.json", "v1.json", "v2.json"]
+        store = open_stage_store(ctx.out_dir)
+        assert [store.shape(v)[0] for v in store.videos()] == [2, 3, 4]
+    assert json.loads((ctx.records_dir / "v1.json").read_text())["source_fingerprint"] == "fp"
     with pytest.raises(ConfigError, match="--backend"):
-        parallel_map(abs, [1], backend="slurm")
+        stream(abs, [1], backend="slurm")
 
 
 def test_full_size_preset_without_weights_names_the_file_it_needs(tmp_path):
