@@ -51,9 +51,21 @@ class DetectConfig:
         detect_config(params)  # head_kwargs are checked against the head's arguments when it is built
 
     def recipe(self, published, batch_clips: int):
-        """The head's published ``Recipe`` scaled to ``batch_clips``, with this config's overrides."""
+        """The head's published ``Recipe`` scaled to ``batch_clips``, with this config's overrides.
+
+        Two published settings only make sense with the rest of their recipe:
+        - the per-parameter lr factors (CycleACR: module x10, biases x2) were tuned for the published
+          optimiser; under another one ``lr`` is every parameter's lr (AdamW's steps do not shrink with
+          the gradient, so x10 / x20 at the demo's lr 0.003 made CycleACR's loss diverge);
+        - step milestones are placed within the published length; a new ``epochs`` moves them in
+          proportion (ACAR-Net's steps at 5.6 / 6 epochs stay at 93% of a 20-epoch run instead of
+          leaving 14 of its 20 epochs at lr x0.01)."""
         recipe = published.scaled(batch_clips)
         overrides = {r: getattr(self, f) for f, r in RECIPE_FIELDS.items() if getattr(self, f) is not None}
+        if self.optimizer is not None and self.optimizer != recipe.optimizer:
+            overrides["lr_factors"] = ()
+        if self.epochs is not None:
+            overrides["milestones"] = tuple(m * self.epochs / recipe.epochs for m in recipe.milestones)
         return replace(recipe, **overrides)
 
     def to_json(self) -> dict:

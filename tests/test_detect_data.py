@@ -130,3 +130,19 @@ def test_training_resumes_after_an_interruption_as_if_never_stopped(tmp_path):
     other = detect_config({**cfg.to_json(), "lr": 0.02})
     with pytest.raises(ValueError, match="checkpoint of another configuration"):
         fit(other, other.recipe(full.recipe, 2), head(), kfs, source, tmp_path / "b", log=lambda m: None)
+
+
+def test_overrides_keep_the_recipe_consistent():
+    cyc = build_head("cycleacr", dim_inner=8, in_channels=8, mlp_dim=8, num_classes=3, class_groups=(1, 1, 1))
+    published = cyc.recipe.scaled(8)
+    assert detect_config({}).recipe(cyc.recipe, 8) == published
+    # another optimiser: the published per-parameter lr factors (module x10, bias x2 for SGD) are dropped
+    adamw = detect_config({"optimizer": "adamw", "lr": 0.003}).recipe(cyc.recipe, 8)
+    assert adamw.lr_factors == () and adamw.no_decay == published.no_decay
+    assert {g["lr"] for g in adamw.param_groups(cyc)} == {0.003}
+    assert detect_config({"lr": 0.003}).recipe(cyc.recipe, 8).lr_factors == published.lr_factors
+    # a new length moves the step milestones in proportion
+    acar = build_head("acar", reduce_dim=8, hidden_dim=8, in_channels=8).recipe
+    longer = detect_config({"epochs": 20}).recipe(acar, 8)
+    assert longer.milestones == pytest.approx((5.6 * 20 / 6, 5.8 * 20 / 6))
+    assert longer.lr_factor(18.0) == 1.0 and longer.lr_factor(19.5) == pytest.approx(0.01)
