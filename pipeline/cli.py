@@ -148,7 +148,7 @@ def _runs(ws, opts: dict, argv: list[str]) -> int:
         print(json.dumps({"command": "runs", "runs": [
             {"name": r.name, "key": r.key, "stage": r.stage, "dataset": r.dataset, "status": r.status,
              "dir": str(r.dir), "seconds": r.seconds, "differs": r.differs, "mAP": dict(r.columns()),
-             "per_class": r.per_class()} for r in runs]}, default=str))
+             "per_class": r.per_class(), "training": r.training} for r in runs]}, default=str))
     else:
         print(format_runs(runs))
     return 0

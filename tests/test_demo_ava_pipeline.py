@@ -94,6 +94,22 @@ def test_a_head_parameter_retrains_on_the_cached_store_only(demo):
     assert _stage(again, "detect")["key"] != _stage(first, "detect")["key"]
 
 
+def test_runs_lists_each_head_experiment_with_params_time_and_per_class_ap(demo):
+    manifest, cache, _ = demo
+    _cli(cache, "run", "all", "--dataset", str(manifest), "--name", "acar", "--set", "detect.head=acar",
+         "--set", "detect.epochs=1")
+    runs = _cli(cache, "runs", "--dataset", "demo_ava_small")["runs"]
+    acar = next(r for r in runs if r["name"] == "acar")
+    assert acar["stage"] == "detect_eval" and acar["differs"] == ["detect.epochs=1", "detect.head='acar'"]
+    assert acar["training"]["parameters"] > 100_000 and acar["training"]["seconds_per_epoch"] > 0
+    # the classes with ground truth in the small val split
+    assert {"stand", "walk"} <= set(acar["per_class"]) <= {"stand", "walk", "wave", "touch", "carry", "approach",
+                                                         "near_person"}
+    assert all(0 <= ap <= 100 for ap in acar["per_class"].values())
+    baseline = next(r for r in runs if r["differs"] == [])
+    assert baseline["training"]["parameters"] < acar["training"]["parameters"]
+
+
 def test_bad_detect_params_fail_in_one_line_before_any_work(demo):
     manifest, cache, _ = demo
     for setting, message in (("detect.loss=softmax", "detect.loss=softmax: expected bce | pose_softmax | focal or null"),
