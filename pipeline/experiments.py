@@ -166,7 +166,8 @@ def list_runs(ws, datasets: list[str] | None = None) -> list[Run]:
             own = {k: v for m in chain if "imported_from" not in m  # an import's params are its time mapping
                    for k, v in _flatten(m.get("params"), f"{m['stage']}.").items()}
             differs = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={json.dumps(v)}"
-                       for k, v in sorted(own.items()) if k in base and base[k] != v
+                       # a param absent from the defaults was set on purpose (stages.yaml lists only some)
+                       for k, v in sorted(own.items()) if (k not in base or base[k] != v)
                        and not (isinstance(v, str) and Path(v).is_absolute())]  # file params: resolved paths
             seconds = sum((m.get("timings") or {}).get("seconds", 0.0) for m in chain
                           if not ws.graph.stages.get(m.get("stage"), None) or not ws.graph[m["stage"]].per_item)
