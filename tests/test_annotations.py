@@ -95,6 +95,11 @@ def test_unreadable_files(tmp_path):
     (tmp_path / "list.json").write_text("[]")
     with pytest.raises(ConfigError, match='list.json: expected an ActivityNet-style object with a "database"'):
         load_temporal(tmp_path / "list.json")
+    # JSON keeps the last of two equal keys: the first video's labels would vanish without a word
+    entry = '{"subset": "training", "duration": 10, "annotations": []}'
+    (tmp_path / "twice.json").write_text(f'{{"database": {{"v1": {entry}, "v1": {entry}}}}}')
+    with pytest.raises(ConfigError, match="twice.json: key 'v1' appears twice in one object"):
+        load_temporal(tmp_path / "twice.json")
 
 
 def test_thumos_txt_folder_excludes_ambiguous_and_tolerates_crlf(tmp_path):
