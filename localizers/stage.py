@@ -147,8 +147,10 @@ def _launch(nproc: int, device, threads: int, verbose: bool, job: tuple) -> None
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
     try:
         elastic_launch(config, _fit_rank)(device.type, threads, verbose, job)
-    except ChildFailedError as e:  # the failed process's own traceback went to stderr
-        raise RuntimeError(f"localize: a training process failed ({e.get_first_failure()[1].message})") from None
+    except ChildFailedError as e:  # the failed process's traceback is on stderr already
+        message = e.get_first_failure()[1].message  # the error file's record, or a line
+        message = message.get("message", message) if isinstance(message, dict) else message
+        raise RuntimeError(f"localize: a training process failed: {message}") from None
 
 
 def _fit_rank(device_type: str, threads: int, verbose: bool, job: tuple) -> None:

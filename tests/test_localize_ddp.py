@@ -9,11 +9,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from localize_synthetic import make_videos
+from localize_synthetic import make_videos, stage_context, write_dataset
 from localizers import stage
 from localizers.data import ArraySource
 from localizers.train import fit
 from pipeline.cli import main
+from pipeline.errors import ConfigError
 from test_localize_train import items_of, small_config
 from test_localize_workflow import _dataset
 
@@ -89,3 +90,15 @@ def test_cli_nproc_two_makes_the_model_under_the_same_key(tmp_path, capsys):
     assert main(["--cache-dir", str(cache), "run", "train", "--stage", "localize", "--dataset", str(manifest),
                  "--set", "localize.nproc=1"]) == 0
     assert [p.name for p in (cache / "localize").iterdir()] == [key]  # same key: the run found it done
+
+
+def test_bad_process_counts_are_named_before_training(tmp_path, monkeypatch):
+    ds, extract_dir = write_dataset(tmp_path, make_videos(3, 0, length=(40, 70)), {})
+    ctx = stage_context(tmp_path, "localize", "L1", {"preset": "demo", "batch_size": 4}, ds, {"extract": extract_dir})
+    ctx.runtime["nproc"] = 4  # the batch is the 3 videos
+    with pytest.raises(ConfigError, match=r"localize.nproc: 4 processes split each batch of 3 videos; at most that"):
+        stage.train(ctx)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"the CLI runs under torchrun \(WORLD_SIZE=2\); run it once and set"):
+        stage.train(ctx)
+    assert not (ctx.out_dir / "config.json").exists()
