@@ -6,7 +6,8 @@ Outputs of ``localize``: ``config.json`` (resolved config, classes, the extract 
 ``params`` the resolved values of this stage and extract: a valid ``--config`` file),
 ``checkpoint.pt`` (after every epoch, for resuming), ``train_log.csv``, ``model.pt`` (final weights and
 EMA weights). ``localize.nproc`` > 1 trains on that many local processes, started by torch's elastic
-launcher (what ``torchrun`` runs): gloo on CPU, nccl on CUDA with one GPU per process. Outputs of ``localize_eval``: ``detections.json`` (ActivityNet submission format), the same
+launcher (what ``torchrun`` runs): gloo on CPU, nccl on CUDA with one GPU per process.
+Outputs of ``localize_eval``: ``detections.json`` (ActivityNet submission format), the same
 detections as ``results.pkl`` (ActionFormer's) and ``detections_thumos14.txt`` (THUMOS14's evaluator),
 and ``metrics.json`` (mAP per tIoU and per-class AP over the videos that have features).
 """
@@ -103,7 +104,8 @@ def train(ctx: StageContext) -> dict:
     })
     device = stage_device(ctx.name, ctx.runtime, ctx.log)
     if device.type == "cuda" and nproc > torch.cuda.device_count():
-        raise ConfigError(f"localize.nproc: {nproc} processes need one GPU each; {torch.cuda.device_count()} visible")
+        raise ConfigError(f"localize.nproc: {nproc} processes need one GPU each; "
+                          f"{torch.cuda.device_count()} visible")
     if not (out / MODEL_FILE).exists():
         ctx.log(f"localize: training {cfg.preset} on {len(items)} videos of {subset} "
                 f"({cfg.train.total_epochs} epochs, {device}"
@@ -156,9 +158,13 @@ def _launch(nproc: int, device, threads: int, verbose: bool, job: tuple) -> None
 def _fit_rank(device_type: str, threads: int, verbose: bool, job: tuple) -> None:
     """One process of data-parallel training (the launcher set its rank, world size and rendezvous in
     the environment)."""
+    import warnings
+
     import torch
     from torch import distributed as dist
 
+    # depthwise conv weights (C, 1, k): strides differing only along the size-1 dim, the same layout
+    warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")
     local = int(os.environ["LOCAL_RANK"])
     if device_type == "cuda":
         device = torch.device("cuda", local)
@@ -169,7 +175,8 @@ def _fit_rank(device_type: str, threads: int, verbose: bool, job: tuple) -> None
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     try:
         loud = verbose and dist.get_rank() == 0
-        _fit_and_save(*job, device, (lambda m: print(m, file=sys.stderr, flush=True)) if loud else (lambda m: None))
+        log = (lambda m: print(m, file=sys.stderr, flush=True)) if loud else (lambda m: None)
+        _fit_and_save(*job, device, log)
     finally:
         dist.destroy_process_group()
 
