@@ -212,6 +212,7 @@ class LocalizeRuntime:
     device: Device = "auto"
     threads: Threads | None = None      # torch intra-op threads (null: torch's default)
     in_memory: bool | Literal["auto"] = "auto"
+    nproc: Annotated[int, Range(ge=1, le=1024)] = 1   # data-parallel training processes on this machine
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,12 @@ loss normaliser; resumable from the checkpoint written atomically after every ep
 Determinism: the shuffling and crops of epoch ``e`` come from ``numpy.random.default_rng([seed, e])``
 and the torch RNG state (drop path) is checkpointed, so a run resumed after epoch ``e`` continues
 exactly as the uninterrupted run (on CPU).
+
+Data parallelism (called in each process of a ``torch.distributed`` group, see ``localizers.stage``):
+every process draws the same order and crops, trains a DistributedDataParallel model on its slice of each
+batch (the batch size is the global one) and counts the positives over the whole batch, so each step is
+the single-process step up to float summation order (the drop path masks differ, being drawn per slice);
+process 0 alone writes the checkpoint, the log and TensorBoard.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from torch import distributed as dist
 from torch import nn
 
 from localizers.actionformer import ActionFormer, LossNormalizer, build_model, collate, compute_losses
@@ -103,6 +110,7 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
     tc, mc = cfg.train, cfg.model
     if not items:
         raise ValueError("no training videos")
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     torch.manual_seed(tc.seed)
     model = build_model(cfg).to(device)
     ema = copy.deepcopy(model).eval()
@@ -111,7 +119,10 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr)
     normalizer = LossNormalizer(tc.loss_norm_init, tc.loss_norm_momentum)
     batch = min(tc.batch_size, len(items))
+    if batch < world:
+        raise ValueError(f"{world} processes need a batch of at least {world} videos, got {batch}")
     iters = len(items) // batch
+    mine = np.array_split(np.arange(batch), world)[rank]  # this process's slice of every batch
     start_epoch, step = 0, 0
     ckpt_path = out_dir / CHECKPOINT
     if ckpt_path.exists():
@@ -126,7 +137,8 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
         if device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"], device)
         start_epoch, step = state["epoch"] + 1, state["step"]
-        _trim_csv(out_dir / LOG, start_epoch)
+        if rank == 0:
+            _trim_csv(out_dir / LOG, start_epoch)
         log(f"localize: resuming after epoch {state['epoch'] + 1}/{tc.total_epochs}")
     bf16 = use_bf16(tc.precision, device)
     params = [p for p in model.parameters()]
@@ -135,17 +147,24 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
     log_path = out_dir / LOG
     times = []
     model.train()
-    with _tensorboard(board_dir or out_dir / "tensorboard") as board:  # one writer (one event file) per run
+    # DDP averages the gradients over the processes; each loss is its slice's share of the batch's loss
+    # (a sum), hence the loss times the number of processes
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    board_cm = _tensorboard(board_dir or out_dir / "tensorboard") if rank == 0 else contextlib.nullcontext()
+    with board_cm as board:  # one writer (one event file) per run
         for epoch in range(start_epoch, end_epoch):
             t0 = time.perf_counter()
             rng = np.random.default_rng([tc.seed, epoch])
             order = rng.permutation(len(items))
             sums = {"loss": 0.0, "cls_loss": 0.0, "reg_loss": 0.0}
-            bar = progress(range(iters), total=iters, desc=f"epoch {epoch + 1}/{tc.total_epochs}", unit="step")
+            bar = (progress(range(iters), total=iters, desc=f"epoch {epoch + 1}/{tc.total_epochs}", unit="step")
+                   if rank == 0 else range(iters))
             for it in bar:
                 chosen = [items[i] for i in order[it * batch:(it + 1) * batch]]
+                # every process draws every crop: the rng stays the same in all of them
                 crops = [random_crop(v, mc.max_seq_len, cfg.data.trunc_thresh, cfg.data.crop_ratio, rng)
                          for v in chosen]
+                chosen, crops = [chosen[i] for i in mine], [crops[i] for i in mine]
                 feats = [read_features(source, v, c.start, c.stop) for v, c in zip(chosen, crops)]
                 x, mask = collate(feats, mc, training=True)
                 segs, labels, valid = batch_targets(crops)
@@ -159,17 +178,19 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
                     g["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    out = model(x, mask)
-                losses = compute_losses(out, segs, labels, valid, normalizer, tc)
-                losses["loss"].backward()
+                    out = net(x, mask)
+                losses = compute_losses(out, segs, labels, valid, normalizer, tc,
+                                        _all_sum if world > 1 else None)
+                (losses["loss"] * world if world > 1 else losses["loss"]).backward()
                 if tc.clip_grad > 0:
                     nn.utils.clip_grad_norm_(params, tc.clip_grad)
                 optimizer.step()
                 with torch.no_grad():
                     torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - tc.ema_decay)
                 step += 1
-                for k in sums:
-                    sums[k] += losses[k].item()
+                values = torch.stack([losses[k].detach().float() for k in sums])
+                for k, v in zip(sums, (_all_sum(values) if world > 1 else values).tolist()):
+                    sums[k] += v
             seconds = time.perf_counter() - t0
             times.append(seconds)
             row = {"epoch": epoch + 1, "step": step, "lr": lr_at(step - 1, tc, iters),
@@ -179,9 +200,10 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
                      "rng_torch": torch.get_rng_state(),
                      "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                      "config": cfg.to_json(), "items": [it.id for it in items]}
-            save_torch_atomic(state, ckpt_path)
-            append_csv_row(log_path, row)
-            _log_scalars(board, row)
+            if rank == 0:
+                save_torch_atomic(state, ckpt_path)
+                append_csv_row(log_path, row)
+                _log_scalars(board, row)
             eta = sum(times) / len(times) * (end_epoch - epoch - 1)
             log(f"localize: epoch {epoch + 1}/{tc.total_epochs} loss {row['loss']:.4f} "
                 f"(cls {row['cls_loss']:.4f} reg {row['reg_loss']:.4f}) lr {row['lr']:.2e} {seconds:.1f}s"
@@ -190,6 +212,12 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
     if note := ema_warning(step, tc.ema_decay):
         log(f"localize: warning: {note}")
     return FitResult(model, ema, end_epoch - start_epoch, times, step)
+
+
+def _all_sum(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
 
 
 def _duration(seconds: float) -> str:

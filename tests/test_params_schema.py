@@ -26,6 +26,8 @@ BAD_SETS = {
     "localize.seed=-1": "must be >= 0",
     "localize.threads=0": "must be >= 1",
     "localize.threads=-1": "must be >= 1",
+    "localize.nproc=0": "must be >= 1",
+    "localize.nproc=two": "expected an integer",
     "localize.device=tpu": "expected auto, cpu, cuda or cuda:N",
     "localize.device=gpu": "expected auto, cpu, cuda or cuda:N",
     "localize.weight_decay=.nan": "must be finite",
