@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -29,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from machine import cpu_model  # noqa: E402
+
 from detectors.data import Keyframe, MapSource, collate  # noqa: E402
 from detectors.heads import build_head  # noqa: E402
 from extractors import slowfast  # noqa: E402
@@ -38,14 +39,6 @@ from pipeline.store.loader import RecordReader  # noqa: E402
 CLIP_LEN, SIZE, STRIDE, ACTORS, CLASSES = 32, 256, 16, 4, 60
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def ava_map(model: slowfast.SlowFast, clips: torch.Tensor) -> torch.Tensor:

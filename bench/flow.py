@@ -17,7 +17,6 @@ and precision.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -28,20 +27,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extract_overlap import make_video  # noqa: E402
+from machine import cpu_model  # noqa: E402
 
 from extractors import raft  # noqa: E402
 from extractors.stage import ExtractJob, run_job  # noqa: E402
 from pipeline.context import Item  # noqa: E402
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def flow_fps(arch: str, device: torch.device, height: int, width: int, pairs: int, iters: int) -> float:
