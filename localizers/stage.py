@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-from pipeline.context import StageContext, write_json_atomic
+from pipeline.context import StageContext, save_torch_atomic, write_json_atomic
 from pipeline.device import stage_device
 from pipeline.errors import ConfigError
 
@@ -125,7 +125,6 @@ def train(ctx: StageContext) -> dict:
 
 def _fit_and_save(cfg, items, source, out: Path, board_dir, classes: list, device, log) -> None:
     """Train, then write ``model.pt`` (in process 0 of a data-parallel group)."""
-    import torch
     from torch import distributed as dist
 
     from localizers.train import fit
@@ -133,10 +132,8 @@ def _fit_and_save(cfg, items, source, out: Path, board_dir, classes: list, devic
     result = fit(cfg, items, source, out, device=device, log=log, board_dir=board_dir)
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    tmp = out / f".{MODEL_FILE}.{os.getpid()}.tmp"
-    torch.save({"model": result.model.state_dict(), "ema": result.ema.state_dict(), "steps": result.steps,
-                "config": cfg.to_json(), "classes": classes}, tmp)
-    os.replace(tmp, out / MODEL_FILE)
+    save_torch_atomic({"model": result.model.state_dict(), "ema": result.ema.state_dict(), "steps": result.steps,
+                       "config": cfg.to_json(), "classes": classes}, out / MODEL_FILE)
 
 
 def _launch(nproc: int, device, threads: int, verbose: bool, job: tuple) -> None:
@@ -194,11 +191,10 @@ def _last_log_row(path: Path) -> dict:
 def evaluate(ctx: StageContext) -> dict:
     from dataclasses import replace
 
-    import torch
-
     from localizers.actionformer import build_model, load_video_scores, video_detections
     from localizers.anet_map import ANET_TIOUS, THUMOS_TIOUS, evaluate_detections
     from localizers.checkpoint_compat import load_checkpoint
+    from pipeline.untrusted import load_torch
     from localizers.config import LocalizeConfig, validate
     from localizers.formats import write_results_pickle, write_thumos_txt
     from localizers.train import ema_warning
@@ -230,7 +226,7 @@ def evaluate(ctx: StageContext) -> dict:
         checkpoint = Path(params.get("checkpoint") or train_dir / MODEL_FILE)
         if not checkpoint.is_file():
             raise ConfigError(f"{checkpoint}: checkpoint file not found")
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = load_torch(checkpoint)  # a downloaded file: weights only, never its code
         load_checkpoint(model, state, weights, where=str(checkpoint))
         if weights == "ema" and (note := ema_warning(state.get("steps"), cfg.train.ema_decay)):
             ctx.log(f"localize_eval: warning: {note}")
