@@ -59,19 +59,19 @@ class DetectConfig:
           the gradient, so x10 / x20 at the demo's lr 0.003 made CycleACR's loss diverge);
         - step milestones are placed within the published length; a new ``epochs`` moves them in
           proportion (ACAR-Net's steps at 5.6 / 6 epochs stay at 93% of a 20-epoch run instead of
-          leaving 14 of its 20 epochs at lr x0.01)."""
+          leaving 14 of its 20 epochs at lr x0.01); so does rounding the length to whole epochs."""
         recipe = published.scaled(batch_clips)
         overrides = {r: getattr(self, f) for f, r in RECIPE_FIELDS.items() if getattr(self, f) is not None}
         if self.optimizer is not None and self.optimizer != recipe.optimizer:
             overrides["lr_factors"] = ()
-        if self.epochs is not None:
-            overrides["milestones"] = tuple(m * self.epochs / recipe.epochs for m in recipe.milestones)
+        # training runs whole epochs: the schedule (cosine end, milestones) is fitted to the rounded length
+        epochs = max(1, round(self.epochs if self.epochs is not None else recipe.epochs))
+        overrides["epochs"] = epochs
+        overrides["milestones"] = tuple(m * epochs / recipe.epochs for m in recipe.milestones)
         return replace(recipe, **overrides)
 
     def to_json(self) -> dict:
-        out = asdict(self)
-        out["head_kwargs"] = dict(self.head_kwargs)
-        return out
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,7 @@ class DetectRuntime:
 def detect_config(params: Mapping[str, Any]) -> DetectConfig:
     """The ``detect`` params (None: the default) as a validated DetectConfig (also a saved run's
     ``config.json``)."""
-    cfg = build(DetectConfig, params, "detect")
-    return replace(cfg, head_kwargs=dict(cfg.head_kwargs))
+    return build(DetectConfig, params, "detect")
 
 
 def eval_config(params: Mapping[str, Any]) -> DetectEvalConfig:

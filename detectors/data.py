@@ -113,7 +113,7 @@ class MapSource:
         first = self._load(rids[0]) if rids else None
         per_record = sum(t.numel() * 2 for t in first[:2]) if first else 0
         if per_record * len(rids) <= IN_MEMORY_BYTES:
-            self._memory = {rid: self._load(rid) for rid in rids}
+            self._memory = {rid: first if i == 0 else self._load(rid) for i, rid in enumerate(rids)}
 
     def _load(self, rid: str) -> tuple:
         rec = self.reader.read(rid, raw=True)

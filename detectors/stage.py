@@ -75,7 +75,7 @@ def train(ctx: StageContext) -> dict:
 
     from detectors.config import detect_config
     from detectors.data import MapSource, class_ids, training_keyframes
-    from detectors.train import fit, total_epochs
+    from detectors.train import fit
     from pipeline.store.loader import RecordReader
 
     cfg = detect_config(ctx.params)
@@ -88,7 +88,7 @@ def train(ctx: StageContext) -> dict:
     torch.manual_seed(cfg.seed)
     head = _build_head(cfg, reader, ids).to(device)  # a bad head, loss or argument fails before any work
     recipe = cfg.recipe(head.recipe, cfg.batch_size)
-    epochs = total_epochs(recipe)
+    epochs = int(recipe.epochs)
     keyframes = training_keyframes(split, set(reader.ids), cfg.boxes, cfg.min_score, ctx.log)
     if not keyframes:
         raise ConfigError(f"{ctx.dataset.path}: no keyframe of split {split.name} with boxes is in the keyframe "
@@ -111,8 +111,9 @@ def train(ctx: StageContext) -> dict:
         save_torch_atomic({"head": head.state_dict(), "config": cfg.to_json(), "class_ids": list(ids),
                            "feature_dim": feature_dim, "seconds_per_epoch": times,
                            "train_seconds": time.perf_counter() - t0}, out / MODEL_FILE)
-    saved = torch.load(out / MODEL_FILE, map_location="cpu", weights_only=False)
-    per_epoch = saved["seconds_per_epoch"]
+        per_epoch = times
+    else:  # a run that died after writing the model: its times are in the file
+        per_epoch = torch.load(out / MODEL_FILE, map_location="cpu", weights_only=True)["seconds_per_epoch"]
     seconds = sum(per_epoch) / len(per_epoch) if per_epoch else float("nan")
     summary = (f"detect: {cfg.head} ({n_params:,} parameters), {len(keyframes)} keyframes / {boxes} boxes, "
                f"{epochs} epochs, {seconds:.2f} s per epoch")
@@ -141,7 +142,7 @@ def evaluate(ctx: StageContext) -> dict:
     reader = RecordReader(train_dir / saved["store_dir"])
     keyframes = eval_keyframes(split, set(reader.ids), ecfg.boxes, ecfg.min_score, ctx.log)
     head = _build_head(cfg, reader, ids)
-    head.load_state_dict(torch.load(train_dir / MODEL_FILE, map_location="cpu", weights_only=False)["head"])
+    head.load_state_dict(torch.load(train_dir / MODEL_FILE, map_location="cpu", weights_only=True)["head"])
     head.to(device)
     source = MapSource(reader, [k.rid for k in keyframes])
     t0 = time.perf_counter()

@@ -26,10 +26,6 @@ CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.csv"
 
 
-def total_epochs(recipe: Recipe) -> int:
-    return max(1, int(round(recipe.epochs)))
-
-
 def _optimizer(head: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     groups = recipe.param_groups(head)
     for g in groups:
@@ -47,14 +43,14 @@ def fit(cfg: DetectConfig, recipe: Recipe, head: nn.Module, keyframes: Sequence[
     out_dir.mkdir(parents=True, exist_ok=True)
     device = next(head.parameters()).device
     optimizer = _optimizer(head, recipe)
-    epochs = total_epochs(recipe)
+    epochs = int(recipe.epochs)  # whole: DetectConfig.recipe rounds it
     batch = min(cfg.batch_size, len(keyframes))
     iters = len(keyframes) // batch
     ids = [k.rid for k in keyframes]
     start, step = 0, 0
     ckpt = out_dir / CHECKPOINT
     if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = torch.load(ckpt, map_location=device, weights_only=True)
         if state["config"] != cfg.to_json() or state["keyframes"] != ids:
             raise ValueError(f"{ckpt}: checkpoint of another configuration or keyframe list; remove it to retrain")
         head.load_state_dict(state["head"])
