@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pipeline.cli_args import CommandParser
 from pipeline.errors import ConfigError, PipelineError, environment_fault
+from pipeline.executors import BACKENDS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STORE_COMMANDS = {"verify": "verify", "import-features": "import_features", "export": "export_features"}
@@ -195,7 +196,7 @@ def _run(ws, opts: dict, argv: list[str]) -> int:
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="STAGE.PARAM=VALUE")
     p.add_argument("--config", metavar="FILE", help="stage -> {param: value} (YAML or JSON), under --set")
     p.add_argument("--force", action="store_true")
-    p.add_argument("--backend", choices=("local", "ray", "dask"), default="local")
+    p.add_argument("--backend", choices=BACKENDS, default="local")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--address", help="a running cluster: Ray auto|HOST:PORT, Dask tcp://HOST:PORT")
     p.add_argument("--gpus-per-task", type=float, default=0.0)

@@ -49,11 +49,6 @@ def experiments(cache_root: Path) -> list[dict]:
     return out
 
 
-def named_keys(cache_root: Path) -> dict[tuple[str, str], str]:
-    """(stage, key) -> experiment name, for every stage key a named experiment planned."""
-    return {(stage, key): e["name"] for e in experiments(cache_root) for stage, key in e.get("keys", {}).items()}
-
-
 @dataclass
 class Run:
     stage: str
@@ -109,14 +104,17 @@ def _flatten(d: dict, prefix: str) -> dict:
     return out
 
 
-def _chain(cache, manifest: dict) -> list[dict]:
-    """The manifest and those of its upstream outputs, nearest first."""
+def _chain(cache, manifest: dict, read: dict) -> list[dict]:
+    """The manifest and those of its upstream outputs, nearest first; ``read`` keeps the manifests read
+    so far (one extraction serves many runs: it is read once)."""
     out, todo, seen = [], [manifest], set()
     while todo:
         m = todo.pop(0)
         out.append(m)
         for d in (m.get("upstream") or {}).values():
-            if d not in seen and (up := cache.read_manifest(Path(d))) is not None:
+            if d not in read:
+                read[d] = cache.read_manifest(Path(d))
+            if d not in seen and (up := read[d]) is not None:
                 seen.add(d)
                 todo.append(up)
     return out
@@ -131,8 +129,10 @@ def list_runs(ws, datasets: list[str] | None = None) -> list[Run]:
     the defaults of its dataset (stages.yaml <- the manifest's params)."""
     from pipeline.runner import resolve_params
 
-    names = named_keys(ws.cache.root)
-    manifests = {e["dataset"]: e.get("manifest") for e in experiments(ws.cache.root)}
+    named = experiments(ws.cache.root)
+    names = {(stage, key): e["name"] for e in named for stage, key in e.get("keys", {}).items()}
+    manifests = {e["dataset"]: e.get("manifest") for e in named}
+    read: dict[str, dict | None] = {}
     defaults: dict[str, dict] = {}
 
     def defaults_of(name: str) -> dict:
@@ -160,7 +160,7 @@ def list_runs(ws, datasets: list[str] | None = None) -> list[Run]:
                 metrics = json.loads((d / METRICS).read_text())
             except (OSError, ValueError):
                 continue
-            chain = _chain(ws.cache, manifest)
+            chain = _chain(ws.cache, manifest, read)
             params = {k: v for m in reversed(chain) for k, v in _flatten(m.get("params"), f"{m['stage']}.").items()}
             base = defaults_of(manifest.get("dataset", ""))
             own = {k: v for m in chain if "imported_from" not in m  # an import's params are its time mapping
@@ -176,7 +176,7 @@ def list_runs(ws, datasets: list[str] | None = None) -> list[Run]:
             runs.append(Run(stage, manifest["key"], d, manifest.get("dataset", "?"), names.get((stage, manifest["key"])),
                             "done", metrics, seconds, manifest.get("finished", 0.0), params, differs, training))
     shown = {r.name for r in runs}
-    for e in experiments(ws.cache.root):  # named experiments without metrics yet: where they stand
+    for e in named:  # named experiments without metrics yet: where they stand
         if e["name"] in shown or (datasets and e["dataset"] not in datasets):
             continue
         whole = [(s, k) for s, k in e.get("keys", {}).items() if s in ws.graph.stages and not ws.graph[s].per_item]
