@@ -197,17 +197,19 @@ class Campaign:
             if orphans:
                 self.fault("hangs", f"kill trial {trial} ({mode}): {len(orphans)} process(es) outlived the run")
                 self.reap(cache)
-            lost = [vid for vid, fp in kept.items() if self.records(cache).get(vid) != fp]
+            now = self.records(cache)
+            lost = [vid for vid, fp in kept.items() if now.get(vid) != fp]
             if lost:
                 self.fault("records lost", f"kill trial {trial} ({mode}): {', '.join(lost)}", len(lost))
-            kept.update(self.records(cache))
+            kept.update(now)
             if fired:
                 self.counts["kills survived"] += 1
             self.log(f"  kill {trial}: {mode:<11} {'fired' if fired else 'not fired (the run ended first)'}, "
                      f"{len(kept)} records so far")
         t0 = time.time()
         self.cli(cache, *args, "--no-wait", allowed=(0,), what="run after the kills")
-        lost = [vid for vid, fp in kept.items() if self.records(cache).get(vid) != fp]
+        now = self.records(cache)
+        lost = [vid for vid, fp in kept.items() if now.get(vid) != fp]
         if lost:
             self.fault("records lost", f"after the kills: {', '.join(lost)}", len(lost))
         self.log(f"  final run after {n} kills: {time.time() - t0:.1f} s")

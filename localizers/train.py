@@ -36,6 +36,7 @@ from pipeline.progress import progress
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.csv"
+LOSS_KEYS = ("loss", "cls_loss", "reg_loss")
 
 
 def lr_at(step: int, cfg: TrainConfig, iters_per_epoch: int) -> float:
@@ -156,7 +157,7 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
             t0 = time.perf_counter()
             rng = np.random.default_rng([tc.seed, epoch])
             order = rng.permutation(len(items))
-            sums = {"loss": 0.0, "cls_loss": 0.0, "reg_loss": 0.0}
+            running = torch.zeros(len(LOSS_KEYS), device=device)
             bar = (progress(range(iters), total=iters, desc=f"epoch {epoch + 1}/{tc.total_epochs}", unit="step")
                    if rank == 0 else range(iters))
             for it in bar:
@@ -188,10 +189,10 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
                 with torch.no_grad():
                     torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - tc.ema_decay)
                 step += 1
-                values = torch.stack([losses[k].detach().float() for k in sums])
-                for k, v in zip(sums, (_all_sum(values) if world > 1 else values).tolist()):
-                    sums[k] += v
+                # summed on the device: one read of the three sums per epoch, for the log
+                running = running + torch.stack([losses[k].detach().float() for k in LOSS_KEYS])
             seconds = time.perf_counter() - t0
+            sums = dict(zip(LOSS_KEYS, (_all_sum(running) if world > 1 else running).tolist()))
             times.append(seconds)
             row = {"epoch": epoch + 1, "step": step, "lr": lr_at(step - 1, tc, iters),
                    **{k: v / iters for k, v in sums.items()}, "loss_norm": normalizer.value, "seconds": seconds}
