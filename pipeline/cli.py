@@ -146,10 +146,7 @@ def _runs(ws, opts: dict, argv: list[str]) -> int:
     a = p.parse_args(argv)
     runs = list_runs(ws, a.dataset or None)
     if opts["json"]:
-        print(json.dumps({"command": "runs", "runs": [
-            {"name": r.name, "key": r.key, "stage": r.stage, "dataset": r.dataset, "status": r.status,
-             "dir": str(r.dir), "seconds": r.seconds, "differs": r.differs, "mAP": dict(r.columns()),
-             "per_class": r.per_class(), "training": r.training} for r in runs]}, default=str))
+        print(json.dumps({"command": "runs", "runs": [r.to_json() for r in runs]}, default=str))
     else:
         print(format_runs(runs))
     return 0
@@ -171,9 +168,7 @@ def _compare(ws, opts: dict, argv: list[str]) -> int:
     if len({r.stage for r in runs}) > 1:
         raise ConfigError(f"compare: the runs belong to different stages ({', '.join(sorted({r.stage for r in runs}))})")
     if opts["json"]:
-        print(json.dumps({"command": "compare", "runs": [
-            {"name": r.name, "key": r.key, "stage": r.stage, "dataset": r.dataset, "params": r.params,
-             "mAP": dict(r.columns()), "per_class": r.per_class()} for r in runs]}, default=str))
+        print(json.dumps({"command": "compare", "runs": [r.to_json() for r in runs]}, default=str))
     else:
         print(format_compare(runs))
     if a.plot is not None:

@@ -79,6 +79,13 @@ class Run:
             return [("mAP", 100 * m["mAP"])]
         return []
 
+    def to_json(self) -> dict:
+        """What ``runs --json`` and ``compare --json`` print of a run."""
+        return {"name": self.name, "key": self.key, "stage": self.stage, "dataset": self.dataset,
+                "status": self.status, "dir": str(self.dir), "seconds": self.seconds, "differs": self.differs,
+                "params": self.params, "mAP": dict(self.columns()), "per_class": self.per_class(),
+                "training": self.training}
+
     def per_class(self) -> dict[str, float]:
         """class -> AP in % (averaged over the thresholds)."""
         out = {}
