@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,31 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         if exc.filename is None:  # a failed write names no file: name the one being written
             exc.filename = str(path)
         raise
+
+
+def build_dir_atomic(final: Path, build: Callable[[Path], None], complete: Callable[[Path], bool]) -> None:
+    """Unless ``complete(final)``, ``build`` into a temporary directory beside ``final`` and rename it in:
+    a crash leaves no half directory, and of two concurrent builds the first rename wins (the second
+    finds ``final`` complete). An incomplete or outdated ``final`` is replaced."""
+    final = Path(final)
+    if complete(final):
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        build(tmp)
+        if final.exists():
+            os.rename(final, old)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not complete(final):  # not a concurrent winner: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_torch_atomic(obj: Any, path: Path) -> None:

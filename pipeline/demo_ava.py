@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -40,6 +38,7 @@ from typing import Annotated
 
 import numpy as np
 
+from pipeline.context import build_dir_atomic
 from pipeline.errors import ConfigError
 from pipeline.schema import Range, build
 
@@ -139,24 +138,7 @@ def ensure_generated(spec: dict, out_dir: Path, timestamp_offset_s: float | None
         raise ConfigError(f"timestamp_offset_s: {timestamp_offset_s:g} differs from the generator's "
                           f"generate.timestamp_offset_s {demo.timestamp_offset_s} (set both alike)")
     final = Path(out_dir)
-    if _complete(final):
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _generate(demo, tmp)
-        if final.exists():  # an older generator version's data
-            os.rename(final, old)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not _complete(final):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    build_dir_atomic(final, lambda tmp: _generate(demo, tmp), _complete)  # an older version's data is replaced
     return final
 
 

@@ -18,8 +18,6 @@ the same frames everywhere. It lives in a subdirectory named after the generator
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, fields
 from fractions import Fraction
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Annotated, Literal
 
 import numpy as np
 
+from pipeline.context import build_dir_atomic
 from pipeline.errors import ConfigError
 from pipeline.schema import Range, build
 
@@ -100,20 +99,7 @@ def ensure_generated(spec: dict, out_dir: Path) -> tuple[Path, Path]:
     variant = f"g{GENERATOR_VERSION}"
     final = Path(out_dir) / variant
     videos, annotations = final / "videos", final / "annotations.json"
-    if annotations.is_file():
-        return videos, annotations
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{variant}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _generate(demo, tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not annotations.is_file():  # not a concurrent winner: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    build_dir_atomic(final, lambda tmp: _generate(demo, tmp), lambda d: (d / "annotations.json").is_file())
     return videos, annotations
 
 
