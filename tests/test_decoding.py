@@ -46,7 +46,9 @@ def make_video(path: Path, n_frames: int = 48, fps: int = 12, width: int = 64, h
             img = np.empty((height, width, 3), np.uint8)
             img[..., 0], img[..., 1] = frame_code(i)
             img[..., 2] = blue
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            # converted here with one swscale thread: the encoder's own conversion uses swscale's thread
+            # pool, whose output varied between runs (the pinned extract digest failed once in a while)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p", threads=1)
             frame.pts, frame.time_base = pts, fractions.Fraction(1, 1000)
             pts += durations_ms[i % len(durations_ms)] if durations_ms else round(1000 / fps)
             out.mux(stream.encode(frame))
