@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
+from machine import cpu_model  # noqa: E402
 
 from detectors.heads import HEADS, ActorMemory, HeadInput, build_head  # noqa: E402
 
@@ -36,11 +37,6 @@ FULL = dict(channels=2304, size=16, tokens=32, head_cfg={name: {} for name in HE
 PUBLISHED_CLIPS = {"roi_linear": 8, "acrn": 8, "acar": 1, "cycleacr": 4}
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def _status_bytes(field: str) -> int:

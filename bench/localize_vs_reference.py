@@ -199,7 +199,7 @@ def run_reference(args) -> dict:
     from actionformer.datasets import make_dataset as af_dataset
     from actionformer.datasets.data_utils import trivial_batch_collator
     from actionformer.modeling import make_meta_arch
-    from actionformer.utils import ANETdetection, ModelEma, fix_random_seed, make_optimizer, make_scheduler
+    from actionformer.utils import ModelEma, fix_random_seed, make_optimizer, make_scheduler
 
     work = Path(args.workdir)
     cfg = _reference_config(work, args)
@@ -392,7 +392,7 @@ def main(argv=None) -> int:
         compare_evaluators(work, _run_side("reference-evaluator", ref_python, args))
         return 0
     t0 = time.perf_counter()
-    ann = make_dataset(work, n_train, n_test, min_len, max_len)
+    make_dataset(work, n_train, n_test, min_len, max_len)
     print(f"data ready in {time.perf_counter() - t0:.0f} s", flush=True)
     ours = _run_side("ours", sys.executable, args)
     print(f"ours done in {ours['wall_s']:.0f} s", flush=True)

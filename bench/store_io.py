@@ -214,7 +214,7 @@ def table(rows: list[dict], gb: float) -> str:
                      f"{1000 * r['slice100_s']:11.1f} {r['bytes'] / 1e9:6.2f} {r['files']:6d}")
     if base:
         lines.append("")
-        lines.append(f"ratios to npy (lower is better; targets for zarr: full <= 1.2, rand/slice <= 1.0, bytes <= 1.0)")
+        lines.append("ratios to npy (lower is better; targets for zarr: full <= 1.2, rand/slice <= 1.0, bytes <= 1.0)")
         lines.append(f"{'format':<10} {'write':>6} {'full':>6} {'rand100':>8} {'slice100':>9} {'bytes':>6}")
         for r in rows:
             w = f"{r['write_s'] / base['write_s']:6.2f}" if "write_s" in r else f"{'-':>6}"

@@ -61,7 +61,12 @@ class PoseSoftmaxBCE:
             return F.binary_cross_entropy(probs, targets.to(probs.dtype))
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.cat([logits[:, :self.num_pose].softmax(dim=1), logits[:, self.num_pose:].sigmoid()], dim=1)
+        return pose_softmax_scores(logits, self.num_pose)
+
+
+def pose_softmax_scores(logits: torch.Tensor, n_pose: int) -> torch.Tensor:
+    """Softmax over the (mutually exclusive) pose classes, sigmoid over the rest."""
+    return torch.cat([logits[:, :n_pose].softmax(dim=1), logits[:, n_pose:].sigmoid()], dim=1)
 
 
 @dataclass(frozen=True)
@@ -93,8 +98,7 @@ class GroupedFocal:
         return total
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        n_pose = self.class_groups[0]
-        return torch.cat([logits[:, :n_pose].softmax(dim=1), logits[:, n_pose:].sigmoid()], dim=1)
+        return pose_softmax_scores(logits, self.class_groups[0])
 
 
 def build_loss(name: str, *, num_classes: int, num_pose: int = 0, class_groups: tuple[int, ...] = (),

@@ -9,6 +9,10 @@
   however much the clips overlap (decord re-seeks from a keyframe on every backward ``get_batch``).
 - When decord cannot open or decode a file, PyAV starts it again from the beginning; the caller gets a
   ``reset`` event and every event says which decoder served the video.
+- Rotation metadata (a display matrix, as phones write) is applied as players apply it: frames are
+  decoded upright, ``width`` / ``height`` are the displayed ones and ``rotation`` says by how much the
+  coded picture was turned. decord 0.6.0 mangles such files (turned and squeezed, or four channels), so
+  it declines them and PyAV serves them.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from typing import Iterator
 
 import numpy as np
 
-from extractors.clip_sampling import frames_needed
 from extractors.frame_rate import native_fps, resample_indices
 from extractors.preprocess import resize_shape
 from extractors.presets import DECODERS, Preset  # DECODERS: named by the extract schema
+from extractors.samplers import ClipPlan, GridSampler, TooShort
 from pipeline.timemap import TimeGrid
 
 # decord reads these once, when its library loads (decord #248): they must be set before the first
@@ -30,6 +34,10 @@ from pipeline.timemap import TimeGrid
 os.environ.setdefault("DECORD_EOF_RETRY_MAX", "2048")
 os.environ.setdefault("DECORD_REWIND_RETRY_MAX", "8")
 os.environ.setdefault("DECORD_DUPLICATE_WARNING_THRESHOLD", "1.0")
+
+# A plan whose first frame lies further in than this (a keyframe minutes into a film) makes PyAV seek
+# to the keyframe before it instead of decoding everything from the start.
+_SEEK_FRAMES = 250
 
 
 class DecodeError(Exception):
@@ -80,7 +88,7 @@ class VideoMeta:
     sampled_fps: float
     n_frames: int          # native frames (by timestamp)
     n_sampled: int         # frames on the sampled grid
-    n_decode: int          # leading sampled frames the clips read
+    n_decode: int          # sampled frames the clips read (the plan's frames)
     n_native_decoded: int  # native frames the decoder goes through to produce them
     n_clips: int
     duration: float
@@ -89,13 +97,16 @@ class VideoMeta:
     height: int
     frame_height: int      # after the decode-time resize
     frame_width: int
+    rotation: int = 0      # degrees counter-clockwise the coded picture is turned for display
 
 
-def decode_video(path: str, spec: DecodeSpec) -> Iterator[tuple]:
-    """Events for one video: ``("meta", VideoMeta)``, then ``("frames", first_sampled_index, uint8
-    array (n, H, W, 3) RGB)`` in order, then ``("done", n_frames_sent)``; ``("reset",)`` when a
-    decoder failed after it had sent something and the next one starts over. Raises ``DecodeError``
-    when every decoder failed (the last decoder's error, naming the others)."""
+def decode_video(path: str, spec: DecodeSpec, sampler=None) -> Iterator[tuple]:
+    """Events for one video: ``("meta", VideoMeta, ClipPlan)``, then ``("frames", position of the first
+    in the plan's frames, uint8 array (n, H, W, 3) RGB)`` in order, then ``("done", n_frames_sent)``;
+    ``("reset",)`` when a decoder failed after it had sent something and the next one starts over.
+    ``sampler`` (``extractors.samplers``) plans the clips; default: the spec's clip grid. Raises
+    ``DecodeError`` when every decoder failed (the last decoder's error, naming the others)."""
+    sampler = sampler or GridSampler(spec.grid, spec.tail)
     errors: list[str] = []
     last: DecodeError | None = None
     for name in spec.decoders:
@@ -103,8 +114,8 @@ def decode_video(path: str, spec: DecodeSpec) -> Iterator[tuple]:
         reader = None
         try:
             reader = _READERS[name](path, spec)
-            meta, native = _plan(reader, spec)
-            yield ("meta", meta)
+            meta, plan, native = _plan(reader, spec, sampler)
+            yield ("meta", meta, plan)
             started = True
             sent = 0
             for chunk in reader.read(native, spec.chunk_frames):
@@ -130,27 +141,26 @@ def decode_video(path: str, spec: DecodeSpec) -> Iterator[tuple]:
     raise DecodeError(last.kind, "; ".join(reversed(errors)))
 
 
-def _plan(reader, spec: DecodeSpec) -> tuple[VideoMeta, np.ndarray]:
+def _plan(reader, spec: DecodeSpec, sampler) -> tuple[VideoMeta, ClipPlan, np.ndarray]:
     ts = reader.timestamps
     if len(ts) == 0:
         raise DecodeError("zero_frames", "the video stream has no frames")
     native = native_fps(ts, reader.nominal_fps)
     fps = float(spec.fps or native)
     sampled = resample_indices(ts, fps, native)
-    grid = spec.grid
-    n_clips = grid.count(len(sampled), spec.tail)
-    if n_clips == 0:
-        raise DecodeError("too_short", f"{len(sampled)} frames at {fps:.3f} fps, fewer than one clip "
-                                       f"of {grid.span_frames} (tail rule {spec.tail!r})")
-    n_decode = frames_needed(grid, len(sampled), spec.tail)
+    try:
+        plan = sampler.plan(len(sampled), fps)
+    except TooShort as e:
+        raise DecodeError("too_short", str(e)) from None
+    wanted = sampled[plan.frames]
     out_h, out_w = reader.out_shape
     meta = VideoMeta(decoder=reader.name, decoder_version=reader.version, native_fps=native,
-                     sampled_fps=fps, n_frames=len(ts), n_sampled=len(sampled), n_decode=n_decode,
-                     n_native_decoded=int(sampled[n_decode - 1]) + 1,
-                     n_clips=n_clips, duration=float(ts[-1] - ts[0] + 1.0 / native),
+                     sampled_fps=fps, n_frames=len(ts), n_sampled=len(sampled), n_decode=len(plan.frames),
+                     n_native_decoded=int(wanted[-1]) + 1 if len(wanted) else 0,
+                     n_clips=plan.n_clips, duration=float(ts[-1] - ts[0] + 1.0 / native),
                      start_time=float(ts[0]), width=reader.width, height=reader.height,
-                     frame_height=out_h, frame_width=out_w)
-    return meta, sampled[:n_decode]
+                     frame_height=out_h, frame_width=out_w, rotation=reader.rotation)
+    return meta, plan, wanted
 
 
 def _probe(path: str):
@@ -165,6 +175,25 @@ def _probe(path: str):
         container.close()
         raise DecodeError("no_video_stream", "the file has no video stream")
     return container
+
+
+def _display_rotation(path: str) -> int:
+    """Counter-clockwise degrees (0, 90, 180 or 270) the first frame's display matrix turns the coded
+    picture; other angles are rare enough to be shown as coded."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            frame = next(container.decode(video=0), None)
+    except (av.error.FFmpegError, OSError):
+        return 0  # the reader's own open reports what is wrong with the file
+    angle = int(round(getattr(frame, "rotation", 0) or 0)) % 360 if frame is not None else 0
+    return angle if angle in (90, 180, 270) else 0
+
+
+def _upright(height: int, width: int, rotation: int) -> tuple[int, int]:
+    """Displayed (height, width) of a coded picture turned by ``rotation``."""
+    return (width, height) if rotation in (90, 270) else (height, width)
 
 
 def _check_complete(declared: int, readable: int) -> None:
@@ -185,7 +214,8 @@ class _PyAVReader:
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = spec.num_threads
         self.stream = stream
-        self.width, self.height = stream.codec_context.width, stream.codec_context.height
+        self.rotation = _display_rotation(path)
+        self.height, self.width = _upright(stream.codec_context.height, stream.codec_context.width, self.rotation)
         if not self.width or not self.height:
             raise DecodeError("unreadable", "the video stream has no frame size")
         self.out_shape = resize_shape(self.height, self.width, spec.resize, spec.size)
@@ -195,24 +225,46 @@ class _PyAVReader:
         if not pts:
             raise DecodeError("zero_frames", "the video stream has no frames")
         _check_complete(stream.frames, len(pts))
-        self.timestamps = np.sort(np.asarray(pts, dtype=np.float64)) * float(stream.time_base)
+        self.pts = np.sort(np.asarray(pts, dtype=np.int64))
+        self.timestamps = self.pts.astype(np.float64) * float(stream.time_base)
         self.container.seek(0, stream=stream)
 
     def read(self, native: np.ndarray, chunk: int) -> Iterator[np.ndarray]:
-        out_h, out_w = self.out_shape
+        out_h, out_w = _upright(*self.out_shape, self.rotation)  # the coded picture's orientation
+        turns = self.rotation // 90
         counts = np.bincount(native, minlength=int(native[-1]) + 1) if len(native) else np.zeros(0, int)
         buf: list[np.ndarray] = []
-        for i, frame in enumerate(self.container.decode(self.stream)):
+        for i, frame in self._frames(int(native[0]) if len(native) else 0):
             if i >= len(counts):
                 break
             if counts[i]:
-                rgb = frame.to_ndarray(format="rgb24", width=out_w, height=out_h, interpolation="BICUBIC")
+                # One scaling thread: swscale's own pool (PyAV's default) is not fork-safe, and a process
+                # that converted frames and then forks decode workers leaves them hung in their first
+                # conversion (PyAV 18.1 / FFmpeg 8; tests/test_flow.py decodes in-process, then extracts).
+                rgb = frame.to_ndarray(format="rgb24", width=out_w, height=out_h, interpolation="BICUBIC",
+                                       threads=1)
+                if turns:
+                    rgb = np.ascontiguousarray(np.rot90(rgb, turns))
                 buf.extend([rgb] * int(counts[i]))
                 if len(buf) >= chunk:
                     yield np.stack(buf)
                     buf = []
         if buf:
             yield np.stack(buf)
+
+    def _frames(self, first: int) -> Iterator[tuple[int, object]]:
+        """(native index, frame) in presentation order, from frame ``first`` or a frame before it."""
+        if first >= _SEEK_FRAMES:
+            self.container.seek(int(self.pts[first]), stream=self.stream, backward=True, any_frame=False)
+            frames = self.container.decode(self.stream)
+            head = next(frames, None)
+            at = int(np.searchsorted(self.pts, head.pts)) if head is not None and head.pts is not None else -1
+            if 0 <= at <= first and self.pts[at] == head.pts:
+                yield at, head
+                yield from enumerate(frames, at + 1)
+                return
+            self.container.seek(0, stream=self.stream)    # landed past it: decode from the start
+        yield from enumerate(self.container.decode(self.stream))
 
     def close(self) -> None:
         self.container.close()
@@ -225,6 +277,10 @@ class _DecordReader:
         import decord
 
         self.version = decord.__version__
+        self.rotation = 0
+        if _display_rotation(path):
+            raise DecodeError("rotated", "decord 0.6.0 cannot apply rotation metadata (it turns and squeezes "
+                                         "the frames); decoded with pyav instead when it is listed")
         with _probe(path) as container:
             stream = container.streams.video[0]
             self.width, self.height = stream.codec_context.width, stream.codec_context.height

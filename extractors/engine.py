@@ -1,40 +1,54 @@
 """The extraction engine: decode workers feed batched inference; a writer thread stores results.
 
+What is extracted is declared by the caller, not built in: each task is one video and the records
+(items) cut from it; its sampler (``extractors.samplers``) says which frames and clips each record
+needs, and the output (``extractors.outputs``) what the model gives per clip and how a record is
+assembled (``extract``: one (T, C) matrix per video over a clip grid; ``extract_keyframes``: a map and
+context tokens per keyframe, one centred clip each, all keyframes of a video from one decode pass).
+
 - Decoding runs in ``workers`` processes (forked; each opens its own reader per video). Each sends
   the sampled frames of its current video, in chunks, through its own pipe, at most a few chunks
   ahead (backpressure keeps memory flat when inference is the bottleneck).
-- The main process preprocesses each frame once on the device, slices the overlapping clip windows
-  out of a per-video frame buffer (``ClipWindows``) and runs the model on batches that mix videos.
+- The main process transforms each frame once on the device (``StreamFrames``: the preset's
+  preprocessing, plus optical flow for a flow stream, each consecutive pair once per video), slices
+  the overlapping clip windows out of a per-video frame buffer (``ClipWindows``) and runs the model on
+  batches that mix videos.
   On CUDA: pinned host memory, non-blocking copies, bf16/fp16 autocast, and the batch halves when
   it does not fit.
-- A finished video goes to a writer thread (``on_done``: store write, then the completion record),
-  off the critical path.
+- A finished record goes to a writer thread (``on_done``: store write, then the completion record),
+  off the critical path, as soon as its last clip is through the model.
 - A worker that sends nothing for ``video_timeout_s`` of waiting (a decoder that hangs) or dies (decord aborts
   the process on some corrupt H.264, decord #25) is replaced; its video fails with kind ``timeout``
-  or ``decoder_crash`` (a crash under decord is retried once with PyAV). Every other per-video
-  failure is reported through ``on_failed`` and the run goes on.
+  or ``decoder_crash`` (a crash under decord is retried once with PyAV). Every other failure of a
+  video (each of its records not written yet) or of one record (a keyframe outside its video) is
+  reported through ``on_failed`` and the run goes on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+import os
 import pickle
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from extractors.clip_sampling import ClipWindows
 from extractors.decoding import DecodeError, DecodeSpec, VideoMeta, decode_video
+from extractors.flow import FlowComputer, StreamFrames
+from extractors.outputs import ClipVectors
 from extractors.preprocess import FramePreprocessor
 from extractors.presets import Preset
+from extractors.samplers import ClipPlan, GridSampler
 from pipeline.context import Item
-from pipeline.timemap import TimeGrid
+from pipeline.errors import describe_error
 
 # Frame chunks in flight between decode workers and the main process, per worker.
 _CHUNKS_PER_WORKER = 8
@@ -61,27 +75,45 @@ class EngineStats:
     decoded_frames: int = 0       # native frames the decoders went through
     decode_s: float = 0.0         # main process time spent waiting for frames
     infer_s: float = 0.0
+    flow_pairs: int = 0           # optical-flow computations (consecutive frame pairs)
+    flow_s: float = 0.0           # main process time spent computing flow
     seconds: float = 0.0
     decoders: dict = field(default_factory=dict)
 
 
-OnDone = Callable[[Item, np.ndarray, VideoMeta, float], None]
+OnDone = Callable[[Item, Any, VideoMeta, float], None]
 OnFailed = Callable[[Item, str, str], None]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One video to decode and the records cut from it; ``sampler`` None: the spec's clip grid."""
+
+    path: Path
+    items: tuple[Item, ...]
+    sampler: Any = None
 
 
 class _Video:
     """Main-process state of one video being extracted."""
 
-    def __init__(self, index: int, item: Item, meta: VideoMeta, grid: TimeGrid, tail: str, started: float):
+    def __init__(self, index: int, task: Task, meta: VideoMeta, plan: ClipPlan, started: float, held):
         self.index = index
-        self.item = item
+        self.held = held                  # the frame transform's state for this video
+        self.task = task
         self.meta = meta
-        self.windows = ClipWindows(grid, tail)
+        self.plan = plan
+        self.windows = ClipWindows(plan)
         self.frames: torch.Tensor | None = None
         self.base = 0
         self.received = 0
-        self.feats: np.ndarray | None = None
-        self.filled = 0
+        # Per record: its clips still to come, and the rows of its clips already through the model,
+        # held only until the record is written.
+        self.left = np.bincount(plan.owners, minlength=len(task.items))
+        order = np.argsort(plan.owners, kind="stable")
+        self.slot = np.empty(plan.n_clips, dtype=np.int64)
+        self.slot[order] = np.arange(plan.n_clips) - np.searchsorted(plan.owners[order], plan.owners[order])
+        self.rows: dict[int, dict[str, np.ndarray]] = {}
         self.decoded = False
         self.dead = False
         self.started = started
@@ -112,7 +144,8 @@ class _Workers:
         self.tasks[w] = self.ctx.SimpleQueue()
         receive, send = self.ctx.Pipe(duplex=False)
         self.current[w] = self.ctx.Value("q", -1, lock=False)
-        self.procs[w] = self.ctx.Process(target=_decode_worker, args=(self.tasks[w], send, self.current[w], self.spec),
+        self.procs[w] = self.ctx.Process(target=_start_worker,
+                                         args=(os.getpid(), self.tasks[w], send, self.current[w], self.spec),
                                          daemon=True, name=f"decode-{w}")
         self.procs[w].start()
         send.close()                      # the child's end: EOF here once the child is gone
@@ -125,11 +158,11 @@ class _Workers:
     def busy(self) -> bool:
         return any(self.held)
 
-    def submit(self, w: int, index: int, path: str, decoders: tuple[str, ...]) -> None:
+    def submit(self, w: int, index: int, path: str, decoders: tuple[str, ...], sampler) -> None:
         if not self.held[w]:
             self.silent[w] = 0.0
         self.held[w].append((index, decoders))
-        self.tasks[w].put((index, path, decoders))
+        self.tasks[w].put((index, path, decoders, sampler))
 
     def release(self, w: int, index: int) -> None:
         self.held[w] = [h for h in self.held[w] if h[0] != index]
@@ -181,6 +214,14 @@ class _Workers:
             self._stop(w)
 
 
+def _start_worker(driver: int, *args) -> None:
+    """A decode process ends with its driver (killed or not), never lingering as an orphan."""
+    from pipeline.lifetime import die_with_parent
+
+    die_with_parent(driver)
+    _decode_worker(*args)
+
+
 def _decode_worker(tasks, conn, current, spec: DecodeSpec) -> None:
     """Decode process: videos from ``tasks``; events through a bounded buffer and a sender thread,
     so decoding runs ahead of the main process by a few chunks and no further."""
@@ -193,10 +234,10 @@ def _decode_worker(tasks, conn, current, spec: DecodeSpec) -> None:
     # Runs until the engine kills the process (idle by then, or hung, or no longer wanted).
     threading.Thread(target=sender, daemon=True).start()
     while True:
-        index, path, decoders = tasks.get()
+        index, path, decoders, sampler = tasks.get()
         current.value = index
         try:
-            for event in decode_video(path, dataclasses.replace(spec, decoders=decoders)):
+            for event in decode_video(path, dataclasses.replace(spec, decoders=decoders), sampler):
                 outbox.put((index,) + event)
         except DecodeError as e:
             outbox.put((index, "error", e.kind, str(e)))
@@ -209,11 +250,14 @@ def _decode_worker(tasks, conn, current, spec: DecodeSpec) -> None:
 class Engine:
     """Runs one model over many videos; see the module docstring for the data flow."""
 
-    def __init__(self, model: torch.nn.Module, preset: Preset, spec: DecodeSpec, config: EngineConfig):
+    def __init__(self, model: torch.nn.Module, preset: Preset, spec: DecodeSpec, config: EngineConfig,
+                 output=None, flow: FlowComputer | None = None):
         self.model = model.eval().to(config.device)
         self.preset = preset
         self.spec = spec
         self.config = config
+        self.output = output or ClipVectors()
+        self.sampler = GridSampler(spec.grid, spec.tail)
         self.batch_size = max(1, int(config.batch_size))
         self.autocast = None
         frames_dtype = torch.float32
@@ -222,10 +266,15 @@ class Engine:
             self.autocast = lambda: torch.autocast("cuda", dtype=amp)
             frames_dtype = amp              # the frame buffer in the autocast dtype: half the memory
         self.prep = FramePreprocessor(preset, config.device, frames_dtype)
+        self.flow = flow
+        self.frames = StreamFrames(self.prep, preset.streams, flow, preset.crop)
 
     # -- public ---------------------------------------------------------------------------------
-    def run(self, items: Sequence[Item], on_done: OnDone, on_failed: OnFailed, bar=None) -> EngineStats:
-        self.items = list(items)
+    def run(self, tasks: Sequence[Task | Item], on_done: OnDone, on_failed: OnFailed, bar=None) -> EngineStats:
+        """Extract every task (an Item alone: one video, one record over the spec's clip grid)."""
+        self.tasks = [t if isinstance(t, Task) else Task(t.path, (t,)) for t in tasks]
+        if self.flow is not None and any(t.sampler is not None for t in self.tasks):
+            raise ValueError("optical flow needs consecutive frames: the clip grid of extract, not a task's sampler")
         self.on_failed_cb = on_failed
         self.bar = bar
         self.stats = EngineStats()
@@ -234,6 +283,7 @@ class Engine:
         self.n_pending = 0
         self.failed_ids: set[int] = set()
         self.completed: set[int] = set()
+        self.resolved: set[tuple[int, int]] = set()   # (task, record) written or failed
         self.writes: queue.Queue = queue.Queue(maxsize=4)
         self.write_errors: queue.Queue = queue.Queue()
         writer = threading.Thread(target=self._writer, args=(on_done,), daemon=True, name="feature-writer")
@@ -249,14 +299,16 @@ class Engine:
             self.writes.put(None)
             writer.join()
         self._drain_write_errors()
+        if self.flow is not None:
+            self.stats.flow_pairs, self.stats.flow_s = self.flow.pairs, self.flow.seconds
         self.stats.seconds = time.perf_counter() - t0
         return self.stats
 
     # -- drivers --------------------------------------------------------------------------------
     def _run_inline(self) -> None:
-        for index, item in enumerate(self.items):
+        for index, task in enumerate(self.tasks):
             try:
-                for event in decode_video(str(item.path), self.spec):
+                for event in decode_video(str(task.path), self.spec, self._sampler(index)):
                     self._on_event(index, event)
             except DecodeError as e:
                 self._fail(index, e.kind, str(e))
@@ -264,15 +316,15 @@ class Engine:
             self._drain_write_errors()
 
     def _run_workers(self) -> None:
-        n = min(self.config.workers, max(1, len(self.items)))
+        n = min(self.config.workers, max(1, len(self.tasks)))
         workers = _Workers(n, self.spec)
-        todo = list(range(len(self.items)))[::-1]
+        todo = list(range(len(self.tasks)))[::-1]
         try:
             while todo or workers.busy():
                 for w in workers.open_slots():
                     if todo:
                         index = todo.pop()
-                        workers.submit(w, index, str(self.items[index].path), self.spec.decoders)
+                        self._submit(workers, w, index, self.spec.decoders)
                 t_wait = time.perf_counter()
                 messages = workers.receive(_POLL_S if not self.pending else 0.0)
                 self.stats.decode_s += time.perf_counter() - t_wait
@@ -286,6 +338,12 @@ class Engine:
             self._flush(force=True)
         finally:
             workers.close()
+
+    def _sampler(self, index: int):
+        return self.tasks[index].sampler or self.sampler
+
+    def _submit(self, workers: _Workers, w: int, index: int, decoders: tuple[str, ...]) -> None:
+        workers.submit(w, index, str(self.tasks[index].path), decoders, self._sampler(index))
 
     def _on_message(self, workers: _Workers, w: int, msg: tuple) -> None:
         index, kind = msg[0], msg[1]
@@ -320,13 +378,13 @@ class Engine:
             elif decoders != ("pyav",) and "pyav" in decoders:
                 # decord aborted the process (decord #25): this video starts over with PyAV alone.
                 self._reset(culprit)
-                workers.submit(w, culprit, str(self.items[culprit].path), ("pyav",))
+                self._submit(workers, w, culprit, ("pyav",))
             else:
                 self._fail(culprit, "decoder_crash", f"the decoder process died (exit code {code})")
             # The others may have been decoded already, but what they sent died with the process.
             for index, video_decoders in held.items():
                 self._reset(index)
-                workers.submit(w, index, str(self.items[index].path), video_decoders)
+                self._submit(workers, w, index, video_decoders)
 
     # -- events ---------------------------------------------------------------------------------
     def _on_event(self, index: int, event: tuple) -> None:
@@ -334,11 +392,13 @@ class Engine:
         if index in self.failed_ids or index in self.completed:
             return
         if kind == "meta":
-            meta: VideoMeta = event[1]
-            grid = dataclasses.replace(self.spec.grid, fps=meta.sampled_fps)
-            self.videos[index] = _Video(index, self.items[index], meta, grid, self.spec.tail, time.perf_counter())
+            meta, plan = event[1], event[2]
+            task = self.tasks[index]
+            self.videos[index] = _Video(index, task, meta, plan, time.perf_counter(), self.frames.begin())
+            for record, (why, message) in plan.failed.items():
+                self._fail_record(index, record, why, message)
             if self.bar is not None:
-                self.bar.set_postfix_str(f"{self.items[index].id}", refresh=False)
+                self.bar.set_postfix_str(f"{task.path.stem}", refresh=False)
             return
         video = self.videos.get(index)
         if video is None:
@@ -346,8 +406,11 @@ class Engine:
         if kind == "frames":
             self._on_frames(video, event[2])
         elif kind == "done":
+            tail = self.frames.end(video.held)
+            if tail is not None:
+                self._append(video, tail)
             video.decoded = True
-            first, rows = video.windows.finish(event[1])
+            first, rows = video.windows.finish()
             self._queue_clips(video, first, rows)
             self._maybe_finish(video)
         elif kind == "reset":
@@ -359,15 +422,17 @@ class Engine:
             video.dead = True
 
     def _on_frames(self, video: _Video, frames: np.ndarray) -> None:
-        x = self.prep(frames)
-        video.frames = x if video.frames is None else torch.cat([video.frames, x])
-        video.received += len(frames)
+        self._append(video, self.frames.push(video.held, frames))
         first, rows = video.windows.ready(video.received)
         self._queue_clips(video, first, rows)
         keep = video.windows.keep_from()
         if keep > video.base:
             video.frames = video.frames[keep - video.base:]
             video.base = keep
+
+    def _append(self, video: _Video, x: torch.Tensor) -> None:
+        video.frames = x if video.frames is None else torch.cat([video.frames, x])
+        video.received += len(x)
 
     def _queue_clips(self, video: _Video, first: int, rows: np.ndarray) -> None:
         if len(rows) == 0:
@@ -417,36 +482,57 @@ class Engine:
         pos = 0
         for video, first, clips in live:
             k = len(clips)
-            if video.feats is None:
-                video.feats = np.empty((video.meta.n_clips, out.shape[1]), dtype=np.float32)
-            video.feats[first:first + k] = out[pos:pos + k]
-            video.filled += k
+            owners = video.plan.owners[first:first + k]
+            for record in np.unique(owners):
+                at = np.flatnonzero(owners == record)
+                rows = video.rows.get(record)
+                if rows is None:
+                    n = int(np.count_nonzero(video.plan.owners == record))
+                    rows = video.rows[record] = {name: np.empty((n,) + o.shape[1:], dtype=np.float32)
+                                                 for name, o in out.items()}
+                slots = video.slot[first + at]
+                for name, o in out.items():
+                    rows[name][slots] = o[pos + at]
+                video.left[record] -= len(at)
+                if video.left[record] == 0:
+                    self._finish_record(video, int(record))
             pos += k
             self.stats.clips += k
         for video in {id(v): v for v, _, _ in live}.values():
             self._maybe_finish(video)
 
-    def _forward(self, clips: torch.Tensor) -> np.ndarray:
+    def _forward(self, clips: torch.Tensor) -> dict[str, np.ndarray]:
         try:
             if self.autocast is not None:
                 with self.autocast():
-                    out = self.model(clips)
+                    out = self.output.forward(self.model, clips)
             else:
-                out = self.model(clips)
+                out = self.output.forward(self.model, clips)
         except torch.OutOfMemoryError:
             if len(clips) == 1:
                 raise
             # The batch did not fit: halve it for the rest of the run.
             torch.cuda.empty_cache()
             self.batch_size = max(1, len(clips) // 2)
-            return np.concatenate([self._forward(part) for part in clips.split(self.batch_size)])
-        if out.dim() != 2 or out.shape[0] != len(clips):
-            raise RuntimeError(f"backbone returned shape {tuple(out.shape)} for {len(clips)} clips")
-        return out.float().cpu().numpy()
+            parts = [self._forward(part) for part in clips.split(self.batch_size)]
+            return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        for name, o in out.items():
+            if o.shape[0] != len(clips):
+                raise RuntimeError(f"backbone returned {name} of shape {tuple(o.shape)} for {len(clips)} clips")
+        return {name: o.float().cpu().numpy() for name, o in out.items()}
 
     # -- completion -----------------------------------------------------------------------------
+    def _finish_record(self, video: _Video, record: int) -> None:
+        rows = video.rows.pop(record)
+        if (video.index, record) in self.resolved:
+            return        # written before its video restarted under another decoder
+        self.resolved.add((video.index, record))
+        item = video.task.items[record]
+        self.writes.put((item, self.output.record(rows), video.meta, time.perf_counter() - video.started))
+        self._advance(item.id)
+
     def _maybe_finish(self, video: _Video) -> None:
-        if video.dead or not video.decoded or video.filled < video.meta.n_clips:
+        if video.dead or not video.decoded or video.left.any():
             return
         del self.videos[video.index]
         self.completed.add(video.index)
@@ -454,8 +540,6 @@ class Engine:
         self.stats.native_frames += meta.n_frames
         self.stats.decoded_frames += meta.n_native_decoded
         self.stats.decoders[meta.decoder] = self.stats.decoders.get(meta.decoder, 0) + 1
-        self.writes.put((video.item, video.feats, meta, time.perf_counter() - video.started))
-        self._advance(video.item.id)
 
     def _writer(self, on_done: OnDone) -> None:
         while True:
@@ -466,7 +550,7 @@ class Engine:
             try:
                 on_done(item, feats, meta, seconds)
             except Exception as e:
-                self.write_errors.put((item, f"{type(e).__name__}: {e}"))
+                self.write_errors.put((item, describe_error(e)))
 
     def _drain_write_errors(self) -> None:
         while True:
@@ -478,13 +562,21 @@ class Engine:
             self._report_failure(item, "write_error", message)
 
     def _fail(self, index: int, kind: str, message: str) -> None:
+        """The whole video failed: each of its records not written yet fails with it."""
         if index in self.failed_ids:
             return
         video = self.videos.pop(index, None)
         if video is not None:
             video.dead = True
         self.failed_ids.add(index)
-        self._report_failure(self.items[index], kind, message)
+        for record in range(len(self.tasks[index].items)):
+            self._fail_record(index, record, kind, message)
+
+    def _fail_record(self, index: int, record: int, kind: str, message: str) -> None:
+        if (index, record) in self.resolved:
+            return
+        self.resolved.add((index, record))
+        self._report_failure(self.tasks[index].items[record], kind, message)
 
     def _report_failure(self, item: Item, kind: str, message: str) -> None:
         self.stats.failed += 1

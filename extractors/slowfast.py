@@ -12,6 +12,10 @@ Outputs:
   in time to the slow length, concatenated on channels. Its mean over time equals the per-pathway
   temporal average that pySlowFast's AVA RoI head takes before RoIAlign, so keyframe maps are
   ``forward_map(x).mean(2)``. ``res5_dilation=2`` gives the AVA models' stride-16 map.
+- ``forward_keyframe`` -> ``(map [B, 2304, H/s, W/s], context [B, 2304, T])``: the keyframe record, the
+  map averaged over time per pathway (slow then fast, as the AVA RoI heads concatenate them) and the
+  context tokens of CycleACR: the slow map nearest-interpolated to the fast length (as mmaction2's
+  RoI extractor does), concatenated with the fast map, max-pooled over space.
 """
 
 from __future__ import annotations
@@ -219,6 +223,19 @@ class SlowFast(nn.Module):
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         slow, fast = self.forward_maps(clips)
         return torch.cat([slow.mean((2, 3, 4)), fast.mean((2, 3, 4))], 1).float()
+
+    @property
+    def feature_stride(self) -> int:
+        """Input pixels per map cell: 32, or 16 with res5's spatial stride removed (``res5_dilation=2``)."""
+        return 32 // self.cfg.res5_dilation
+
+    def forward_keyframe(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slow, fast = self.forward_maps(clips)
+        fmap = torch.cat([slow.mean(2), fast.mean(2)], 1)
+        # Nearest interpolation repeats whole frames, so it commutes with the spatial max.
+        slow_tokens = F.interpolate(slow.amax((3, 4)), size=fast.shape[2], mode="nearest")
+        context = torch.cat([slow_tokens, fast.amax((3, 4))], 1)
+        return fmap.float(), context.float()
 
 
 def _pytorchvideo_rules() -> tuple[tuple[str, str], ...]:

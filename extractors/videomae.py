@@ -9,6 +9,10 @@ Outputs:
 - ``forward`` -> ``[B, embed_dim]`` = ``fc_norm(tokens.mean(1))`` (what ``forward_features`` returns).
 - ``forward_map`` -> ``[B, embed_dim, T/tubelet, H/patch, W/patch]``: the last block's tokens (before any
   norm, as mmaction2's ``return_feat_map`` gives them) laid back onto their space-time grid.
+- ``forward_keyframe`` -> ``(map [B, C, H/p, W/p], context [B, C, T/tubelet])``: that map averaged over
+  time, and max-pooled over space per token time step. Frames whose sides are not multiples of the
+  patch lose the remainder at the bottom and right, as the stride-``p`` patch convolution of the
+  reference models drops it.
 
 Other input sizes / frame counts than the native ``img_size`` / ``num_frames``: ``pos_mode='resample'``
 (default) reshapes the native table to its (T', H', W') grid and resamples it trilinearly, so every token
@@ -193,6 +197,16 @@ class VideoMAE(nn.Module):
     def forward_map(self, clips: torch.Tensor) -> torch.Tensor:
         x, grid = self.tokens(clips)
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid).float()
+
+    @property
+    def feature_stride(self) -> int:
+        return self.cfg.patch_size
+
+    def forward_keyframe(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.cfg.patch_size
+        h, w = clips.shape[3] // p * p, clips.shape[4] // p * p
+        fmap = self.forward_map(clips[:, :, :, :h, :w])
+        return fmap.mean(2), fmap.amax((3, 4))
 
 
 # Official files (``model`` / ``module`` containers; ``encoder.`` / ``backbone.`` prefixes) and the

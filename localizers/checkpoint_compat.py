@@ -43,8 +43,15 @@ def load_checkpoint(model: nn.Module, source: str | Path | Mapping, which: str =
     if isinstance(source, (str, Path)):
         if not Path(source).is_file():
             raise ConfigError(f"{source}: checkpoint file not found")
-        source = torch.load(source, map_location="cpu", weights_only=False)
+        from pipeline.untrusted import load_torch
+
+        source = load_torch(source)  # a downloaded file: weights only, never its code
+    if not isinstance(source, Mapping):
+        raise ConfigError(f"{where}: expected a checkpoint dict, found {type(source).__name__}")
     sd = official_state_dict(source, which)
+    odd = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise ConfigError(f"{where}: not a state dict: {', '.join(map(str, odd[:5]))} hold no tensors")
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]

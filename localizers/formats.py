@@ -10,12 +10,13 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from pipeline.context import write_bytes_atomic, write_text_atomic
 
 # The 20 THUMOS14 detection classes and their UCF101 ids (THUMOS14 detclasslist.txt).
 THUMOS14_CLASS_IDS = {
@@ -32,12 +33,6 @@ def _rows(results: Mapping[str, Sequence[Mapping]]):
             yield vid, float(d["segment"][0]), float(d["segment"][1]), d["label"], float(d["score"])
 
 
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_results_pickle(path: Path, results: Mapping[str, Sequence[Mapping]], classes: Sequence[str]) -> None:
     index = {c: i for i, c in enumerate(classes)}
     rows = list(_rows(results))
@@ -46,7 +41,7 @@ def write_results_pickle(path: Path, results: Mapping[str, Sequence[Mapping]], c
            "t-end": np.asarray([r[2] for r in rows], dtype=np.float32),
            "label": np.asarray([index.get(r[3], -1) for r in rows], dtype=np.int64),
            "score": np.asarray([r[4] for r in rows], dtype=np.float32)}
-    _write(Path(path), pickle.dumps(out))
+    write_bytes_atomic(Path(path), pickle.dumps(out))
 
 
 def write_thumos_txt(path: Path, results: Mapping[str, Sequence[Mapping]], classes: Sequence[str]) -> None:
@@ -54,4 +49,4 @@ def write_thumos_txt(path: Path, results: Mapping[str, Sequence[Mapping]], class
     ids = {c: THUMOS14_CLASS_IDS[c] if official else i + 1 for i, c in enumerate(classes)}
     lines = [f"{vid} {start:.2f} {end:.2f} {ids[label]} {score:.4f}\n"
              for vid, start, end, label, score in _rows(results) if label in ids]
-    _write(Path(path), "".join(lines).encode())
+    write_text_atomic(Path(path), "".join(lines))

@@ -5,7 +5,9 @@ torch is imported inside the functions: the CLI imports this module while planni
 Outputs of ``localize``: ``config.json`` (resolved config, classes, the extract store it read, and under
 ``params`` the resolved values of this stage and extract: a valid ``--config`` file),
 ``checkpoint.pt`` (after every epoch, for resuming), ``train_log.csv``, ``model.pt`` (final weights and
-EMA weights). Outputs of ``localize_eval``: ``detections.json`` (ActivityNet submission format), the same
+EMA weights). ``localize.nproc`` > 1 trains on that many local processes, started by torch's elastic
+launcher (what ``torchrun`` runs): gloo on CPU, nccl on CUDA with one GPU per process.
+Outputs of ``localize_eval``: ``detections.json`` (ActivityNet submission format), the same
 detections as ``results.pkl`` (ActionFormer's) and ``detections_thumos14.txt`` (THUMOS14's evaluator),
 and ``metrics.json`` (mAP per tIoU and per-class AP over the videos that have features).
 """
@@ -14,33 +16,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
-from pipeline.context import StageContext, write_json_atomic
+from pipeline.context import StageContext, save_torch_atomic, write_json_atomic
+from pipeline.device import stage_device
 from pipeline.errors import ConfigError
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.json"
-
-
-def _device(runtime: Mapping[str, Any], log=print):
-    import torch
-
-    from pipeline.threads import choose_threads
-
-    wanted = str(runtime.get("device", "auto"))
-    if wanted == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif wanted.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"runtime.device: {wanted} requested but CUDA is not available")
-    else:
-        device = torch.device(wanted)
-    if device.type == "cpu":  # on a busy CPU, threads spinning for a held core stall every step
-        threads, why = choose_threads(runtime.get("threads"))
-        torch.set_num_threads(threads)
-        log(f"localize: {threads} torch thread{'s' if threads > 1 else ''} ({why})")
-    return device
 
 
 def _annotations(ctx: StageContext):
@@ -90,10 +75,13 @@ def train(ctx: StageContext) -> dict:
     import torch
 
     from localizers.config import resolve
-    from localizers.train import fit
     from pipeline.store import open_stage_store
     from pipeline.store.loader import FeatureReader
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each torchrun process would run the whole stage
+        raise ConfigError(f"localize: the CLI runs under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}); "
+                          "run it once and set localize.nproc to train on several processes")
+    nproc = int(ctx.runtime.get("nproc", 1))
     cfg = resolve(ctx.params)
     ann = _annotations(ctx)
     subset, videos = _subset(ctx, ann, "train")
@@ -102,9 +90,14 @@ def train(ctx: StageContext) -> dict:
         feature_dim = store.attrs.get("feature_dim") or store.shape(store.videos()[0])[1]
         cfg = cfg.with_dims(int(feature_dim), len(ann.classes))
         items = _items(store, videos, cfg, ann.label_index(), str(ann.path), True, ctx.log)
+        val = None
         if cfg.train.val_every:
             val_subset, val_videos = _subset(ctx, ann, "val")
             val_items = _items(store, val_videos, cfg, ann.label_index(), str(ann.path), False, ctx.log)
+            val = (ann, val_subset, val_items)
+    if nproc > min(cfg.train.batch_size, len(items)):
+        raise ConfigError(f"localize.nproc: {nproc} processes split each batch of "
+                          f"{min(cfg.train.batch_size, len(items))} videos; at most that many")
     out = Path(ctx.out_dir)
     write_json_atomic(out / CONFIG_FILE, {
         "config": cfg.to_json(), "classes": list(ann.classes), "train_subset": subset,
@@ -114,26 +107,84 @@ def train(ctx: StageContext) -> dict:
         # what made this model, by stage: `pipeline run ... --config <this file>` makes it again
         "params": dict(ctx.config),
     })
-    device = _device(ctx.runtime, ctx.log)
+    device = stage_device(ctx.name, ctx.runtime, ctx.log)
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise ConfigError(f"localize.nproc: {nproc} processes need one GPU each; "
+                          f"{torch.cuda.device_count()} visible")
     if not (out / MODEL_FILE).exists():
         ctx.log(f"localize: training {cfg.preset} on {len(items)} videos of {subset} "
-                f"({cfg.train.total_epochs} epochs, {device})")
+                f"({cfg.train.total_epochs} epochs, {device}"
+                + (f", {nproc} processes" if nproc > 1 else "") + ")")
         source = FeatureReader(extract_dir, [it.id for it in items], ctx.runtime.get("in_memory", "auto"))
-        validate = None
-        if cfg.train.val_every:
-            val_source = FeatureReader(extract_dir, [it.id for it in val_items], "auto")
-            validate = _validator(cfg, ann, val_subset, val_items, val_source, device)
-        result = fit(cfg, items, source, out, device=device, log=ctx.log, board_dir=ctx.board_dir,
-                     validate=validate)
-        tmp = out / f".{MODEL_FILE}.tmp"
-        torch.save({"model": result.model.state_dict(), "ema": result.ema.state_dict(), "steps": result.steps,
-                    "config": cfg.to_json(), "classes": list(ann.classes)}, tmp)
-        os.replace(tmp, out / MODEL_FILE)
+        if val is not None:  # the val split's features, read by process 0 only
+            val = (*val, FeatureReader(extract_dir, [it.id for it in val[2]], "auto"))
+        job = (cfg, items, source, out, ctx.board_dir, list(ann.classes), val)
+        if nproc == 1:
+            _fit_and_save(*job, device=device, log=ctx.log)
+        else:
+            _launch(nproc, device, max(1, torch.get_num_threads() // nproc), not ctx.options.json, job)
     last = _last_log_row(out / "train_log.csv")
     summary = (f"localize: {cfg.preset}, {len(items)} training videos, {cfg.train.total_epochs} epochs, "
                f"final loss {float(last.get('loss', 'nan')):.4f}")
     return {"summary": summary, "videos": len(items), "epochs": cfg.train.total_epochs,
             "final_loss": float(last.get("loss", "nan"))}
+
+
+def _fit_and_save(cfg, items, source, out: Path, board_dir, classes: list, val=None, *, device, log) -> None:
+    """Train, then write ``model.pt`` (in process 0 of a data-parallel group). ``val``: None, or the
+    annotations, subset, items and feature source of the periodic validation."""
+    from torch import distributed as dist
+
+    from localizers.train import fit
+
+    validate = _validator(cfg, *val, device) if val is not None else None
+    result = fit(cfg, items, source, out, device=device, log=log, board_dir=board_dir, validate=validate)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    save_torch_atomic({"model": result.model.state_dict(), "ema": result.ema.state_dict(), "steps": result.steps,
+                       "config": cfg.to_json(), "classes": classes}, out / MODEL_FILE)
+
+
+def _launch(nproc: int, device, threads: int, verbose: bool, job: tuple) -> None:
+    """``_fit_rank`` on ``nproc`` local processes through torch's elastic launcher, as ``torchrun
+    --standalone --nproc_per_node nproc`` would start them."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"localize-{os.getpid()}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    try:
+        elastic_launch(config, _fit_rank)(device.type, threads, verbose, job)
+    except ChildFailedError as e:  # the failed process's traceback is on stderr already
+        message = e.get_first_failure()[1].message  # the error file's record, or a line
+        message = message.get("message", message) if isinstance(message, dict) else message
+        raise RuntimeError(f"localize: a training process failed: {message}") from None
+
+
+def _fit_rank(device_type: str, threads: int, verbose: bool, job: tuple) -> None:
+    """One process of data-parallel training (the launcher set its rank, world size and rendezvous in
+    the environment)."""
+    import warnings
+
+    import torch
+    from torch import distributed as dist
+
+    # depthwise conv weights (C, 1, k): strides differing only along the size-1 dim, the same layout
+    warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")
+    local = int(os.environ["LOCAL_RANK"])
+    if device_type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(threads)  # the stage's threads, shared by the processes
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    try:
+        loud = verbose and dist.get_rank() == 0
+        log = (lambda m: print(m, file=sys.stderr, flush=True)) if loud else (lambda m: None)
+        _fit_and_save(*job, device=device, log=log)
+    finally:
+        dist.destroy_process_group()
 
 
 def _validator(cfg, ann, subset: str, items: list, source, device):
@@ -161,11 +212,10 @@ def _last_log_row(path: Path) -> dict:
 def evaluate(ctx: StageContext) -> dict:
     from dataclasses import replace
 
-    import torch
-
     from localizers.actionformer import build_model, load_video_scores, video_detections
     from localizers.anet_map import ANET_TIOUS, THUMOS_TIOUS, evaluate_detections
     from localizers.checkpoint_compat import load_checkpoint
+    from pipeline.untrusted import load_torch
     from localizers.config import LocalizeConfig, validate
     from localizers.formats import write_results_pickle, write_thumos_txt
     from localizers.train import ema_warning
@@ -191,13 +241,13 @@ def evaluate(ctx: StageContext) -> dict:
     subset, videos = _subset(ctx, ann, split)
     with open_stage_store(train_dir / saved["extract_dir"]) as store:
         items = _items(store, videos, cfg, ann.label_index(), str(ann.path), False, ctx.log)
-        device = _device(ctx.runtime, ctx.log)
+        device = stage_device(ctx.name, ctx.runtime, ctx.log)
         model = build_model(cfg).to(device).eval()
         # an official epoch_034.pth.tar (or another model.pt) may replace the trained weights
         checkpoint = Path(params.get("checkpoint") or train_dir / MODEL_FILE)
         if not checkpoint.is_file():
             raise ConfigError(f"{checkpoint}: checkpoint file not found")
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = load_torch(checkpoint)  # a downloaded file: weights only, never its code
         load_checkpoint(model, state, weights, where=str(checkpoint))
         if weights == "ema" and (note := ema_warning(state.get("steps"), cfg.train.ema_decay)):
             ctx.log(f"localize_eval: warning: {note}")

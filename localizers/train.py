@@ -4,6 +4,12 @@ loss normaliser; resumable from the checkpoint written atomically after every ep
 Determinism: the shuffling and crops of epoch ``e`` come from ``numpy.random.default_rng([seed, e])``
 and the torch RNG state (drop path) is checkpointed, so a run resumed after epoch ``e`` continues
 exactly as the uninterrupted run (on CPU).
+
+Data parallelism (called in each process of a ``torch.distributed`` group, see ``localizers.stage``):
+every process draws the same order and crops and trains on its slice of each batch (the batch size is
+the global one), counting the positives over the whole batch, so each step is the single-process step up
+to float summation order (the drop path masks differ, being drawn per slice); the trainer wraps the
+model in DistributedDataParallel and process 0 alone writes the checkpoint, the log and TensorBoard.
 """
 
 from __future__ import annotations
@@ -15,12 +21,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from torch import distributed as dist
 from torch import nn
 
 from localizers.actionformer import ActionFormer, LossNormalizer, build_model, collate, compute_losses
 from localizers.config import LocalizeConfig, TrainConfig
 from localizers.data import FeatureSource, VideoItem, batch_targets, random_crop, read_features
-from pipeline.trainer import LOG, EMA, CsvLog, EarlyStop, TensorBoard, Trainer, Validate
+from pipeline.trainer import LOG, EMA, CsvLog, EarlyStop, TensorBoard, Trainer, Validate, all_sum
 
 
 def lr_at(step: int, cfg: TrainConfig, iters_per_epoch: int) -> float:
@@ -90,20 +97,25 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
     ``max_epochs``: stop after that many epochs of the schedule (the schedule itself is unchanged),
     e.g. to time one epoch or to simulate an interruption. ``board_dir``: the TensorBoard run directory
     (default ``out_dir/tensorboard``). ``validate``: the EMA weights -> a metric (higher is better),
-    logged as ``val_mAP`` every ``val_every`` epochs and driving ``early_stop``.
+    logged as ``val_mAP`` every ``val_every`` epochs and driving ``early_stop`` (called in process 0 of a
+    data-parallel group only).
     """
     device = torch.device(device)
     out_dir = Path(out_dir)
     tc, mc = cfg.train, cfg.model
     if not items:
         raise ValueError("no training videos")
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     torch.manual_seed(tc.seed)
     model = build_model(cfg).to(device)
     ema = EMA(model, tc.ema_decay)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr)
     normalizer = LossNormalizer(tc.loss_norm_init, tc.loss_norm_momentum)
     batch = min(tc.batch_size, len(items))
+    if batch < world:
+        raise ValueError(f"{world} processes need a batch of at least {world} videos, got {batch}")
     iters = len(items) // batch
+    mine = np.array_split(np.arange(batch), world)[rank]  # this process's slice of every batch
     bf16 = use_bf16(tc.precision, device)
     non_blocking = device.type == "cuda"
 
@@ -112,7 +124,9 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
         order = rng.permutation(len(items))
         for it in range(iters):
             chosen = [items[i] for i in order[it * batch:(it + 1) * batch]]
+            # every process draws every crop: the rng stays the same in all of them
             crops = [random_crop(v, mc.max_seq_len, cfg.data.trunc_thresh, cfg.data.crop_ratio, rng) for v in chosen]
+            chosen, crops = [chosen[i] for i in mine], [crops[i] for i in mine]
             feats = [read_features(source, v, c.start, c.stop) for v, c in zip(chosen, crops)]
             x, mask = collate(feats, mc, training=True)
             if non_blocking:
@@ -124,7 +138,7 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
         x, mask, segs, labels, valid = b
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = net(x, mask)
-        return compute_losses(out, segs, labels, valid, normalizer, tc)
+        return compute_losses(out, segs, labels, valid, normalizer, tc, all_sum if world > 1 else None)
 
     hooks = [ema, CsvLog(out_dir / LOG), TensorBoard(board_dir or out_dir / "tensorboard")]
     if validate is not None and tc.val_every:

@@ -71,11 +71,25 @@ def load_temporal(path: Path | str, *, out_of_range: OutOfRange = "keep") -> Tem
     return _load_json(path, out_of_range)
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
 def _load_json(path: Path, out_of_range: OutOfRange) -> TemporalAnnotations:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: not a readable JSON file ({e})") from None
+    except _DuplicateKey as e:  # json.loads would keep the last one silently: a video's labels half lost
+        raise ConfigError(f"{path}: key {e.args[0]!r} appears twice in one object") from None
     database = data.get("database") if isinstance(data, dict) else None
     if not isinstance(database, dict):
         raise ConfigError(f'{path}: expected an ActivityNet-style object with a "database" mapping')

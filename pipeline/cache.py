@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 from pipeline.context import write_json_atomic
 
+# What interrupted writes leave behind, named after the writing process: ``.<name>.<pid>.tmp`` (atomic
+# file writes), ``.<name>.tmp-<pid>`` (the demo generator), ``<key>.old-<pid>`` (a --force swap).
+_LEFTOVER = re.compile(r"^\..+\.(\d+)\.tmp$|\.tmp-(\d+)$|\.old-(\d+)$")
 MANIFEST = "manifest.json"
 RECORDS_SNAPSHOT = "records.json"
 
@@ -126,6 +130,44 @@ def dir_size(path: Path) -> int:
             except OSError:
                 pass
     return total
+
+
+def leftovers(root: Path, recursive: bool = True) -> list[Path]:
+    """Temporary files and directories under ``root`` whose writing process is gone (killed mid-write).
+    A live writer's are never listed."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + dirnames:
+            m = _LEFTOVER.search(name)
+            if m and not pid_alive(int(next(g for g in m.groups() if g))):
+                found.append(Path(dirpath) / name)
+        dirnames[:] = [d for d in dirnames if recursive and not _LEFTOVER.search(d)]
+    return sorted(found)
+
+
+def remove_leftovers(root: Path, recursive: bool = True) -> list[Path]:
+    removed = leftovers(root, recursive)
+    for p in removed:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 def _fsync_dir(path: Path) -> None:

@@ -47,12 +47,9 @@ def read_checkpoint(path: str | Path, *, needed: str) -> object:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: checkpoint file not found; needed: {needed} (nothing is downloaded)")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for foreign or corrupt files
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{path}: cannot read as a PyTorch checkpoint: {first_line}") from exc
+    from pipeline.untrusted import load_torch
+
+    return load_torch(path, allow=[argparse.Namespace])
 
 
 def _is_state_dict(obj: object) -> bool:

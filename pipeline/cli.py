@@ -1,6 +1,8 @@
 """The ``pipeline`` command.
 
-Exit codes: 0 done, 1 some work failed, 2 usage or configuration error. Every user-caused error is one
+Exit codes: 0 done, 1 some work failed (or the machine did: no space, disk quota, I/O error), 2 usage or
+configuration error (also a path the machine refuses: not writable, read-only, a directory where a file
+is expected). Every user-caused error is one
 line ``pipeline: error: <message>`` on stderr (the traceback only with ``--debug``); ``--json`` makes
 stdout one JSON object.
 """
@@ -14,7 +16,8 @@ import traceback
 from pathlib import Path
 
 from pipeline.cli_args import CommandParser
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, environment_fault
+from pipeline.executors import BACKENDS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STORE_COMMANDS = {"verify": "verify", "import-features": "import_features", "export": "export_features"}
@@ -26,7 +29,8 @@ USAGE = """pipeline [--cache-dir DIR] [--stages FILE] [--debug] [--json] COMMAND
 
 commands:
   run <stage>|train|eval|all [--stage S] --dataset D [--config FILE] [--set stage.param=value ...] [--force]
-        [--backend local|ray|dask] [--workers N] [--fail-fast|--keep-going] [--no-wait]
+        [--backend local|ray|dask [--address A] [--gpus-per-task G]] [--workers N]
+        [--fail-fast|--keep-going] [--no-wait]
   status [--dataset D] [--config F] [--set ...]
                                           done / stale (and what changed) / not run / missing, per stage
   gc [--dry-run] [--experiments] [--dataset D ...]
@@ -97,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `pipeline status | head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as exc:  # the machine, not a bug: the path and the cause
+        if debug:
+            traceback.print_exc()
+        fault = environment_fault(exc)
+        print(f"pipeline: error: {fault}", file=sys.stderr)
+        return fault.exit_code
     except Exception as exc:  # a bug, not a user error: say where to look
         if debug:
             traceback.print_exc()
@@ -136,10 +146,7 @@ def _runs(ws, opts: dict, argv: list[str]) -> int:
     a = p.parse_args(argv)
     runs = list_runs(ws, a.dataset or None)
     if opts["json"]:
-        print(json.dumps({"command": "runs", "runs": [
-            {"name": r.name, "key": r.key, "stage": r.stage, "dataset": r.dataset, "status": r.status,
-             "dir": str(r.dir), "seconds": r.seconds, "differs": r.differs, "mAP": dict(r.columns()),
-             "per_class": r.per_class()} for r in runs]}, default=str))
+        print(json.dumps({"command": "runs", "runs": [r.to_json() for r in runs]}, default=str))
     else:
         print(format_runs(runs))
     return 0
@@ -161,9 +168,7 @@ def _compare(ws, opts: dict, argv: list[str]) -> int:
     if len({r.stage for r in runs}) > 1:
         raise ConfigError(f"compare: the runs belong to different stages ({', '.join(sorted({r.stage for r in runs}))})")
     if opts["json"]:
-        print(json.dumps({"command": "compare", "runs": [
-            {"name": r.name, "key": r.key, "stage": r.stage, "dataset": r.dataset, "params": r.params,
-             "mAP": dict(r.columns()), "per_class": r.per_class()} for r in runs]}, default=str))
+        print(json.dumps({"command": "compare", "runs": [r.to_json() for r in runs]}, default=str))
     else:
         print(format_compare(runs))
     if a.plot is not None:
@@ -186,8 +191,10 @@ def _run(ws, opts: dict, argv: list[str]) -> int:
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="STAGE.PARAM=VALUE")
     p.add_argument("--config", metavar="FILE", help="stage -> {param: value} (YAML or JSON), under --set")
     p.add_argument("--force", action="store_true")
-    p.add_argument("--backend", choices=("local", "ray", "dask"), default="local")
+    p.add_argument("--backend", choices=BACKENDS, default="local")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--address", help="a running cluster: Ray auto|HOST:PORT, Dask tcp://HOST:PORT")
+    p.add_argument("--gpus-per-task", type=float, default=0.0)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--fail-fast", action="store_true")
     g.add_argument("--keep-going", action="store_true")
@@ -196,6 +203,14 @@ def _run(ws, opts: dict, argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.workers < 1:
         raise ConfigError(f"--workers {a.workers}: expected a positive number")
+    if a.backend == "local" and (a.address or a.gpus_per_task):
+        raise ConfigError(f"--{'address' if a.address else 'gpus-per-task'}: only with --backend ray or dask")
+    if a.gpus_per_task < 0:
+        raise ConfigError(f"--gpus-per-task {a.gpus_per_task:g}: expected 0 or more")
+    if a.backend != "local":
+        from pipeline.executors import check_installed
+
+        check_installed(a.backend)
     if a.name is not None:
         from pipeline.experiments import check_name
 
@@ -203,8 +218,8 @@ def _run(ws, opts: dict, argv: list[str]) -> int:
     sets = (parse_config(a.config) if a.config else []) + parse_sets(a.sets)
     dataset = ws.load_dataset(a.dataset)
     targets = targets_for(ws.graph, dataset, a.what, a.stage)
-    options = RunOptions(workers=a.workers, backend=a.backend, fail_fast=a.fail_fast, force=a.force,
-                         debug=opts["debug"], json=opts["json"], name=a.name)
+    options = RunOptions(workers=a.workers, backend=a.backend, address=a.address, gpus_per_task=a.gpus_per_task,
+                         fail_fast=a.fail_fast, force=a.force, debug=opts["debug"], json=opts["json"], name=a.name)
     reports = run(ws, dataset, targets, sets, options, wait=not a.no_wait)
     failed = any(r.status in ("failed", "skipped") or r.items.get("failed") for r in reports)
     code = 1 if failed else 0
@@ -282,13 +297,18 @@ def _gc(ws, opts: dict, argv: list[str]) -> int:
     if opts["json"]:
         print(json.dumps({"command": "gc", "dry_run": a.dry_run, "removed": [p for p, _ in res.removed],
                           "kept": [{"dir": d, "why": why} for d, why in res.kept],
-                          "bytes": res.bytes, "kept_unknown": res.kept_unknown}))
+                          "bytes": res.bytes, "kept_unknown": res.kept_unknown, "held": res.held,
+                          "leftovers": res.leftovers}))
         return 0
     for path, why in res.kept:
         print(f"keep {path}: {why}")
     verb = "would remove" if a.dry_run else "removed"
     for path, size in res.removed:
         print(f"{verb} {path} ({_human(size)})")
+    for path in res.leftovers:
+        print(f"{verb} {path} (left by a killed write)")
+    for path in res.held:
+        print(f"kept {path}: a running stage reads or writes it", file=sys.stderr)
     for name in res.kept_unknown:
         print(f"kept every output of dataset {name}: its current keys cannot be computed now", file=sys.stderr)
     print(f"{'would reclaim' if a.dry_run else 'reclaimed'} {_human(res.bytes)} ({res.bytes} bytes) "

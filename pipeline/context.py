@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,9 @@ class RunOptions:
     """Command-line options that change how a stage runs, never what it outputs."""
 
     workers: int = 1
-    backend: str = "local"  # local | ray | dask (joblib back-ends)
+    backend: str = "local"  # local | ray | dask (pipeline.executors)
+    address: str | None = None    # a running Ray / Dask cluster; None: a local one for the run
+    gpus_per_task: float = 0.0    # GPUs each cluster task asks for
     fail_fast: bool = False
     force: bool = False
     debug: bool = False
@@ -41,13 +44,93 @@ class RunOptions:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` through a temporary file and a rename: readers never see half a file."""
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` through a temporary file, fsync and a rename; a failed write (no space) names
+    ``path`` and leaves no temporary file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if exc.filename is None:  # a failed write names no file: name the one being written
+            exc.filename = str(path)
+        raise
+
+
+def build_dir_atomic(final: Path, build: Callable[[Path], None], complete: Callable[[Path], bool]) -> None:
+    """Unless ``complete(final)``, ``build`` into a temporary directory beside ``final`` and rename it in:
+    a crash leaves no half directory, and of two concurrent builds the first rename wins (the second
+    finds ``final`` complete). An incomplete or outdated ``final`` is replaced."""
+    final = Path(final)
+    if complete(final):
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        build(tmp)
+        if final.exists():
+            os.rename(final, old)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not complete(final):  # not a concurrent winner: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_torch_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` through a temporary file, fsync and a rename (a checkpoint is whole or absent)."""
+    import torch
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def append_csv_row(path: Path, row: Mapping[str, Any]) -> None:
+    """Append one row to a CSV log (header first when the file is new), flushed to disk."""
+    import csv
+
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_item_record(records_dir: Path, item: Item, record: Mapping[str, Any] | None = None) -> dict:
+    """Write ``item``'s completion record (atomically; rewriting it is harmless) and return it. Also
+    called where a cluster task runs, so the record is committed where the item finished."""
+    rec = dict(record or {})
+    rec["id"] = item.id
+    rec["source_fingerprint"] = item.fingerprint
+    write_json_atomic(records_dir / f"{item.id}.json", rec)
+    return rec
 
 
 @dataclass
@@ -94,10 +177,7 @@ class StageContext:
     def item_done(self, item: Item, record: Mapping[str, Any] | None = None) -> None:
         """Mark one item complete. Call only after its data is durably written: this record is the
         completion mark the planner reads, and it carries the source fingerprint."""
-        rec = dict(record or {})
-        rec["id"] = item.id
-        rec["source_fingerprint"] = item.fingerprint
-        write_json_atomic(self.records_dir / f"{item.id}.json", rec)
+        write_item_record(self.records_dir, item, record)
         self.done_count += 1
 
     def item_failed(self, item: Item, kind: str, message: str) -> None:

@@ -18,8 +18,6 @@ the same frames everywhere. It lives in a subdirectory named after the generator
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, fields
 from fractions import Fraction
 from pathlib import Path
@@ -27,11 +25,12 @@ from typing import Annotated, Literal
 
 import numpy as np
 
+from pipeline.context import build_dir_atomic
 from pipeline.errors import ConfigError
-from pipeline.schema import Range, hints, problem
+from pipeline.schema import Range, build
 
 # Bump when the drawn videos or their annotations change for the same spec.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 CLASSES = ("sweep", "pulse", "spin", "blink")
 BACKGROUNDS = ("noise", "gradient", "flat")
@@ -61,14 +60,7 @@ class DemoSpec:
 
     @classmethod
     def from_dict(cls, spec: dict) -> "DemoSpec":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(spec) - known)
-        if unknown:
-            raise ConfigError(f"generate.{unknown[0]}: unknown key; known: {', '.join(sorted(known))}")
-        for name, value in spec.items():
-            if p := problem(hints(cls)[name], value):
-                raise ConfigError(f"generate.{name}: {p}")
-        made = cls(**{name: tuple(v) if isinstance(v, list) else v for name, v in spec.items()})
+        made = build(cls, spec, "generate", "unknown key")
         made._check()
         return made
 
@@ -107,20 +99,7 @@ def ensure_generated(spec: dict, out_dir: Path) -> tuple[Path, Path]:
     variant = f"g{GENERATOR_VERSION}"
     final = Path(out_dir) / variant
     videos, annotations = final / "videos", final / "annotations.json"
-    if annotations.is_file():
-        return videos, annotations
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{variant}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _generate(demo, tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not annotations.is_file():  # not a concurrent winner: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    build_dir_atomic(final, lambda tmp: _generate(demo, tmp), lambda d: (d / "annotations.json").is_file())
     return videos, annotations
 
 
@@ -304,8 +283,33 @@ def _background(kind: str, n: int, demo: DemoSpec, rng: np.random.Generator) -> 
     return (a + (b - a) * np.clip(ramp, 0, 1)).astype(np.float32)
 
 
+def to_yuv420p(frames: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) uint8 RGB -> (N, 3H/2, W) yuv420p planes (BT.601, limited range, 2x2 chroma means),
+    in integer arithmetic. Done here rather than by swscale inside the encoder: swscale's output varied
+    between two processes on one machine (one demo video in 44 differed by a grey level between two
+    fresh clones, and with it the demo's mAP)."""
+    rgb = frames.astype(np.int32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    # coefficients x 2^16, rounded (ITU-R BT.601: 219 / 224 levels)
+    y = (16 << 16) + 16829 * r + 33039 * g + 6416 * b
+    cb = (128 << 16) - 9714 * r - 19070 * g + 28784 * b
+    cr = (128 << 16) + 28784 * r - 24103 * g - 4681 * b
+    n, h, w = r.shape
+
+    def down(c: np.ndarray) -> np.ndarray:  # mean of each 2x2 block, then rounded to 8 bits
+        c = c.reshape(n, h // 2, 2, w // 2, 2).sum(axis=(2, 4))
+        return ((c + (1 << 17)) >> 18).clip(0, 255).astype(np.uint8)
+
+    out = np.empty((n, h * 3 // 2, w), np.uint8)
+    out[:, :h] = ((y + (1 << 15)) >> 16).clip(0, 255)
+    out[:, h:h + h // 4] = down(cb).reshape(n, h // 4, w)
+    out[:, h + h // 4:] = down(cr).reshape(n, h // 4, w)
+    return out
+
+
 def _encode(frames: np.ndarray, fps: int, path: Path) -> None:
-    """H.264 mp4 through PyAV's libx264, single-threaded so the bitstream is reproducible."""
+    """H.264 mp4 through PyAV's libx264, single-threaded (x264 is integer code: the same input gives the
+    same bitstream) from planes converted by :func:`to_yuv420p`."""
     import av
 
     with av.open(str(path), "w") as container:
@@ -313,6 +317,6 @@ def _encode(frames: np.ndarray, fps: int, path: Path) -> None:
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "16", "preset": "veryfast", "threads": "1", "g": str(2 * fps)}
-        for image in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        for planes in to_yuv420p(frames):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(planes, format="yuv420p")))
         container.mux(stream.encode())

@@ -49,11 +49,6 @@ def experiments(cache_root: Path) -> list[dict]:
     return out
 
 
-def named_keys(cache_root: Path) -> dict[tuple[str, str], str]:
-    """(stage, key) -> experiment name, for every stage key a named experiment planned."""
-    return {(stage, key): e["name"] for e in experiments(cache_root) for stage, key in e.get("keys", {}).items()}
-
-
 @dataclass
 class Run:
     stage: str
@@ -67,6 +62,7 @@ class Run:
     finished: float
     params: dict = field(default_factory=dict)   # "stage.path" -> value over the run's chain of stages
     differs: list[str] = field(default_factory=list)  # "stage.path=value" where it differs from the defaults
+    training: dict = field(default_factory=dict)  # what its training stage reported: parameters, seconds_per_epoch
 
     @property
     def label(self) -> str:
@@ -83,10 +79,20 @@ class Run:
             return [("mAP", 100 * m["mAP"])]
         return []
 
+    def to_json(self) -> dict:
+        """What ``runs --json`` and ``compare --json`` print of a run."""
+        return {"name": self.name, "key": self.key, "stage": self.stage, "dataset": self.dataset,
+                "status": self.status, "dir": str(self.dir), "seconds": self.seconds, "differs": self.differs,
+                "params": self.params, "mAP": dict(self.columns()), "per_class": self.per_class(),
+                "training": self.training}
+
     def per_class(self) -> dict[str, float]:
         """class -> AP in % (averaged over the thresholds)."""
         out = {}
-        for name, v in (self.metrics.get("per_class") or {}).items():
+        per_class = self.metrics.get("per_class") or {}
+        if isinstance(per_class, list):  # detection: one entry per class, with its name
+            per_class = {e["name"]: e for e in per_class if isinstance(e, dict) and "name" in e}
+        for name, v in per_class.items():
             ap = v.get("average_ap", v.get("ap")) if isinstance(v, dict) else v
             if isinstance(ap, list):
                 ap = sum(ap) / max(len(ap), 1)
@@ -105,17 +111,24 @@ def _flatten(d: dict, prefix: str) -> dict:
     return out
 
 
-def _chain(cache, manifest: dict) -> list[dict]:
-    """The manifest and those of its upstream outputs, nearest first."""
+def _chain(cache, manifest: dict, read: dict) -> list[dict]:
+    """The manifest and those of its upstream outputs, nearest first; ``read`` keeps the manifests read
+    so far (one extraction serves many runs: it is read once)."""
     out, todo, seen = [], [manifest], set()
     while todo:
         m = todo.pop(0)
         out.append(m)
         for d in (m.get("upstream") or {}).values():
-            if d not in seen and (up := cache.read_manifest(Path(d))) is not None:
+            if d not in read:
+                read[d] = cache.read_manifest(Path(d))
+            if d not in seen and (up := read[d]) is not None:
                 seen.add(d)
                 todo.append(up)
     return out
+
+
+# Fields of a training stage's result that `runs` shows beside the metrics: (column, width, format spec).
+TRAINING_FIELDS = {"parameters": ("params", 10, ","), "seconds_per_epoch": ("s/epoch", 8, ".2f")}
 
 
 def list_runs(ws, datasets: list[str] | None = None) -> list[Run]:
@@ -123,8 +136,10 @@ def list_runs(ws, datasets: list[str] | None = None) -> list[Run]:
     the defaults of its dataset (stages.yaml <- the manifest's params)."""
     from pipeline.runner import resolve_params
 
-    names = named_keys(ws.cache.root)
-    manifests = {e["dataset"]: e.get("manifest") for e in experiments(ws.cache.root)}
+    named = experiments(ws.cache.root)
+    names = {(stage, key): e["name"] for e in named for stage, key in e.get("keys", {}).items()}
+    manifests = {e["dataset"]: e.get("manifest") for e in named}
+    read: dict[str, dict | None] = {}
     defaults: dict[str, dict] = {}
 
     def defaults_of(name: str) -> dict:
@@ -152,20 +167,23 @@ def list_runs(ws, datasets: list[str] | None = None) -> list[Run]:
                 metrics = json.loads((d / METRICS).read_text())
             except (OSError, ValueError):
                 continue
-            chain = _chain(ws.cache, manifest)
+            chain = _chain(ws.cache, manifest, read)
             params = {k: v for m in reversed(chain) for k, v in _flatten(m.get("params"), f"{m['stage']}.").items()}
             base = defaults_of(manifest.get("dataset", ""))
             own = {k: v for m in chain if "imported_from" not in m  # an import's params are its time mapping
                    for k, v in _flatten(m.get("params"), f"{m['stage']}.").items()}
             differs = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={json.dumps(v)}"
-                       for k, v in sorted(own.items()) if k in base and base[k] != v
+                       # a param absent from the defaults was set on purpose (stages.yaml lists only some)
+                       for k, v in sorted(own.items()) if (k not in base or base[k] != v)
                        and not (isinstance(v, str) and Path(v).is_absolute())]  # file params: resolved paths
             seconds = sum((m.get("timings") or {}).get("seconds", 0.0) for m in chain
                           if not ws.graph.stages.get(m.get("stage"), None) or not ws.graph[m["stage"]].per_item)
+            training = {k: v for m in reversed(chain) for k, v in (m.get("result") or {}).items()
+                        if k in TRAINING_FIELDS and isinstance(v, (int, float))}
             runs.append(Run(stage, manifest["key"], d, manifest.get("dataset", "?"), names.get((stage, manifest["key"])),
-                            "done", metrics, seconds, manifest.get("finished", 0.0), params, differs))
+                            "done", metrics, seconds, manifest.get("finished", 0.0), params, differs, training))
     shown = {r.name for r in runs}
-    for e in experiments(ws.cache.root):  # named experiments without metrics yet: where they stand
+    for e in named:  # named experiments without metrics yet: where they stand
         if e["name"] in shown or (datasets and e["dataset"] not in datasets):
             continue
         whole = [(s, k) for s, k in e.get("keys", {}).items() if s in ws.graph.stages and not ws.graph[s].per_item]
@@ -199,13 +217,18 @@ def format_runs(runs: list[Run]) -> str:
         groups.setdefault((r.dataset, r.stage), []).append(r)
     for (dataset, stage), group in groups.items():
         cols = next((r.columns() for r in group if r.columns()), [])
+        extra = [f for f in TRAINING_FIELDS if any(f in r.training for r in group)]
         width = max(12, *(len(r.label) for r in group))
         lines.append(f"dataset {dataset}, stage {stage} (mAP %)")
         lines.append(f"  {'experiment':<{width}}  {'status':<11} " + " ".join(f"{c:>6}" for c, _ in cols)
+                     + "".join(f" {TRAINING_FIELDS[f][0]:>{TRAINING_FIELDS[f][1]}}" for f in extra)
                      + f" {'time':>7}  differs from the defaults")
         for r in group:
             values = dict(r.columns())
             cells = " ".join(f"{values[c]:6.2f}" if c in values else f"{'-':>6}" for c, _ in cols)
+            for f in extra:
+                _, w, spec = TRAINING_FIELDS[f]
+                cells += f" {r.training[f]:>{w}{spec}}" if f in r.training else f" {'-':>{w}}"
             lines.append(f"  {r.label:<{width}}  {r.status:<11} {cells} {r.seconds:6.1f}s  "
                          + (", ".join(r.differs) or "-"))
         lines.append("")
@@ -228,7 +251,8 @@ def format_compare(runs: list[Run]) -> str:
         lines.append(f"{c:<34} " + " ".join(f"{dict(r.columns()).get(c, float('nan')):>{w}.2f}" for r in runs))
     classes = list(dict.fromkeys(c for r in runs for c in r.per_class()))
     if classes:
-        lines += ["", head("AP per class (%, avg over tIoU)")]
+        over = ", avg over tIoU" if any(r.metrics.get("tious") for r in runs) else ""
+        lines += ["", head(f"AP per class (%{over})")]
         for c in classes:
             lines.append(f"{c[:34]:<34} " + " ".join(f"{r.per_class().get(c, float('nan')):>{w}.2f}" for r in runs))
     return "\n".join(lines)

@@ -3,7 +3,8 @@
 Kept always: the outputs of the current keys (default params, plus ``--set``-free plans) of every
 manifest in ``data/`` and of the datasets named on the command line; every imported feature store
 (any registration in ``<cache>/imports``, whatever manifest it belongs to); every stage key of a named
-experiment (``run --name``); what a running stage holds locked; the resumable partial of a current key;
+experiment (``run --name``); what a running stage reads or writes (``pipeline.locking``: held entries
+are reported and never deleted, also when the run starts while gc is deciding); the resumable partial of a current key;
 and whatever a kept output reads (its upstream outputs). Anonymous experiments (complete outputs of
 whole stages under a key that is no longer current) go only with ``--experiments``. Dead partials
 (``<key>.partial`` of a key that is not current and not locked: a crashed or abandoned run) go always,
@@ -17,11 +18,14 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.cache import dir_size
+from pipeline.cache import dir_size, leftovers, remove_leftovers
 from pipeline.datasets import known_manifests
 from pipeline.errors import ConfigError
-from pipeline.locking import is_locked
+from pipeline.locking import claim, is_locked
 from pipeline.runner import Planner, Workspace
+
+
+HELD = "a running stage reads or writes it"
 
 
 @dataclass
@@ -29,6 +33,8 @@ class GcResult:
     removed: list[tuple[str, int]] = field(default_factory=list)
     kept: list[tuple[str, str]] = field(default_factory=list)  # (directory, why)
     kept_unknown: list[str] = field(default_factory=list)  # datasets whose outputs were kept whole
+    held: list[str] = field(default_factory=list)  # entries a running stage reads or writes
+    leftovers: list[str] = field(default_factory=list)  # temporary files of killed writes
 
     @property
     def bytes(self) -> int:
@@ -47,13 +53,13 @@ def roots(ws: Workspace, extra_datasets: list[str]) -> tuple[dict[tuple[str, str
     for e in experiments(ws.cache.root):
         for stage, key in e.get("keys", {}).items():
             keep.setdefault((stage, key), f"named experiment {e['name']}")
-    sources = [str(p) for p in known_manifests(ws.project_root)] + list(extra_datasets)
-    for source in sources:
+    named = [ws.load_dataset(source) for source in extra_datasets]  # a typo is an error, not a root less
+    for source in known_manifests(ws.project_root):
         try:
-            dataset = ws.load_dataset(source)
+            named.append(ws.load_dataset(source))
         except ConfigError:
             unknown.add(Path(source).stem)
-            continue
+    for dataset in named:
         try:
             states = Planner(ws, dataset).plan_all(ws.graph.for_task(dataset.task) or list(ws.graph.order))
         except ConfigError:
@@ -79,7 +85,8 @@ def collect_garbage(ws: Workspace, extra_datasets: list[str], dry_run: bool, exp
             partial = d.name.endswith(".partial")
             key = d.name.removesuffix(".partial")
             if is_locked(ws.cache.root, stage, key):
-                kept[d] = "in use by a running stage (locked)"
+                kept[d] = HELD
+                result.held.append(str(d))
             elif (stage, key) in keep:
                 kept[d] = keep[(stage, key)] + (" (resumable partial run)" if partial else "")
             elif partial and not per_item:
@@ -104,9 +111,18 @@ def collect_garbage(ws: Workspace, extra_datasets: list[str], dry_run: bool, exp
                 todo.append(up)
     doomed += [d for d, _ in undecided if d not in kept]
     for d in sorted(doomed):
-        size = dir_size(d)
-        if not dry_run:
-            shutil.rmtree(d, ignore_errors=True)
+        stage, key = d.parent.name, d.name.removesuffix(".partial")
+        with claim(ws.cache.root, stage, key) as free:
+            if not free:  # a run began using it after the decision above
+                result.held.append(str(d))
+                continue
+            size = dir_size(d)
+            if not dry_run:
+                shutil.rmtree(d, ignore_errors=True)
         result.removed.append((str(d), size))
-    result.kept = sorted((str(d), why) for d, why in kept.items())
+    result.kept = sorted((str(d), why) for d, why in kept.items() if why != HELD)
+    found = leftovers(ws.cache.root)
+    if not dry_run:
+        remove_leftovers(ws.cache.root)
+    result.leftovers = [str(p) for p in found]
     return result

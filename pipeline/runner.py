@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import Cache
+from pipeline.cache import Cache, remove_leftovers
 from pipeline.context import Item, RunOptions, StageContext
 from pipeline.datasets import Dataset, ensure_generated, list_items, load_dataset
-from pipeline.errors import ConfigError, PipelineError, WorkFailed
+from pipeline.errors import ConfigError, PipelineError, WorkFailed, environment_fault
 from pipeline.fingerprints import FingerprintIndex
 from pipeline.keys import KEY_FORMAT, code_files, records_digest, stage_key
 from pipeline.stage_graph import StageGraph, StageSpec, load_stage_graph, load_yaml, locate_module
@@ -198,6 +198,7 @@ class StageState:
     runtime: dict = field(default_factory=dict)
     inputs: list[tuple[str, str, str]] = field(default_factory=list)  # per-item: (id, path, fingerprint)
     todo: list[Item] = field(default_factory=list)  # per-item: items missing or changed
+    unusable: list[tuple[str, str, str]] = field(default_factory=list)  # per-item: (file, path, reason)
     records: dict = field(default_factory=dict)      # per-item: id -> record of current, complete items
     reasons: list[str] = field(default_factory=list)
 
@@ -218,8 +219,11 @@ class Planner:
     def __init__(self, ws: Workspace, dataset: Dataset, sets: list[Override] = ()):
         self.ws = ws
         self.dataset = dataset
+        self.sets = list(sets)
         self.resolved = resolve_params(ws.graph, dataset, list(sets))
         self._inputs: list[tuple[str, str, str]] | None = None
+        self._unusable: list[tuple[str, str, str]] = []
+        self._keyframes: tuple[list[tuple[str, str, str]], list[str]] | None = None
         self._imports: dict | None | bool = False  # False: not looked up yet
         self._annotations_fp: str | None | bool = False
 
@@ -227,10 +231,22 @@ class Planner:
         """(id, absolute path, fingerprint) of every item of the dataset (Path objects are built only
         for the items a stage processes: on a no-op rerun over thousands of videos they would dominate)."""
         if self._inputs is None:
-            pairs = list_items(self.dataset)
+            pairs, self._unusable = list_items(self.dataset)
             fps = self.ws.index.fingerprints(p for _, p in pairs)
             self._inputs = [(vid, p, fps[p]) for vid, p in pairs]
         return self._inputs
+
+    def keyframe_inputs(self) -> tuple[list[tuple[str, str, str]], list[str]]:
+        """(keyframe id, video path, fingerprint) of every keyframe whose video is present, and the
+        videos named by the annotations that are not (``pipeline.keyframe_items``)."""
+        if self._keyframes is None:
+            from pipeline.keyframe_items import keyframe_items
+
+            if getattr(self.dataset, "ava", None) is None:
+                raise ConfigError(f"{self.dataset.path}: a stage per keyframe needs a detect dataset "
+                                  "(task: detect, with its AVA files)")
+            self._keyframes = keyframe_items(self.dataset, self.inputs(), self.ws.index, self.ws.cache.root)
+        return self._keyframes
 
     def imported(self) -> dict | None:
         if self._imports is False:
@@ -240,7 +256,11 @@ class Planner:
     def annotations_fingerprint(self) -> str | None:
         if self._annotations_fp is False:
             a = self.dataset.annotations
-            if a is None or not a.exists():
+            if self.dataset.ava is not None:
+                named = {k: p for k, p in self.dataset.ava.files().items() if p.is_file()}
+                fps = self.ws.index.fingerprints(named.values())
+                self._annotations_fp = records_digest({k: fps[os.path.abspath(p)] for k, p in named.items()})
+            elif a is None or not a.exists():
                 self._annotations_fp = None
             elif a.is_dir():
                 files = sorted(p for p in a.rglob("*") if p.is_file())
@@ -277,17 +297,30 @@ class Planner:
         st = StageState(name, "missing", key=key, dir=self.ws.cache.stage_dir(name, key), material=material,
                         code_files=files, params=self._run_params(spec, params), runtime=runtime)
         if spec.per_item:
-            self._plan_items(st)
+            self._plan_items(spec, st)
         elif self.ws.cache.is_complete(name, key):
             st.state = "done"
         return st
 
-    def _plan_items(self, st: StageState) -> None:
+    def _plan_items(self, spec: StageSpec, st: StageState) -> None:
         if self.dataset.videos is None or not self.dataset.videos.is_dir():
             st.state = "unknown"
             st.reasons.append(self.dataset.videos_error or f"videos directory not found: {self.dataset.videos}")
             return
-        st.inputs = self.inputs()
+        if spec.per_item == "keyframes" and getattr(self.dataset, "ava", None) is None:
+            st.reasons.append("no keyframes: not a detect dataset")   # `run` refuses it; gc and status go on
+        elif spec.per_item == "keyframes":
+            st.inputs, missing = self.keyframe_inputs()
+            if missing:
+                st.reasons.append(f"{len(missing)} annotated video(s) have no file in {self.dataset.videos}, "
+                                  f"e.g. {', '.join(missing[:3])}; their keyframes are left out")
+        else:
+            st.inputs = self.inputs()
+        st.unusable = self._unusable
+        if st.unusable:
+            shown = ", ".join(f"{name} ({why})" for name, _, why in st.unusable[:5])
+            st.reasons.append(f"{len(st.unusable)} file(s) are not usable videos: {shown}"
+                              + (" ..." if len(st.unusable) > 5 else ""))
         records = self.ws.cache.read_records(st.dir)
         st.todo = [Item(vid, Path(path), fp) for vid, path, fp in st.inputs
                    if records.get(vid, {}).get("source_fingerprint") != fp]
@@ -427,6 +460,19 @@ def run(ws: Workspace, dataset: Dataset, targets: list[str], sets: list[Override
         planner.dataset = dataset = ensure_generated(dataset, ws.cache.root)
     dataset.check_paths(need_videos=any(ws.graph[n].per_item and not (n == "extract" and imported)
                                         for n in names))
+    for name in names:
+        if ws.graph[name].per_item == "keyframes":
+            planner.keyframe_inputs()  # a dataset without keyframes, or a malformed AVA file: exit 2 now
+    from pipeline.locking import Holds
+
+    with Holds(ws.cache.root) as holds:
+        return _run_stages(ws, planner, names, targets, options, wait, holds)
+
+
+def _run_stages(ws: Workspace, planner: Planner, names: list[str], targets: list[str], options: RunOptions,
+                wait: bool, holds) -> list[StageReport]:
+    from pipeline.locking import stage_lock
+
     states: dict[str, StageState] = {}
     reports: list[StageReport] = []
     failed: set[str] = set()
@@ -439,6 +485,11 @@ def run(ws: Workspace, dataset: Dataset, targets: list[str], sets: list[Override
             continue
         force = options.force and name in targets
         st = planner.plan(name, states)
+        if st.key is not None:
+            # Held until the run ends, so gc leaves it alone; planned again once held, in case a gc
+            # was deleting it just then.
+            holds.hold(name, st.key)
+            st = planner.plan(name, states)
         states[name] = st
         if st.state == "imported":
             reports.append(_cached_report(ws, st, "imported"))
@@ -450,15 +501,13 @@ def run(ws: Workspace, dataset: Dataset, targets: list[str], sets: list[Override
         if st.done and not force:
             reports.append(_cached_report(ws, st, "cached"))
             continue
-        from pipeline.locking import stage_lock
-
         with stage_lock(ws.cache.root, name, st.key, wait=wait, quiet=options.json):
             st = planner.plan(name, states)  # another run may have finished it while we waited
             states[name] = st
             if st.done and not force:
                 reports.append(_cached_report(ws, st, "cached"))
                 continue
-            report = _execute(ws, planner, spec, st, states, options, force)
+            report = _execute(ws, planner, ws.graph[name], st, states, options, force)
         reports.append(report)
         if report.status == "failed":
             failed.add(name)
@@ -469,21 +518,24 @@ def run(ws: Workspace, dataset: Dataset, targets: list[str], sets: list[Override
     if options.name:
         from pipeline.experiments import record_experiment
 
-        record_experiment(ws.cache.root, options.name, dataset, [o.source for o in sets],
+        record_experiment(ws.cache.root, options.name, planner.dataset, [o.source for o in planner.sets],
                           {n: st.key for n, st in states.items() if st.key is not None})
     return reports
 
 
 def check_splits(graph: StageGraph, dataset: Dataset, resolved: dict[str, tuple[dict, dict]],
                  names: list[str]) -> None:
-    """Params naming a split of the dataset (``SplitName``) of the stages to run: the manifest has it."""
+    """Params naming a split of the dataset (``SplitName``) of the stages to run: the manifest has it (a
+    detect dataset: a role of its ``splits`` or a split its annotations or proposals name)."""
     from pipeline.schema import SplitName
 
     for name in names:
         schema = graph.schema(name)
         for param in schema.marked(SplitName) if schema else ():
             value = resolved[name][param.runtime].get(param.key)
-            if value is not None and value not in dataset.splits:
+            if value is not None and dataset.ava is not None:
+                dataset.ava.resolve_split(value)  # a role of its splits or a split name, else exit 2
+            elif value is not None and value not in dataset.splits:
                 raise ConfigError(f"{dataset.path}: splits: no {value!r} split, which {name}.{param.key} names "
                                   f"(has {', '.join(sorted(dataset.splits)) or 'none'})")
 
@@ -524,6 +576,10 @@ def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, s
         out_dir = ws.cache.begin_whole(spec.name, st.key, force)
         items = []
     run_name = options.name or f"{planner.dataset.name}-{st.key[:12]}"
+    # Temporary files of a killed earlier attempt (they would end up inside the finished output);
+    # a per-item stage's records only: its store may hold many files.
+    remove_leftovers(out_dir, recursive=False)
+    remove_leftovers(out_dir / "items", recursive=False)
     ctx = StageContext(name=spec.name, key=st.key, params=st.params, runtime=st.runtime, dataset=planner.dataset,
                        out_dir=out_dir, upstream={n: states[n].dir for n in spec.needs}, items=items,
                        all_items=st.all_items(), options=options, config=planner.config_of(spec.name),
@@ -533,6 +589,8 @@ def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, s
     # under --json stdout carries one JSON object: whatever the stage prints goes to stderr
     quiet_stdout = contextlib.redirect_stdout(sys.stderr) if options.json else contextlib.nullcontext()
     try:
+        for name, path, why in st.unusable:  # into the failures file; the videos go on
+            ctx.item_failed(Item(name, Path(path), ""), "unusable_file", why)
         with quiet_stdout:
             result = fn(ctx)
         if result is not None and not isinstance(result, dict):
@@ -542,6 +600,10 @@ def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, s
         return _failed(report, str(exc), ctx, started)
     except PipelineError:
         raise
+    except OSError as exc:  # the machine refused (space, permissions): the run stops, in one line
+        if options.debug:
+            traceback.print_exc()
+        raise environment_fault(exc, out_dir) from exc
     except Exception as exc:
         if options.debug:
             traceback.print_exc()
@@ -564,8 +626,9 @@ def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, s
                 report.failures.append({"id": it.id, "stage": spec.name, "kind": "not-recorded",
                                         "message": "the stage returned without recording this item",
                                         "path": str(it.path)})
+        n_unusable = len({name for name, _, _ in st.unusable})
         n_failed = len({f["id"] for f in report.failures})
-        report.items = {"total": len(st.inputs), "done": len(items) - n_failed,
+        report.items = {"total": len(st.inputs) + n_unusable, "done": len(items) - (n_failed - n_unusable),
                         "skipped": len(st.inputs) - len(items), "failed": n_failed}
         manifest["items"] = report.items
         ws.cache.write_records_snapshot(out_dir, records)

@@ -217,6 +217,20 @@ def frozen(value: Any) -> Any:
     return tuple(frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def build(cls: type, values: Mapping[str, Any], where: str, unknown: str = "unknown parameter") -> Any:
+    """An instance of the schema dataclass ``cls`` from a flat mapping (null: the field's default), every
+    value checked against its annotation; errors name ``where.field``."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    extra = sorted(set(values) - known)
+    if extra:
+        raise ConfigError(f"{where}.{extra[0]}: {unknown}; known: {', '.join(sorted(known))}")
+    kinds = hints(cls)
+    for name, value in values.items():
+        if value is not None and (p := problem(kinds[name], value)):
+            raise ConfigError(f"{where}.{name}: {p}")
+    return cls(**{name: frozen(v) for name, v in values.items() if v is not None})
+
+
 def check_instance(obj: Any, where: str) -> None:
     """Every field of a (frozen) dataclass instance against its annotation; sections recursively."""
     for name, hint in hints(type(obj)).items():

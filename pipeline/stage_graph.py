@@ -21,7 +21,10 @@ STAGE_FIELDS = ("entry", "needs", "code", "version", "per_item", "tasks", "file_
                 "schema", "params", "runtime")
 SCHEMA_FIELDS = ("params", "runtime")
 TOP_FIELDS = ("stages",)
-CACHE_ROOT_NAMES = ("datasets", "imports", "experiments", "tensorboard")
+CACHE_ROOT_NAMES = ("datasets", "imports", "experiments", "tensorboard", "keyframes")
+# What a per-item stage maps over: the dataset's video files, or the keyframes of its splits (a detect
+# dataset), each keyframe an item of its own whose source is its video file.
+PER_ITEM_KINDS = ("videos", "keyframes")
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class StageSpec:
     needs: tuple[str, ...] = ()
     code: tuple[str, ...] = ()
     version: int | None = None
-    per_item: bool = False
+    per_item: str = ""      # "" (a whole stage) | "videos" | "keyframes": the items it maps over
     tasks: tuple[str, ...] = ()
     file_params: tuple[str, ...] = ()
     commands: Mapping[str, str] = field(default_factory=dict)
@@ -178,8 +181,10 @@ def _parse_stage(path: Path, name: str, fields: Any) -> StageSpec:
     if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
         raise ConfigError(f"{where}.version: expected an integer, got {version!r}")
     per_item = fields.get("per_item", False)
-    if not isinstance(per_item, bool):
-        raise ConfigError(f"{where}.per_item: expected true or false, got {per_item!r}")
+    if per_item not in (False, True) + PER_ITEM_KINDS:
+        raise ConfigError(f"{where}.per_item: expected false, true (videos) or one of {', '.join(PER_ITEM_KINDS)}, "
+                          f"got {per_item!r}")
+    per_item = "videos" if per_item is True else per_item or ""
     params, runtime = mapping("params"), mapping("runtime")
     both = sorted(set(params) & set(runtime))
     if both:

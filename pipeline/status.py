@@ -54,19 +54,20 @@ def _describe(ws: Workspace, dataset: Dataset, st: StageState) -> dict:
     explanations = [changes(m.get("inputs") or {}, m.get("code_files") or {}, st)
                     for m in ws.cache.manifests(st.name, dataset.name)]
     if explanations:
-        closest = min(explanations, key=len) or ["inputs differ from the last output"]
+        closest = min(explanations, key=len) or [("inputs", "inputs differ from the last output")]
         # other params than any earlier output: this configuration never ran (stale is for a configuration
         # that ran and whose code or inputs changed since)
-        never = any(r.startswith("param ") for r in closest)
+        never = any(kind == "param" for kind, _ in closest)
         out["state"] = "not run" if never else "stale"
-        out["reasons"] += [("closest earlier run: " if never else "") + r for r in closest]
+        out["reasons"] += [("closest earlier run: " if never else "") + text for _, text in closest]
     elif ws.cache.partial_dir(st.name, st.key).exists():
         out["reasons"].append("interrupted: a partial output exists and will be resumed")
     return out
 
 
-def changes(old: dict, old_code: dict, st: StageState) -> list[str]:
-    """Human-readable differences between a manifest's key material and the current one."""
+def changes(old: dict, old_code: dict, st: StageState) -> list[tuple[str, str]]:
+    """(kind, human-readable text) of each difference between a manifest's key material and the current
+    one; kind is param, file, code, upstream or dataset."""
     new = st.material
     out = []
     old_p, new_p = _flatten(old.get("params") or {}), _flatten(new.get("params") or {})
@@ -74,24 +75,24 @@ def changes(old: dict, old_code: dict, st: StageState) -> list[str]:
         a, b = old_p.get(path, "<unset>"), new_p.get(path, "<unset>")
         if a != b:
             if path.endswith(".file_fingerprint") and "<unset>" not in (a, b):
-                out.append(f"file {st.name}.{path[: -len('.file_fingerprint')]} changed")
+                out.append(("file", f"file {st.name}.{path[: -len('.file_fingerprint')]} changed"))
             else:
-                out.append(f"param {st.name}.{path}: {a!r} -> {b!r}")
+                out.append(("param", f"param {st.name}.{path}: {a!r} -> {b!r}"))
     old_c, new_c = old.get("code") or {}, new.get("code") or {}
     if old_c.get("version") != new_c.get("version"):
-        out.append(f"version {old_c.get('version')} -> {new_c.get('version')}")
+        out.append(("code", f"version {old_c.get('version')} -> {new_c.get('version')}"))
     elif old_c != new_c:
-        out += _file_changes(old_code, st.code_files) or ["code changed"]
+        out += [("code", c) for c in _file_changes(old_code, st.code_files) or ["code changed"]]
     for need, up in (new.get("upstream") or {}).items():
         before = (old.get("upstream") or {}).get(need) or {}
         if before.get("key") != up.get("key"):
-            out.append(f"upstream {need} changed (key {before.get('key')} -> {up.get('key')})")
+            out.append(("upstream", f"upstream {need} changed (key {before.get('key')} -> {up.get('key')})"))
         elif before.get("records") != up.get("records"):
-            out.append(f"upstream {need}: item records changed")
+            out.append(("upstream", f"upstream {need}: item records changed"))
     old_d, new_d = old.get("dataset") or {}, new.get("dataset") or {}
     for k in sorted(set(old_d) | set(new_d)):
         if old_d.get(k) != new_d.get(k):
-            out.append(f"dataset {k} changed")
+            out.append(("dataset", f"dataset {k} changed"))
     return out
 
 

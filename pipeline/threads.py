@@ -47,10 +47,10 @@ def available_cpus() -> int:
     return max(1, min(n, physical) if physical else n)
 
 
-def choose_threads(requested: int | str | None) -> tuple[int, str]:
-    """(threads, why) for a ``threads`` runtime value: a positive number is kept; null or ``auto``
-    gives the available CPUs less the busy ones (the load average, rounded), at least 1."""
-    if requested not in (None, "auto", 0):
+def choose_threads(requested: int | None) -> tuple[int, str]:
+    """(threads, why) for a ``threads`` runtime value: a number (>= 1, the schema's) is kept; null gives
+    the available CPUs less the busy ones (the load average, rounded), at least 1."""
+    if requested is not None:
         return int(requested), "as set"
     cpus = available_cpus()
     try:

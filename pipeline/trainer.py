@@ -10,20 +10,28 @@ optimizer, the torch RNG state, every hook's and every stateful object's state a
 ``identity`` (its config and item list); a run finding one resumes after its epoch, and refuses one of
 another identity. With epoch-seeded batches (the domain's ``batches(epoch)``) a resumed run continues
 exactly as the uninterrupted run would (on CPU).
+
+Data parallelism: called in every process of a ``torch.distributed`` group, the trainer wraps the model in
+DistributedDataParallel; ``batches(epoch)`` then yields this process's slice of each batch and ``step``
+returns this process's share of the batch's losses (the shares sum to the batch's loss, see
+:func:`all_sum`). DDP averages the gradients, so the loss is scaled by the number of processes before
+the backward pass, and the logged sums are summed over the processes once per epoch. Process 0 alone
+writes: the checkpoint and the hooks marked ``rank0_only`` (logs); every process loads the checkpoint.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
+from torch import distributed as dist
 from torch import nn
 
+from pipeline.context import append_csv_row, save_torch_atomic
 from pipeline.progress import progress
 
 CHECKPOINT = "checkpoint.pt"
@@ -34,6 +42,7 @@ class Hook:
     """A training hook; every method is optional. ``name`` keys its state in the checkpoint."""
 
     name = ""
+    rank0_only = False  # a writer: process 0 of a data-parallel group alone runs it
 
     def state_dict(self) -> Any:
         return None
@@ -71,7 +80,9 @@ class Trainer:
         self.model, self.optimizer, self.step_fn = model, optimizer, step
         self.out_dir = Path(out_dir)
         self.schedule, self.clip_grad = schedule, clip_grad
-        self.hooks, self.stateful = list(hooks), dict(stateful or {})
+        self.world, self.rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        self.hooks = [h for h in hooks if self.rank == 0 or not h.rank0_only]
+        self.stateful = dict(stateful or {})
         self.identity, self.name, self.log, self.epoch_values = identity, name, log, epoch_values
         for g in optimizer.param_groups:
             g.setdefault("initial_lr", g["lr"])
@@ -90,7 +101,7 @@ class Trainer:
         if not path.exists():
             return False
         device = next(self.model.parameters()).device
-        state = torch.load(path, map_location=device, weights_only=False)
+        state = torch.load(path, map_location=device, weights_only=True)  # ours, yet no code either
         if state.get("identity") != self.identity:
             raise ValueError(f"{path}: checkpoint of another configuration or item list; remove it to retrain")
         self.model.load_state_dict(state["model"])
@@ -99,9 +110,9 @@ class Trainer:
             obj.load_state_dict(state["stateful"][key])
         for hook in self.hooks:
             hook.load_state_dict(state["hooks"].get(hook.name))
-        torch.set_rng_state(state["rng_torch"])
+        torch.set_rng_state(state["rng_torch"].cpu())  # loaded onto the model's device
         if device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
         self.epoch, self.step, self.stop = state["epoch"], state["step"], state.get("stop", False)
         for hook in self.hooks:
             hook.resumed(self)
@@ -109,6 +120,9 @@ class Trainer:
         return True
 
     def save(self) -> None:
+        """Write the checkpoint (process 0 of a data-parallel group: the others hold the same state)."""
+        if self.rank != 0:
+            return
         device = next(self.model.parameters()).device
         state = {"epoch": self.epoch, "step": self.step, "stop": self.stop, "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(),
@@ -129,26 +143,29 @@ class Trainer:
         start = self.epoch
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.model.train()
+        net = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
         try:
             while self.epoch < end and not self.stop:
-                self._epoch(batches(self.epoch), steps_per_epoch, total_epochs, end, params)
+                self._epoch(net, batches(self.epoch), steps_per_epoch, total_epochs, end, params)
         finally:
             for hook in self.hooks:
                 hook.close()
         self.model.eval()
         return self.epoch - start
 
-    def _epoch(self, batches: Iterable, steps: int, total: int, end: int, params: list) -> None:
+    def _epoch(self, net: nn.Module, batches: Iterable, steps: int, total: int, end: int, params: list) -> None:
         t0 = time.perf_counter()
         sums: dict[str, torch.Tensor] = {}
-        bar = progress(batches, total=steps, desc=f"epoch {self.epoch + 1}/{total}", unit="step")
+        bar = (progress(batches, total=steps, desc=f"epoch {self.epoch + 1}/{total}", unit="step")
+               if self.rank == 0 else batches)
         for batch in bar:
             factor = self.schedule(self.step)
             for g in self.optimizer.param_groups:
                 g["lr"] = g["initial_lr"] * factor
             self.optimizer.zero_grad(set_to_none=True)
-            losses = self.step_fn(self.model, batch)
-            losses["loss"].backward()
+            losses = self.step_fn(net, batch)
+            # DDP averages the gradients of the processes' shares: times the processes, the batch's
+            (losses["loss"] * self.world if self.world > 1 else losses["loss"]).backward()
             if self.clip_grad > 0:
                 nn.utils.clip_grad_norm_(params, self.clip_grad)
             self.optimizer.step()
@@ -158,6 +175,8 @@ class Trainer:
             for key, value in losses.items():  # float64 on the device: read once per epoch
                 value = value.detach().double()
                 sums[key] = sums[key] + value if key in sums else value
+        if self.world > 1 and sums:  # one all-reduce of the epoch's sums
+            sums = dict(zip(sums, all_sum(torch.stack(list(sums.values())))))
         n = max(steps, 1)
         seconds = time.perf_counter() - t0
         self.times.append(seconds)
@@ -207,6 +226,8 @@ class CsvLog(Hook):
     """One row per epoch in ``path``; rows of epochs after the checkpoint (a crash between the
     checkpoint and the log) are dropped on resume."""
 
+    rank0_only = True
+
     def __init__(self, path: Path):
         self.path = Path(path)
 
@@ -227,6 +248,8 @@ class CsvLog(Hook):
 
 class TensorBoard(Hook):
     """The numeric values of every row as scalars (one event file per run); nothing without tensorboard."""
+
+    rank0_only = True
 
     def __init__(self, board_dir: Path):
         self.board_dir = Path(board_dir)
@@ -254,15 +277,21 @@ class TensorBoard(Hook):
 
 
 class Validate(Hook):
-    """``metric(trainer)`` every ``every`` epochs and after the last, into the row as ``key`` (None on the
-    other epochs, so the CSV keeps one header)."""
+    """``metric(trainer)`` every ``every`` epochs, into the row as ``key`` (None on the other epochs, so
+    the CSV keeps one header). In a data-parallel group process 0 computes it and sends it to the others,
+    so that every process takes the same early-stop decision."""
 
     def __init__(self, metric: Callable[[Trainer], float], every: int, key: str = "val_metric"):
         self.metric, self.every, self.key = metric, every, key
 
     def after_epoch(self, trainer: Trainer, row: dict) -> None:
-        due = trainer.epoch % self.every == 0
-        row[self.key] = float(self.metric(trainer)) if due else None
+        if trainer.epoch % self.every:
+            row[self.key] = None
+            return
+        value = [float(self.metric(trainer)) if trainer.rank == 0 else None]
+        if trainer.world > 1:
+            dist.broadcast_object_list(value, src=0)
+        row[self.key] = value[0]
 
 
 class EarlyStop(Hook):
@@ -296,24 +325,11 @@ class EarlyStop(Hook):
                         f"{self.best:.4f}, no better for {self.bad} validations")
 
 
-def save_torch_atomic(obj, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def append_csv_row(path: Path, row: Mapping) -> None:
-    new = not Path(path).exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-        f.flush()
-        os.fsync(f.fileno())
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the processes of the data-parallel group (a new tensor)."""
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
 
 
 def _duration(seconds: float) -> str:

@@ -158,6 +158,30 @@ def test_res5_dilation_gives_stride_16_map():
         assert model.forward_map(clip(b=1, t=8, size=64)).shape == (1, 576, 2, 4, 4)
 
 
+def test_keyframe_map_and_context_follow_the_ava_heads(tiny):
+    """map: each pathway averaged over time, slow then fast; context: slow repeated to the fast length
+    (nearest), concatenated with fast, max over space."""
+    x = clip(b=2, t=16, size=64)
+    with torch.no_grad():
+        fmap, context = tiny.forward_keyframe(x)
+        slow, fast = tiny.forward_maps(x)
+    torch.testing.assert_close(fmap, torch.cat([slow.mean(2), fast.mean(2)], 1))
+    slow_tokens = slow.amax((3, 4)).repeat_interleave(fast.shape[2] // slow.shape[2], dim=2)
+    torch.testing.assert_close(context, torch.cat([slow_tokens, fast.amax((3, 4))], 1))
+    assert fmap.shape == (2, 576, 2, 2) and context.shape == (2, 576, 16)
+
+
+def test_ava_preset_keeps_the_public_r50_layout_at_stride_16():
+    from extractors.presets import PRESETS
+
+    kwargs = PRESETS["ava_slowfast_r50"].backbone_kwargs
+    with torch.device("meta"):
+        model = SlowFast(SlowFastConfig(**{**ARCHS[kwargs["arch"]], "res5_dilation": kwargs["res5_dilation"]}))
+    expected = {k: v[0] for k, v in layout(PYSLOWFAST).items() if not k.startswith("head.")}
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == expected
+    assert model.feature_stride == 16 and model.s5.pathway0_res0.branch2.b.dilation == (1, 2, 2)
+
+
 def test_slow_pathway_frames_follow_pyslowfast_packing(tiny):
     t = 32
     frames = torch.arange(t, dtype=torch.float32).view(1, 1, t, 1, 1).expand(1, 3, t, 2, 2)

@@ -212,6 +212,17 @@ def test_tiny_shapes_feature_counts_and_map(tiny):
         tiny(clip(b=1, t=7))
 
 
+def test_keyframe_map_drops_the_partial_patch_then_pools(tiny):
+    x = clip(b=2, t=8, size=64)
+    wide = torch.cat([x, x[..., :12]], dim=4)            # 64 x 76: 4 whole patches across, 12 columns over
+    with torch.no_grad():
+        fmap, context = tiny.forward_keyframe(wide)
+        full = tiny.forward_map(wide[..., :64])
+    torch.testing.assert_close(fmap, full.mean(2))
+    torch.testing.assert_close(context, full.amax((3, 4)))
+    assert fmap.shape == (2, 64, 4, 4) and context.shape == (2, 64, 4) and tiny.feature_stride == 16
+
+
 def test_registry_builds_videomae():
     model = build_backbone("videomae", tiny=True)
     assert isinstance(model, VideoMAE) and not model.training

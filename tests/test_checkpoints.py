@@ -149,7 +149,7 @@ def test_weights_command_lists_every_backbone_and_finds_files(tmp_path: Path, ca
     cmd = SimpleNamespace(project_root=tmp_path, json=False)
     assert weights_main(["--json"], cmd) == 0
     out = json.loads(capsys.readouterr().out)
-    assert {r["backbone"] for r in out["checkpoints"]} == {"i3d", "slowfast", "r2plus1d_34", "videomae"}
+    assert {r["backbone"] for r in out["checkpoints"]} == {"i3d", "slowfast", "r2plus1d_34", "videomae", "raft"}
     found = {(r["backbone"], r["file"]): r["found"] for r in out["checkpoints"]}
     assert found[("i3d", "rgb_imagenet.pt")] == str(tmp_path / "weights" / "i3d_rgb.pt")
     assert found[("slowfast", "SlowFast.pyth")] == str(other / "SlowFast.pyth")
@@ -160,9 +160,9 @@ def test_weights_command_lists_every_backbone_and_finds_files(tmp_path: Path, ca
     assert "github.com/HumamAlwassel/TSP" in text
 
 
-def test_catalogue_names_backbones_of_the_registry():
+def test_catalogue_names_backbones_of_the_registry_or_the_flow_estimator():
     from extractors.registry import BACKBONES
-    assert {e.backbone for e in CATALOGUE} <= set(BACKBONES)
+    assert {e.backbone for e in CATALOGUE} <= set(BACKBONES) | {"raft"}
 
 
 def test_weights_command_checks_the_files_a_dataset_configures(tmp_path: Path, capsys):

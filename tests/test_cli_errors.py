@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -61,8 +60,6 @@ CASES = {
                  ["status"], ["data/toy.yaml: task: expected one of localize, detect"]),
     "manifest params of unknown stage": (write("data/toy.yaml", "name: toy\nvideos: ../videos\nparams: {up: {}}\n"),
                                          ["run", "upper"], ["data/toy.yaml: params.up: unknown stage"]),
-    "duplicate video ids": (write("videos/a.mkv", "again"), ["run", "upper"],
-                            ["data/toy.yaml: videos: two files with id 'a'"]),
     "unknown --set stage": (None, ["run", "upper", "--set", "uper.repeat=2"],
                             ["--set uper.repeat=2: unknown stage 'uper'; known: upper, total"]),
     "unknown --set param": (None, ["run", "upper", "--set", "upper.rep=2"],
@@ -120,7 +117,8 @@ def test_json_is_one_object_on_stdout(toy):
 HEAVY = ("torch", "zarr", "h5py", "decord", "numpy", "extractors", "localizers", "detectors")
 # Planning imports the schema modules stages.yaml declares (import-light by contract) and what they import
 # from their own package; nothing else of a domain.
-SCHEMA_MODULES = {"extractors", "extractors.presets", "extractors.registry", "localizers", "localizers.config"}
+SCHEMA_MODULES = {"extractors", "extractors.presets", "extractors.registry", "localizers", "localizers.config",
+                  "detectors", "detectors.config"}
 _LIST_MODULES = ("import atexit, json, runpy, sys; sys.argv = ['pipeline'] + sys.argv[1:]; "
                  "atexit.register(lambda: print('MODULES', json.dumps(sorted(sys.modules)), file=sys.stderr)); "
                  "runpy.run_module('pipeline.cli', run_name='__main__')")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from extractors.clip_sampling import ClipWindows, clip_frame_indices, frames_needed
+from extractors.samplers import GridSampler, KeyframeSampler, TooShort
 from extractors.frame_rate import native_fps, resample_indices, sampled_frame_count
 from extractors.presets import PRESETS, resolve_preset
 from pipeline.errors import ConfigError
@@ -28,7 +29,7 @@ FORMULAS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(FORMULAS))   # the grid presets (keyframe presets sample no grid)
 def test_features_per_video_match_each_preset_formula(name):
     preset = PRESETS[name]
     for f in (grid_of(preset).span_frames, 47, 100, 101, 331, 5094):
@@ -66,21 +67,27 @@ def test_frame_indices_each_clip_covers():
 def test_online_windows_equal_the_offline_plan(tail):
     rng = np.random.default_rng(0)
     grid = TimeGrid(fps=30, stride=4, clip_len=16, frame_interval=2)
+    with pytest.raises(TooShort):
+        GridSampler(grid, "drop").plan(31, 30.0)
     for n in (31, 32, 33, 90, 141):
-        windows, got, received, kept = ClipWindows(grid, tail), [], 0, 0
-        while received < n:
-            received = min(n, received + int(rng.integers(1, 20)))
+        if n == 31 and tail == "drop":
+            continue
+        plan = GridSampler(grid, tail).plan(n, 30.0)
+        assert np.array_equal(plan.frames, np.arange(frames_needed(grid, n, tail)))
+        windows, got, received, kept = ClipWindows(plan), [], 0, 0
+        while received < len(plan.frames):
+            received = min(len(plan.frames), received + int(rng.integers(1, 20)))
             first, rows = windows.ready(received)
             assert first == len(got) and (rows < received).all()
             got += rows.tolist()
             assert windows.keep_from() >= kept
             kept = windows.keep_from()
             assert all(min(r) >= 0 for r in got)
-        first, rows = windows.finish(n)
+            # Frames before keep_from() are never read again: the buffer stays about one clip long.
+            assert windows.keep_from() == (len(got) * grid.stride if len(got) < plan.n_clips else len(plan.frames))
+        first, rows = windows.finish()
         got += rows.tolist()
         assert got == clip_frame_indices(grid, n, tail).tolist()
-        # Frames before keep_from() are never read again: the buffer stays about one clip long.
-        assert windows.keep_from() == len(got) * grid.stride
 
 
 def test_resampling_by_timestamp():
@@ -108,9 +115,29 @@ def test_preset_overrides_and_errors():
     assert resolve_preset({"preset": "demo", "backbone_kwargs": {"width": 0.5}}).backbone_kwargs == {
         "tiny": True, "width": 0.5}
     attrs = PRESETS["thumos_i3d"].attrs()
-    assert attrs["offset_frames"] == 8 and attrs["fps_policy"] == "native" and "RGB stream only" in attrs["note"]
+    assert attrs["offset_frames"] == 8 and attrs["fps_policy"] == "native" and attrs["streams"] == "both"
+    assert attrs["flow"] == {"estimator": "raft", "arch": "large", "iters": 12, "bound": 20.0, "quantize": False}
     for bad, where in (({"preset": "nope"}, "extract.preset"), ({"preset": "demo", "strid": 2}, "extract.strid"),
                        ({"preset": "demo", "stride": 0}, "stride"), ({"preset": "demo", "tail": "x"}, "tail"),
                        ({"preset": "demo", "crop": 100}, "crop")):
         with pytest.raises(ConfigError, match=where):
             resolve_preset(bad)
+
+
+def test_keyframe_clips_are_centred_share_frames_and_fail_alone():
+    # SlowFast 8x8 as the AVA loaders cut it: 32 frames at interval 2 from centre - 32; 10 s at 30 fps.
+    sampler = KeyframeSampler(clip_len=32, frame_interval=2, times=(9.9, 1.0, 12.0, 2.0, -0.5))
+    plan = sampler.plan(300, 30.0)
+    assert {r: kind for r, (kind, _) in plan.failed.items()} == {2: "beyond_end", 4: "before_start"}
+    assert plan.owners.tolist() == [1, 3, 0]                      # time order
+    clips = plan.frames[plan.clips]                                # sampled-frame indices per clip
+    assert clips[0].tolist() == [0] + list(range(0, 61, 2))       # centre 30: -2 repeats frame 0
+    assert clips[1].tolist() == list(range(28, 91, 2))
+    assert clips[2].tolist() == list(range(265, 298, 2)) + [299] * 15
+    assert len(plan.frames) == len(np.unique(clips))              # shared frames decoded once
+    windows, got = ClipWindows(plan), []
+    for received in range(1, len(plan.frames) + 1):
+        first, rows = windows.ready(received)
+        assert first == len(got) and (rows < received).all()
+        got += rows.tolist()
+    assert got == plan.clips.tolist()

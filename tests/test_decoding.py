@@ -46,7 +46,9 @@ def make_video(path: Path, n_frames: int = 48, fps: int = 12, width: int = 64, h
             img = np.empty((height, width, 3), np.uint8)
             img[..., 0], img[..., 1] = frame_code(i)
             img[..., 2] = blue
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            # converted here with one swscale thread: the encoder's own conversion uses swscale's thread
+            # pool, whose output varied between runs (the pinned extract digest failed once in a while)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p", threads=1)
             frame.pts, frame.time_base = pts, fractions.Fraction(1, 1000)
             pts += durations_ms[i % len(durations_ms)] if durations_ms else round(1000 / fps)
             out.mux(stream.encode(frame))
@@ -243,3 +245,22 @@ def test_pyav_restarts_a_video_decord_fails_midway(tmp_path, monkeypatch):
     meta = [e[1] for e in events if e[0] == "meta"][-1]
     frames = np.concatenate([e[2] for e in events[kinds.index("reset"):] if e[0] == "frames"])
     assert meta.decoder == "pyav" and list(decode_code(frames)) == list(range(40))
+
+
+def test_pyav_seeks_to_a_late_keyframe_clip_and_reads_the_right_frames(tmp_path):
+    """A clip 30 s into a video: PyAV jumps to the keyframe before it (a keyframe plan of a film) and
+    still delivers exactly the planned native frames."""
+    from extractors.samplers import KeyframeSampler
+
+    path = make_video(tmp_path / "long.mp4", n_frames=400, width=32, height=32)
+    spec = DecodeSpec(fps=None, clip_len=8, frame_interval=2, stride=4, tail="drop", resize="short_side",
+                      size=(32,), decoders=("pyav",))
+    events = list(decode_video(str(path), spec, KeyframeSampler(8, 2, (30.0, 31.0))))
+    plan = events[0][2]
+    frames = np.concatenate([e[2] for e in events if e[0] == "frames"])
+    assert plan.frames[0] > 250 and events[-1] == ("done", len(plan.frames))
+    assert decode_code(frames).tolist() == plan.frames.tolist()        # native = sampled at native fps
+    from extractors.decoding import _PyAVReader
+
+    first_decoded, _ = next(_PyAVReader(str(path), spec)._frames(int(plan.frames[0])))
+    assert 0 < first_decoded <= plan.frames[0]                         # started at a keyframe, not frame 0

@@ -26,10 +26,10 @@ from extractors.engine import Engine, EngineConfig
 from extractors.preprocess import FramePreprocessor
 from extractors.presets import PRESETS, resolve_preset
 from extractors.registry import build_backbone
-from extractors.stage import ExtractJob, _extract_shard, extract, run_job
+from extractors.stage import ExtractJob, _extract_group, extract, run_job
 from pipeline.context import Item, RunOptions, StageContext
 from pipeline.errors import ConfigError, WorkFailed
-from pipeline.executors import parallel_map
+from pipeline.executors import stream
 from pipeline.store import open_stage_store
 from pipeline.timemap import TimeGrid
 
@@ -114,13 +114,18 @@ def _tiny(params: dict):
     return preset, build_backbone("i3d", tiny=True)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+# Features of a 4 s 25-fps video per grid preset (the keyframe presets sample no grid).
+GRID_COUNTS = {"thumos_i3d": (100 - 16) // 4 + 1, "thumos_videomae_v2": len(range(0, 100 - 15, 4)),
+               "anet_tsp": (60 - 16) // 16 + 1, "epic_slowfast": (120 - 32) // 16 + 1, "demo": (100 - 16) // 4 + 1}
+
+
+@pytest.mark.parametrize("name", sorted(GRID_COUNTS))
 def test_features_per_video_for_each_preset(tmp_path, name):
     # The preset's sampling and preprocessing with the tiny I3D in place of its backbone.
     path = make_video(tmp_path / "v.mp4", n_frames=100, fps=25)      # 4 s
     size = [32, 43] if PRESETS[name].resize == "squash" else 32
     params = {"preset": name, "backbone": "i3d", "backbone_kwargs": {"tiny": True}, "size": size, "crop": 32,
-              "store": "zarr", "dtype": "float32"}
+              "store": "zarr", "dtype": "float32", "arch": "tiny"}   # thumos_i3d has a flow stream
     workers = 0 if name in ("anet_tsp", "epic_slowfast") else 1      # inline decoding too (shards use it)
     job = ExtractJob(params, {"batch_size": 8, "video_timeout_s": 60}, tmp_path / "out", workers, "cpu")
     done = []
@@ -128,9 +133,7 @@ def test_features_per_video_for_each_preset(tmp_path, name):
             lambda item, kind, msg: pytest.fail(f"{kind}: {msg}"))
     preset = PRESETS[name]
     n_sampled = 100 if preset.fps is None else round(4 * preset.fps)
-    expected = {"thumos_i3d": (100 - 16) // 4 + 1, "thumos_videomae_v2": len(range(0, 100 - 15, 4)),
-                "anet_tsp": (60 - 16) // 16 + 1, "epic_slowfast": (120 - 32) // 16 + 1,
-                "demo": (100 - 16) // 4 + 1}[name]
+    expected = GRID_COUNTS[name]
     assert done[0]["shape"][0] == expected and done[0]["fps"] == pytest.approx(preset.fps or 25.0, rel=1e-6)
     store = open_stage_store(tmp_path / "out")
     assert store.shape("v")[0] == TimeGrid.from_attrs(store.attrs, store.video_attrs("v")).count(
@@ -232,19 +235,22 @@ def test_fail_fast_stops_at_the_first_failure(tmp_path):
         extract(StageContext(**{**ctx.__dict__, "runtime": {"device": "tpu"}}))
 
 
-def test_shards_write_into_the_shared_store_and_executor_maps_in_order(tmp_path):
+def test_cluster_tasks_write_data_and_records_where_they_run(tmp_path):
     items = [Item(f"v{i}", make_video(tmp_path / f"v{i}.mp4", n_frames=20 + 4 * i), "fp") for i in range(3)]
     ctx = _ctx(tmp_path, [])
-    extract(ctx)   # creates the store, as the stage does before sharding
+    extract(ctx)   # creates the store, as the stage does before submitting
     job = ExtractJob(dict(ctx.params), dict(ctx.runtime), ctx.out_dir, 1, "cpu")
-    # What a Ray / Dask task runs, here in-process: each shard writes its videos, returns the records.
-    results = [_extract_shard((job, items[:2], 0)), _extract_shard((job, items[2:], 1))]
-    assert [[r[0] for r in records] for records, _ in results] == [["v0", "v1"], ["v2"]]
-    store = open_stage_store(ctx.out_dir)
-    assert [store.shape(v)[0] for v in store.videos()] == [2, 3, 4]
-    assert parallel_map(abs, [-3, 2, -1, 5], workers=2) == [3, 2, 1, 5]
+    # What a Ray / Dask task runs, here in-process: its videos' data, then their records, then the
+    # same again (a task rerun after its worker died) without a second copy of anything.
+    for _ in range(2):
+        results = [_extract_group((job, items[:2])), _extract_group((job, items[2:]))]
+        assert [[r[0] for r in records] for records, _ in results] == [["v0", "v1"], ["v2"]]
+        assert sorted(p.name for p in ctx.records_dir.iterdir()) == ["v0.json", "v1.json", "v2.json"]
+        store = open_stage_store(ctx.out_dir)
+        assert [store.shape(v)[0] for v in store.videos()] == [2, 3, 4]
+    assert json.loads((ctx.records_dir / "v1.json").read_text())["source_fingerprint"] == "fp"
     with pytest.raises(ConfigError, match="--backend"):
-        parallel_map(abs, [1], backend="slurm")
+        stream(abs, [1], backend="slurm")
 
 
 def test_full_size_preset_without_weights_names_the_file_it_needs(tmp_path):
@@ -258,3 +264,21 @@ def test_full_size_preset_without_weights_names_the_file_it_needs(tmp_path):
                           timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "extract.weights: preset 'thumos_i3d'" in proc.stderr and "rgb_imagenet.pt" in proc.stderr
+
+
+def test_a_vit_b_checkpoint_under_the_vit_g_preset_makes_a_768_d_store(tmp_path):
+    """The store's dimension is the built backbone's: a ViT-B checkpoint (``pipeline weights`` lists the
+    distilled K710 one) with ``backbone_kwargs: {variant: vit_b}`` under the ViT-g THUMOS preset (one block
+    here, to stay small: the dimension is the variant's)."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    make_video(videos / "v.mp4", n_frames=24)
+    ckpt = tmp_path / "vit_b_k710_dl_from_giant.pth"
+    torch.save({"module": build_backbone("videomae", variant="vit_b", depth=1, seed=3).state_dict()}, ckpt)
+    manifest = tmp_path / "vitb.yaml"
+    manifest.write_text(f"name: vitb\ntask: localize\nvideos: {videos}\nparams:\n  extract: {{preset: thumos_videomae_v2, "
+                        f"backbone_kwargs: {{variant: vit_b, depth: 1}}, size: [32, 32], weights: {ckpt}}}\n")
+    out = cli(tmp_path / "cache", manifest)
+    assert out["rc"] == 0, out
+    store = open_stage_store(Path(out["extract"]["dir"]))
+    assert store.attrs["feature_dim"] == 768 and store.shape("v") == ((24 - 16) // 4 + 1, 768)

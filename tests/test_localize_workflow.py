@@ -105,13 +105,15 @@ def test_named_experiments_are_listed_and_compared(partial, capsys):
     root, manifest = partial
     cache = root / "cache"
     assert _cli(cache, "run", "all", "--dataset", str(manifest), "--name", "short",
-                "--set", "localize.epochs=1") == 0
+                "--set", "localize.epochs=1", "--set", "localize.weight_decay=0.02") == 0
     capsys.readouterr()
     assert _cli(cache, "runs", "--dataset", "toy") == 0
     out = capsys.readouterr().out
     assert "dataset toy, stage localize_eval (mAP %)" in out and "@0.30" in out and "avg" in out
     rows = {line.split()[0]: line for line in out.splitlines()[2:] if line.strip()}
     assert "localize.epochs=1" in rows["short"] and rows["base"].rstrip().endswith("-")
+    # a field that neither stages.yaml nor the manifest lists is shown too when set
+    assert "localize.weight_decay=0.02" in rows["short"]
     assert " done " in rows["base"] and " done " in rows["short"]
     assert _cli(cache, "compare", "base", "short", "--plot", str(root / "pr.svg"), "--classes", "jump,run") == 0
     out = capsys.readouterr().out

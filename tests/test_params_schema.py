@@ -26,6 +26,8 @@ BAD_SETS = {
     "localize.seed=-1": "must be >= 0",
     "localize.threads=0": "must be >= 1",
     "localize.threads=-1": "must be >= 1",
+    "localize.nproc=0": "must be >= 1",
+    "localize.nproc=two": "expected an integer",
     "localize.device=tpu": "expected auto, cpu, cuda or cuda:N",
     "localize.device=gpu": "expected auto, cpu, cuda or cuda:N",
     "localize.weight_decay=.nan": "must be finite",
@@ -56,6 +58,16 @@ BAD_SETS = {
     "extract.crop=[128,128]": "does not fit in frames resized to [64]",
     "extract.dtype=float64": "expected float16 | float32",
     "extract.backbone=resnet": "expected i3d",
+    "extract.streams=depth": "expected rgb | flow | both",
+    "extract.streams=both": "extract.streams: 'both' needs the i3d backbone",  # with the backbone below
+    "extract.flow.estimator=farneback": "expected raft | tvl1",
+    "extract.flow.arch=huge": "expected large | small | tiny",
+    "extract.flow.iters=0": "must be >= 1",
+    "extract.iters=100": "must be <= 64 (each is one GRU update",
+    "extract.flow.bound=0": "must be > 0",
+    "extract.flow.quantize=1": "expected true or false",
+    "extract.flow_weights=raft-things.pth": "extract.flow_weights: no RAFT runs (streams is rgb)",
+    "extract_keyframes.streams=flow": "extract_keyframes.streams: keyframe features are RGB only",
 }
 
 
@@ -78,9 +90,13 @@ def _no_work(cache: Path) -> None:
 def test_bad_set_value_exits_2_before_any_work(tmp_path, capsys, value):
     """On the demo: a bad value must be refused before the demo videos are even generated."""
     cache = tmp_path / "cache"
-    line = _fails(capsys, ["--cache-dir", str(cache), "run", "all", "--dataset", "demo", "--set", value],
-                  BAD_SETS[value])
-    assert f"--set {value}" in line or value.split("=")[0].split(".")[-1] in line
+    sets = ["--set", value] + (["--set", "extract.backbone=r2plus1d_34"] if value == "extract.streams=both" else [])
+    line = _fails(capsys, ["--cache-dir", str(cache), "run", "all", "--dataset", "demo", *sets], BAD_SETS[value])
+    # a value refused alone names where it came from; one refused with the rest of its stage's config
+    # names that stage's param, or (a split, a crop) the manifest or preset it does not fit
+    stage = value.split(".")[0]
+    assert (line.startswith(f"pipeline: error: --set {value}: ") or line.startswith(f"pipeline: error: {stage}.")
+            or value in {"localize_eval.split=valid", "extract.crop=[128,128]"}), line
     _no_work(cache)
 
 
@@ -138,6 +154,8 @@ def test_unknown_keys_are_errors_with_near_matches(tmp_path, capsys):
            "unknown param localize.train.embed_dim")
     _fails(capsys, ["--cache-dir", cache, "status", "--dataset", "demo", "--set", "localize.epochs.x=8"],
            "localize.epochs is not a mapping")
+    _fails(capsys, ["--cache-dir", cache, "status", "--dataset", "demo", "--set", "extract.flow.iter=3"],
+           "unknown param extract.flow.iter; did you mean extract.flow.iters")
 
 
 # ---------------------------------------------------------------- keys, on imported features

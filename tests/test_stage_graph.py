@@ -60,7 +60,7 @@ def test_entries_are_checked_without_importing(tmp_path):
     (GOOD.replace("entry: mod:fb", "entry: mod.fb"), "stages.b.entry: expected 'module:function'"),
     (GOOD.replace("needs: [a]", "needs: [z]"), "stages.b.needs: unknown stage 'z'"),
     (GOOD.replace("    per_item: true", "    needs: [b]\n    per_item: true"), "needs: cycle"),
-    (GOOD.replace("per_item: true", "per_item: yes please"), "stages.a.per_item: expected true or false"),
+    (GOOD.replace("per_item: true", "per_item: yes please"), "stages.a.per_item: expected false, true (videos) or one of videos, keyframes"),
     (GOOD.replace("params: {y: 2}", "params: {y: 2}\n    version: one"), "stages.b.version: expected an integer"),
     (GOOD.replace("params: {y: 2}", "params: {y: 2}\n    file_params: [w]"), "stages.b.file_params: 'w'"),
     (GOOD.replace("runtime: {workers: 0}", "runtime: {x: 0}"), "stages.a.runtime: x also in params"),

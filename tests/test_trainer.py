@@ -101,3 +101,65 @@ def test_localize_validates_on_the_val_split(tmp_path):
     stage.train(ctx)
     log = rows(finish(ctx) / "train_log.csv")
     assert [0.0 <= float(r["val_mAP"]) <= 1.0 for r in log] == [True, True]
+
+
+def _shared_toy(out_dir, world: int, rank: int, scores):
+    """A linear regression whose ``step`` returns this process's share of the batch's loss (the squared
+    errors of its slice over the whole batch's size), validated every epoch by ``scores``."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    w = torch.randn(4, 1)
+    calls = []
+
+    def batches(epoch):
+        g = torch.Generator().manual_seed(epoch)
+        for _ in range(4):
+            x = torch.randn(8, 4, generator=g)
+            yield x.chunk(world)[rank], (x @ w).chunk(world)[rank]
+
+    def step(net, b):
+        return {"loss": ((net(b[0]) - b[1]) ** 2).sum() / 8}
+
+    def metric(trainer):
+        calls.append(trainer.epoch)
+        return scores[trainer.epoch - 1]
+
+    hooks = [Validate(metric, every=1, key="val_x"), EarlyStop("val_x", patience=1), CsvLog(out_dir / "log.csv")]
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), step, out_dir=out_dir, hooks=hooks,
+                      log=lambda m: None)
+    return trainer, batches, calls
+
+
+SCORES = [0.5, 0.7, 0.6, 0.9]  # no gain at epoch 3: stop after it
+
+
+def _toy_rank(out_dir):
+    from torch import distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        trainer, batches, calls = _shared_toy(out_dir, dist.get_world_size(), dist.get_rank(), SCORES)
+        trainer.fit(batches, 4, 10)
+        return trainer.epoch, calls, {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_train_as_one_validate_on_process_0_and_stop_together(tmp_path):
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    torch.set_num_threads(1)
+    one, batches, calls = _shared_toy(tmp_path / "one", 1, 0, SCORES)
+    one.fit(batches, 4, 10)
+    assert one.epoch == 3 and calls == [1, 2, 3]
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, run_id="trainer-test", rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    results = elastic_launch(config, _toy_rank)(tmp_path / "two")
+    (epochs0, calls0, state0), (epochs1, calls1, state1) = results[0], results[1]
+    assert epochs0 == epochs1 == 3 and calls0 == [1, 2, 3] and calls1 == []  # process 1 never validates
+    for k, v in one.model.state_dict().items():
+        torch.testing.assert_close(state0[k], v, rtol=1e-6, atol=1e-6)
+        assert torch.equal(state0[k], state1[k])
+    a, b = rows(tmp_path / "one" / "log.csv"), rows(tmp_path / "two" / "log.csv")  # written once, by process 0
+    assert [r["val_x"] for r in b] == ["0.5", "0.7", "0.6"]
+    assert [float(r["loss"]) for r in b] == pytest.approx([float(r["loss"]) for r in a], rel=1e-6)

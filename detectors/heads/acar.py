@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detectors.heads.base import ClipLayout, Head, HeadInput, masked_softmax
+from detectors.heads.base import ClipLayout, Head, HeadInput, masked_softmax, width
 from detectors.recipes import Recipe
 from detectors.roi_align import actor_vector, roi_align
 from pipeline.checkpoints import KeyFormat
@@ -59,14 +59,15 @@ class ACARHead(Head):
     released = (KeyFormat("ACAR-Net", drop=(r"backbone\.",), prefixes=("head.module.",)),)
     released_file = "ACAR-Net AVA_SLOWFAST_R50_ACAR_HR2O.pth.tar (Siyu-C/ACAR-Net model zoo)"
 
-    def __init__(self, in_channels: int = 2304, num_classes: int = 60, reduce_dim: int = 1024,
-                 hidden_dim: int = 512, depth: int = 2, kernel_size: int = 3, mlp_1x1: bool = False,
+    def __init__(self, in_channels: int = 2304, num_classes: int = 60, reduce_dim: int | None = None,
+                 hidden_dim: int | None = None, depth: int = 2, kernel_size: int = 3, mlp_1x1: bool = False,
                  roi_size: int = 7, dropout: float = 0.0, bias: bool = False, padding: str = "mask",
                  loss: str = "pose_softmax", num_pose: int = 13):
         super().__init__(loss, num_classes, num_pose=num_pose)
         if padding not in ("mask", "zeros"):
             raise ValueError(f"acar: padding must be mask or zeros, got {padding!r}")
         self.roi_size, self.padding = roi_size, padding
+        reduce_dim, hidden_dim = width(1024, in_channels, reduce_dim), width(512, in_channels, hidden_dim)
         self.conv_reduce = nn.Conv2d(in_channels, reduce_dim, 1, bias=False)
         self.conv1 = nn.Conv2d(reduce_dim * 2, hidden_dim, 1, bias=False)
         self.conv2 = nn.Conv2d(hidden_dim, hidden_dim, 3, bias=False)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detectors.heads.base import Head, HeadInput
+from detectors.heads.base import Head, HeadInput, width
 from detectors.heads.roi_linear import MMACTION2_AVA
 from detectors.roi_align import actor_vector, roi_align
 from pipeline.checkpoints import KeyFormat
@@ -39,13 +39,14 @@ class ACRNHead(Head):
     released_file = ("mmaction2 slowfast-acrn_kinetics400-pretrained-r50_8xb8-8x8x1-cosine-10e_ava21-rgb "
                      "checkpoint (download.openmmlab.com)")
 
-    def __init__(self, in_channels: int = 2304, num_classes: int = 80, hidden: int = 2304,
+    def __init__(self, in_channels: int = 2304, num_classes: int = 80, hidden: int | None = None,
                  roi_size: int = 8, aligned: bool = True, sampling_ratio: int = 0, dropout: float = 0.5,
                  background_class: bool = True, loss: str = "bce", num_pose: int = 13):
         super().__init__(loss, num_classes, num_pose=num_pose)
         self.roi_size, self.aligned, self.sampling_ratio = roi_size, aligned, sampling_ratio
         self.in_channels = in_channels
         self.background = int(background_class)
+        hidden = width(2304, in_channels, hidden)
         self.conv1 = ConvBN(2 * in_channels, hidden, (1, 1, 1))
         self.conv2 = ConvBN(hidden, hidden, (1, 3, 3))
         self.dropout = nn.Dropout(dropout)

@@ -15,6 +15,17 @@ from detectors.recipes import Recipe
 from pipeline.checkpoints import KeyFormat, LoadReport, load_weights
 
 
+PUBLISHED_CHANNELS = 2304  # SlowFast R50's fused map: the input every published head was sized for
+
+
+def width(published: int, in_channels: int, given: int | None) -> int:
+    """A head width left unset: the published one at 2304 input channels, in proportion otherwise (a
+    576-channel demo map gets a quarter-size head instead of one 16 times its input)."""
+    if given is not None:
+        return given
+    return max(8, round(published * in_channels / PUBLISHED_CHANNELS))
+
+
 @dataclass
 class ActorMemory:
     """CycleACR's long-term memory for the clips of a batch: the head's own pooled actor features of the

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detectors.heads.base import ActorMemory, ClipLayout, Head, HeadInput, masked_softmax
+from detectors.heads.base import ClipLayout, Head, HeadInput, masked_softmax, width
 from detectors.recipes import Recipe
 from detectors.roi_align import roi_align
 from pipeline.checkpoints import KeyFormat
@@ -169,15 +169,16 @@ class CycleACRHead(Head):
                           prefixes=("roi_heads.action.feature_extractor.", "roi_heads.action.predictor.")),)
     released_file = "CycleACR slowfast_r101_8x8f_cycleacr checkpoint (MCG-NJU/CycleACR model zoo)"
 
-    def __init__(self, in_channels: int = 2304, num_classes: int = 80, dim_inner: int = 1024,
+    def __init__(self, in_channels: int = 2304, num_classes: int = 80, dim_inner: int | None = None,
                  depth: int = 2, instance_depth: int = 2, temporal_len: int = 32, roi_size: int = 7,
                  max_person: int = 20, memory_length: tuple[int, int] = (30, 30), max_per_sec: int = 5,
-                 dropout: float = 0.2, mlp_dim: int = 1024, predictor_dropout: float = 0.2,
+                 dropout: float = 0.2, mlp_dim: int | None = None, predictor_dropout: float = 0.2,
                  conv_bias: bool = True, mask_padding: bool = False, loss: str = "focal",
                  class_groups: tuple[int, int, int] = (14, 49, 17), loss_weights: tuple[float, ...] = (),
                  focal_gamma: float = 2.0, num_pose: int = 14):
         super().__init__(loss, num_classes, num_pose=num_pose, class_groups=class_groups,
                          loss_weights=loss_weights, focal_gamma=focal_gamma)
+        dim_inner, mlp_dim = width(1024, in_channels, dim_inner), width(1024, in_channels, mlp_dim)
         self.roi_size, self.max_person, self.mask_padding = roi_size, max_person, mask_padding
         self.memory_length, self.max_per_sec, self.dim_inner = tuple(memory_length), max_per_sec, dim_inner
         seconds = self.memory_length[0] + 1 + self.memory_length[1]

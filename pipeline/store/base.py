@@ -1,9 +1,16 @@
 """The FeatureStore interface shared by the zarr and HDF5 back-ends, and the checks both apply.
 
-A store holds one (T, C) array per video plus store-level attributes (how the features were made)
-and per-video attributes. A video counts only once its completion mark is written, after its data:
-a record half-written by a crashed process is invisible to :meth:`FeatureStore.videos` and reads,
-and the next ``write`` of that video replaces it.
+A store holds one record per index entry plus store-level attributes (how the features were made) and
+per-record attributes. Two record kinds, declared once by the store attributes:
+
+- plain (no ``fields`` attribute): one (T, C) array per video, the extract store;
+- with ``fields`` (name -> axis names, e.g. ``{"map": ["C", "H", "W"], "context": ["C", "T"]}``): one
+  named array per field per record, of any rank; ``index`` names what a record id is (``keyframe``:
+  ``"<video>,<timestamp>"``). Every field has a ``C`` axis checked against ``feature_dim``.
+
+A record counts only once its completion mark is written, after its data: a record half-written by a
+crashed process is invisible to :meth:`FeatureStore.videos` and reads, and the next ``write`` of it
+replaces it.
 """
 
 from __future__ import annotations
@@ -47,16 +54,22 @@ def check_video_id(vid: str) -> str:
     return vid
 
 
-def prepare_array(vid: str, array: Any, dtype: str, feature_dim: int | None) -> np.ndarray:
-    """Validate one video's features and cast them to the store dtype (checked after the cast,
-    so float16 overflow is caught too)."""
+PLAIN_AXES = ("T", "C")
+
+
+def prepare_array(vid: str, array: Any, dtype: str, feature_dim: int | None,
+                  axes: tuple[str, ...] = PLAIN_AXES) -> np.ndarray:
+    """Validate one array of a record (shape ``axes``, its ``C`` axis ``feature_dim`` long) and cast it
+    to the store dtype (checked after the cast, so float16 overflow is caught too)."""
     arr = np.asarray(array)
     if arr.dtype.kind not in "fiu":
         raise ValueError(f"{vid}: features must be numeric, got dtype {arr.dtype}")
-    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"{vid}: features must have shape (T, C) with T, C > 0, got {arr.shape}")
-    if feature_dim is not None and arr.shape[1] != int(feature_dim):
-        raise ValueError(f"{vid}: feature dimension {arr.shape[1]} != store feature_dim {feature_dim}")
+    if arr.ndim != len(axes) or 0 in arr.shape:
+        raise ValueError(f"{vid}: features must have shape ({', '.join(axes)}) with {', '.join(axes)} > 0, "
+                         f"got {arr.shape}")
+    channels = arr.shape[axes.index("C")]
+    if feature_dim is not None and channels != int(feature_dim):
+        raise ValueError(f"{vid}: feature dimension {channels} != store feature_dim {feature_dim}")
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by name
         out = np.ascontiguousarray(arr, dtype=dtype)
     if not all_finite(out):
@@ -99,24 +112,48 @@ class FeatureStore(ABC):
     def __len__(self) -> int:
         return len(self.videos())
 
+    @property
+    def fields(self) -> dict[str, tuple[str, ...]] | None:
+        """Field name -> axis names of a store with named N-D arrays per record; None: plain (T, C)."""
+        fields = self.attrs.get("fields")
+        return None if fields is None else {name: tuple(axes) for name, axes in fields.items()}
+
     def write(self, vid: str, array: Any, attrs: Mapping[str, Any] | None = None) -> None:
-        """Store one video: data first, then its attributes with ``complete: true`` last."""
+        """Store one record: data first, then its attributes with ``complete: true`` last. ``array``:
+        the (T, C) features of a plain store, or a mapping field name -> array of a store with fields."""
         self._check_writable()
         check_video_id(vid)
-        arr = prepare_array(vid, array, self.attrs["dtype"], self.attrs.get("feature_dim"))
+        fields = self.fields
+        dtype, feature_dim = self.attrs["dtype"], self.attrs.get("feature_dim")
+        if fields is None:
+            data = prepare_array(vid, array, dtype, feature_dim)
+        else:
+            if not isinstance(array, Mapping) or set(array) != set(fields):
+                got = sorted(array) if isinstance(array, Mapping) else type(array).__name__
+                raise ValueError(f"{vid}: a record of this store has fields {sorted(fields)}, got {got}")
+            data = {name: prepare_array(f"{vid}: {name}", array[name], dtype, feature_dim, axes)
+                    for name, axes in fields.items()}
         video_attrs = normalize_attrs(attrs or {})
         video_attrs.pop(COMPLETE, None)
-        self._write_data(vid, arr, video_attrs)
+        self._write_data(vid, data, video_attrs)
         self._mark_complete(vid)
 
-    def read(self, vid: str, start: int | None = None, stop: int | None = None, raw: bool = False) -> np.ndarray:
-        """Rows ``[start, stop)`` of a complete video (only those rows are read from disk);
-        float32 unless ``raw`` (then the stored dtype)."""
+    def read(self, vid: str, start: int | None = None, stop: int | None = None,
+             raw: bool = False) -> np.ndarray | dict[str, np.ndarray]:
+        """Rows ``[start, stop)`` of a complete video (only those rows are read from disk); in a store
+        with fields, the whole record as field name -> array (no row range). float32 unless ``raw``
+        (then the stored dtype)."""
         self._require(vid)
+        if self.fields is not None:
+            if start is not None or stop is not None:
+                raise ValueError(f"{self.path}: records with fields are read whole (no row range)")
+            return {name: arr if raw else arr.astype(np.float32, copy=False)
+                    for name, arr in self._read_fields(vid).items()}
         arr = self._read(vid, start, stop)
         return arr if raw else arr.astype(np.float32, copy=False)
 
-    def shape(self, vid: str) -> tuple[int, int]:
+    def shape(self, vid: str) -> tuple[int, ...] | dict[str, tuple[int, ...]]:
+        """(T, C) of a video; field name -> shape of a record with fields."""
         self._require(vid)
         return self._shape(vid)
 
@@ -181,7 +218,11 @@ class FeatureStore(ABC):
         ...
 
     @abstractmethod
-    def _shape(self, vid: str) -> tuple[int, int]:
+    def _read_fields(self, vid: str) -> dict[str, np.ndarray]:
+        ...
+
+    @abstractmethod
+    def _shape(self, vid: str) -> tuple[int, ...] | dict[str, tuple[int, ...]]:
         ...
 
     @abstractmethod
@@ -198,6 +239,11 @@ def store_attrs_for(attrs: Mapping[str, Any], dtype: str, backend: str) -> dict:
     if dtype not in DTYPES:
         raise ValueError(f"store dtype must be one of {DTYPES}, got {dtype!r}")
     out = normalize_attrs(attrs)
+    fields = out.get("fields")
+    if fields is not None and (not isinstance(fields, dict) or not fields or not all(
+            isinstance(axes, list) and axes.count("C") == 1 and all(isinstance(a, str) for a in axes)
+            for axes in fields.values())):
+        raise ValueError(f"store fields must map names to axis-name lists with one 'C' axis, got {fields!r}")
     if out.get("dtype", dtype) != dtype:
         raise ValueError(f"attrs dtype {out['dtype']!r} disagrees with store dtype {dtype!r}")
     out["dtype"] = dtype

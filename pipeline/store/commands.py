@@ -24,19 +24,21 @@ def _emit(cmd, args, obj: dict, lines: list[str]) -> None:
 
 # ------------------------------------------------------------------------------------------ verify
 def verify(argv: list[str], cmd) -> int:
-    """Check every extract store in the cache (or the ones named) against its completion records.
+    """Check every feature store in the cache (extract's, extract_keyframes' ...; or the ones named)
+    against its completion records, and
+    list the temporary files killed writes left in the cache.
 
     Exit 0 when everything is consistent (or was repaired), 1 when problems remain."""
     p = CommandParser(json_help="one JSON object on stdout",
                       prog="pipeline verify", description=verify.__doc__)
     p.add_argument("--repair", action="store_true",
                    help="remove incomplete/unreadable videos and records without data (they are redone next run)")
-    p.add_argument("--stage-dir", type=Path, action="append", default=[], help="verify only this extract dir")
+    p.add_argument("--stage-dir", type=Path, action="append", default=[], help="verify only this stage dir")
     args = p.parse_args(argv)
     from pipeline.store import BACKENDS
 
-    root = Path(cmd.cache_dir) / "extract"
-    dirs = args.stage_dir or sorted(d for d in (root.iterdir() if root.is_dir() else [])
+    root = Path(cmd.cache_dir)
+    dirs = args.stage_dir or sorted(d for d in root.glob("*/*")
                                     if d.is_dir() and any((d / n).exists() for n in BACKENDS.values()))
     report, lines = [], []
     for d in dirs:
@@ -48,8 +50,14 @@ def verify(argv: list[str], cmd) -> int:
         lines.extend(f"  {line}" for line in entry["problems"])
     if not dirs:
         lines.append(f"{root}: no feature stores")
-    bad = any(e["problems"] and (not args.repair or e.get("unreadable")) for e in report)
-    _emit(cmd, args, {"stores": report, "repaired": args.repair, "ok": not bad}, lines)
+    from pipeline.cache import leftovers, remove_leftovers
+
+    left = [str(p) for p in (remove_leftovers if args.repair else leftovers)(Path(cmd.cache_dir))]
+    lines += [f"{p}: left by a killed write" + (" (removed)" if args.repair else
+                                                  " (removed by --repair, gc or the next run)") for p in left]
+    bad = any(e["problems"] and (not args.repair or e.get("unreadable")) for e in report) or \
+        bool(left and not args.repair)
+    _emit(cmd, args, {"stores": report, "leftovers": left, "repaired": args.repair, "ok": not bad}, lines)
     return 1 if bad else 0
 
 
@@ -61,7 +69,7 @@ def verify_stage_dir(stage_dir: Path, cache_dir: Path, repair: bool) -> dict:
     from pipeline.store import open_stage_store
 
     entry = {"dir": str(stage_dir), "videos": 0, "problems": [], "skipped": None, "unreadable": False}
-    if is_locked(cache_dir, "extract", stage_dir.name):
+    if is_locked(cache_dir, stage_dir.parent.name, stage_dir.name):
         entry["skipped"] = "skipped: an extraction of this key is running"
         return entry
     records_dir = stage_dir / "items"
@@ -98,9 +106,13 @@ def _record_mismatch(store, vid: str, record_path: Path | None, has_data: bool) 
         return f"unreadable record {record_path.name} ({e})"
     if not has_data:
         return "completion record without complete data"
-    shape = record.get("shape")
-    if shape is not None and tuple(shape) != store.shape(vid):
-        return f"record shape {tuple(shape)} != stored shape {store.shape(vid)}"
+    shape, stored = record.get("shape"), store.shape(vid)
+    if isinstance(stored, dict):        # a record of fields: shapes per field
+        shape, stored = record.get("shapes"), {name: list(s) for name, s in stored.items()}
+    elif shape is not None:
+        shape = tuple(shape)
+    if shape is not None and shape != stored:
+        return f"record shape {shape} != stored shape {stored}"
     fp = record.get("source_fingerprint")
     stored = store.video_attrs(vid).get("source_fingerprint")
     if fp and stored and fp != stored:

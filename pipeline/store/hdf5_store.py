@@ -1,4 +1,6 @@
-"""HDF5 back-end: one file, one contiguous (T, C) dataset per video, same attributes as zarr.
+"""HDF5 back-end: one file, one contiguous (T, C) dataset per video (or, in a store with ``fields``,
+one group per record holding a contiguous dataset per field), same attributes as zarr. Record ids
+such as ``video,0902`` are link names as they are (HDF5 reserves only '/' and '.').
 
 Rules (HDF5 cannot do otherwise):
 - **One writer per file.** HDF5 locks the file: a second process opening it for writing is refused.
@@ -95,7 +97,7 @@ class HDF5Store(FeatureStore):
         node = self._h5().get(vid)
         import h5py
 
-        return node if isinstance(node, h5py.Dataset) else None
+        return node if isinstance(node, h5py.Group if self.fields is not None else h5py.Dataset) else None
 
     def _is_complete(self, vid: str) -> bool:
         try:
@@ -108,8 +110,11 @@ class HDF5Store(FeatureStore):
         f = self._h5()
         return sorted(v for v in f.keys() if self._has(v))
 
-    def _shape(self, vid: str) -> tuple[int, int]:
-        t, c = self._node(vid).shape
+    def _shape(self, vid: str) -> tuple[int, ...] | dict[str, tuple[int, ...]]:
+        node = self._node(vid)
+        if self.fields is not None:
+            return {name: tuple(int(n) for n in node[name].shape) for name in self.fields}
+        t, c = node.shape
         return int(t), int(c)
 
     def _video_attrs(self, vid: str) -> dict:
@@ -119,7 +124,12 @@ class HDF5Store(FeatureStore):
         f = self._h5()
         if vid in f:
             del f[vid]
-        ds = f.create_dataset(vid, data=arr)  # contiguous: a slice read is one seek + read
+        if self.fields is not None:
+            ds = f.create_group(vid)
+            for name, field in arr.items():
+                ds.create_dataset(name, data=field)
+        else:
+            ds = f.create_dataset(vid, data=arr)  # contiguous: a slice read is one seek + read
         for k, v in video_attrs.items():
             ds.attrs[k] = _storable(v)
         f.flush()
@@ -143,6 +153,10 @@ class HDF5Store(FeatureStore):
             node.read_direct(out, np.s_[start:stop])
         return out
 
+    def _read_fields(self, vid: str) -> dict[str, np.ndarray]:
+        node = self._node(vid)
+        return {name: node[name][...] for name in self.fields}
+
     def verify(self, repair: bool = False) -> list[str]:
         import h5py
 
@@ -151,7 +165,14 @@ class HDF5Store(FeatureStore):
         for name in sorted(f.keys()):
             try:
                 node = f[name]
-                if not isinstance(node, h5py.Dataset) or node.ndim != 2:
+                if self.fields is not None:
+                    if not isinstance(node, h5py.Group) or set(node.keys()) != set(self.fields):
+                        problems.append((name, f"not a record of fields {sorted(self.fields)}"))
+                    elif not node.attrs.get(COMPLETE, False):
+                        problems.append((name, "incomplete (no completion mark)"))
+                    else:
+                        self._read_fields(name)
+                elif not isinstance(node, h5py.Dataset) or node.ndim != 2:
                     problems.append((name, "not a (T, C) dataset"))
                 elif not node.attrs.get(COMPLETE, False):
                     problems.append((name, "incomplete (no completion mark)"))

@@ -3,19 +3,19 @@
 - ``npy``: a folder of ``<video_id>.npy``, (T, C) each (ActionFormer's THUMOS I3D, ActivityNet TSP);
 - ``npz``: a folder of ``<video_id>.npz`` holding ``feats`` (EPIC-KITCHENS SlowFast);
 - ``pkl``: a folder of ``<video_id>.pkl``, each an array or a dict with ``feats`` (TSP's per-video
-  output). Unpickling runs code from the file: import only pickles you trust.
+  output). Read by an unpickler that knows numpy arrays only: a pickle that would run code is refused.
 - ``h5``: one HDF5 file with a (T, C) dataset per video (TSP's merged file).
 """
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import ConfigError
+from pipeline.untrusted import load_pickle
 
 FORMATS = ("npy", "npz", "pkl", "h5")
 
@@ -97,8 +97,7 @@ def _load_raw(source: Source, fmt: str):
                 raise ConfigError(f"{source.where}: no 'feats' array (has: {', '.join(z.files) or 'none'})")
             return z["feats"]
     if fmt == "pkl":
-        with open(source.file, "rb") as f:
-            obj = pickle.load(f)
+        obj = load_pickle(source.file)
         if isinstance(obj, dict):
             if "feats" not in obj:
                 raise ConfigError(f"{source.where}: a dict without 'feats' (keys: {', '.join(map(str, obj))})")

@@ -97,7 +97,7 @@ def lookup(cache_dir: Path, dataset) -> dict | None:
     try:
         with open(path) as f:
             reg = json.load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing imported (or no cache directory yet)
         return None
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: unreadable import registration ({e}); delete it or import again") from None
@@ -148,11 +148,11 @@ def import_into_cache(src: Path, fmt: str, dataset, cache_dir: Path, mapping: Ti
     sources = importers.list_sources(src, fmt)
     annotations = annotation_index(dataset.annotations)
     ids: dict[str, importers.Source] = {}
-    unmatched = [s for s in sources if annotations and match_video(s.vid, annotations) is None]
+    matched = [match_video(s.vid, annotations) if annotations else s.vid for s in sources]
+    unmatched = [s for s, vid in zip(sources, matched) if vid is None]
     if unmatched:
         raise ConfigError(_unmatched_message(unmatched, len(sources), annotations, dataset))
-    for s in sources:
-        vid = match_video(s.vid, annotations) if annotations else s.vid
+    for s, vid in zip(sources, matched):
         if vid in ids:
             raise ConfigError(f"{s.where}: video {vid!r} also comes from {ids[vid].where}")
         ids[vid] = s

@@ -1,4 +1,5 @@
-"""Fast feature reads for training: whole videos or windows, from the store or from memory.
+"""Fast feature reads for training: whole videos or windows, from the store or from memory; whole
+records of a store with fields (keyframe maps and context tokens) through :class:`RecordReader`.
 
 :class:`FeatureReader` is what a training loop reads features through (the localizers pass it as their
 feature source and pick their own crop windows, which need the annotations). The store is opened
@@ -22,13 +23,31 @@ from pipeline.store import open_stage_store
 AUTO_MEMORY_BYTES = 2 << 30
 
 
-class FeatureReader:
+class _PerProcessStore:
+    """The store opened lazily in the process that reads (forked / spawned workers open their own)."""
+
+    stage_dir: Path
+    _store = None
+    _pid: int | None = None
+
+    def _open(self):
+        if self._store is None or self._pid != os.getpid():
+            self._store = open_stage_store(self.stage_dir)
+            self._pid = os.getpid()
+        return self._store
+
+    def __getstate__(self) -> dict:
+        """Spawned workers get no open store (they open their own)."""
+        state = dict(self.__dict__)
+        state["_store"], state["_pid"] = None, None
+        return state
+
+
+class FeatureReader(_PerProcessStore):
     def __init__(self, stage_dir: Path | str, video_ids: Sequence[str],
                  in_memory: bool | str = "auto") -> None:
         self.stage_dir = Path(stage_dir)
         self.video_ids = list(video_ids)
-        self._store = None
-        self._pid: int | None = None
         store = open_stage_store(self.stage_dir)
         try:
             missing = [v for v in self.video_ids if v not in store]
@@ -44,20 +63,35 @@ class FeatureReader:
         finally:
             store.close()
 
-    def _open(self):
-        if self._store is None or self._pid != os.getpid():
-            self._store = open_stage_store(self.stage_dir)
-            self._pid = os.getpid()
-        return self._store
-
     def read(self, vid: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
         """``(T, C)`` float32 rows ``[start, stop)`` of one video."""
         if self._cache is not None:
             return self._cache[vid][start:stop].astype(np.float32)
         return self._open().read(vid, start, stop)
 
-    def __getstate__(self) -> dict:
-        """Spawned workers get no open store (they open their own)."""
-        state = dict(self.__dict__)
-        state["_store"], state["_pid"] = None, None
-        return state
+
+class RecordReader(_PerProcessStore):
+    """Records of a store with fields, by id (a keyframe id ``"<video>,<timestamp>"`` in a keyframe store).
+
+    ``attrs``: the store attributes (preset, backbone, ``feature_dim``, ``feature_stride``, ``fields``
+    ...); ``ids``: the complete records, sorted. ``read(rid)`` -> ``{field: array, ..., "attrs": the
+    record's attributes}``, arrays float32 unless ``raw`` (then the stored float16).
+    """
+
+    def __init__(self, stage_dir: Path | str) -> None:
+        self.stage_dir = Path(stage_dir)
+        store = open_stage_store(self.stage_dir)
+        try:
+            if store.fields is None:
+                raise ValueError(f"{self.stage_dir}: a store of (T, C) videos, not of records with fields")
+            self.attrs = dict(store.attrs)
+            self.fields = store.fields
+            self.ids = store.videos()
+        finally:
+            store.close()
+
+    def read(self, rid: str, raw: bool = False) -> dict:
+        store = self._open()
+        out: dict = dict(store.read(rid, raw=raw))
+        out["attrs"] = store.video_attrs(rid)
+        return out

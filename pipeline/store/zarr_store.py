@@ -1,10 +1,20 @@
-"""zarr v3 back-end: one group per store, one (T, C) array per video.
+"""zarr v3 back-end: one group per store, one (T, C) array per video, or one group of field arrays
+per record.
 
 Layout (plain zarr v3, readable by any zarr client)::
 
     features.zarr/zarr.json          group; store attributes, written once at creation
     features.zarr/<vid>/zarr.json    array metadata; per-video attributes, ``complete: true`` set last
     features.zarr/<vid>/c/<k>/0      chunk k: rows [k*R, (k+1)*R), uncompressed by default
+
+A store with ``fields`` (keyframe maps) holds a group per record, one chunk per field array::
+
+    features.zarr/<rid>/zarr.json            group; per-record attributes, ``complete: true`` set last
+    features.zarr/<rid>/<field>/zarr.json    array metadata
+    features.zarr/<rid>/<field>/c/0/0[/0]    the whole array (a record is always read whole)
+
+Record ids such as ``video,0902`` are directory names as they are (',' is a plain character of a
+zarr v3 node name).
 
 Concurrency: every writer touches only its own video's directory and the group metadata is written
 once, so several processes may write different videos into one store at once (zarr writes each
@@ -94,14 +104,18 @@ class ZarrStore(FeatureStore):
 
     def _is_complete(self, vid: str) -> bool:
         meta = self._meta(vid)
-        return bool(meta and meta.get("node_type") == "array" and meta.get("attributes", {}).get(COMPLETE) is True)
+        node = "array" if self.fields is None else "group"
+        return bool(meta and meta.get("node_type") == node and meta.get("attributes", {}).get(COMPLETE) is True)
 
     def videos(self) -> list[str]:
         with os.scandir(self.path) as it:
             names = [e.name for e in it if e.is_dir() and not e.name.startswith(".")]
         return sorted(v for v in names if self._has(v))
 
-    def _shape(self, vid: str) -> tuple[int, int]:
+    def _shape(self, vid: str) -> tuple[int, ...] | dict[str, tuple[int, ...]]:
+        if self.fields is not None:
+            return {name: tuple(int(n) for n in _read_json(self.path / vid / name / "zarr.json")["shape"])
+                    for name in self.fields}
         t, c = self._meta(vid)["shape"]
         return int(t), int(c)
 
@@ -109,10 +123,13 @@ class ZarrStore(FeatureStore):
         return dict(self._meta(vid).get("attributes", {}))
 
     # --- writing -------------------------------------------------------------------------------
-    def _write_data(self, vid: str, arr: np.ndarray, video_attrs: dict) -> None:
+    def _write_data(self, vid: str, arr, video_attrs: dict) -> None:
         import zarr
 
         self._discard(vid)
+        if self.fields is not None:
+            self._write_fields(vid, arr, video_attrs)
+            return
         rows = chunk_rows(arr.shape[0], arr.shape[1] * arr.itemsize)
         compression = self.attrs.get("compression", "none")
         za = zarr.create_array(
@@ -124,9 +141,23 @@ class ZarrStore(FeatureStore):
         self._fsync_chunks(vid)
         self._arrays[vid] = za
 
+    def _write_fields(self, vid: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
+        import zarr
+
+        group = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
+        write_json_atomic(self.path / vid / "zarr.json", group)
+        compressors = _zarr_codecs(self.attrs.get("compression", "none"))
+        for name, arr in arrays.items():
+            za = zarr.create_array(store=str(self.path), name=f"{vid}/{name}", shape=arr.shape, chunks=arr.shape,
+                                   dtype=arr.dtype, compressors=compressors, fill_value=0,
+                                   config={"write_empty_chunks": True}, zarr_format=3)
+            za[...] = arr
+        self._fsync_chunks(vid)
+        self._arrays[vid] = group
+
     def _fsync_chunks(self, vid: str) -> None:
         """The completion mark may only follow data that is on disk."""
-        for root, _, files in os.walk(self.path / vid / "c"):
+        for root, _, files in os.walk(self.path / vid):
             for name in files:
                 fd = os.open(os.path.join(root, name), os.O_RDONLY)
                 try:
@@ -135,7 +166,12 @@ class ZarrStore(FeatureStore):
                     os.close(fd)
 
     def _mark_complete(self, vid: str) -> None:
-        self._arrays.pop(vid).update_attributes({COMPLETE: True})
+        target = self._arrays.pop(vid)
+        if isinstance(target, dict):      # a record group: its metadata is rewritten whole, by a rename
+            target["attributes"] = {**target["attributes"], COMPLETE: True}
+            write_json_atomic(self.path / vid / "zarr.json", target)
+        else:
+            target.update_attributes({COMPLETE: True})
 
     def _discard(self, vid: str) -> None:
         """Remove a video by renaming its directory aside first: readers see it whole or not at all."""
@@ -176,6 +212,27 @@ class ZarrStore(FeatureStore):
         import zarr
 
         return zarr.open_array(store=str(self.path / vid), mode="r")[start:stop]
+
+    def _read_fields(self, vid: str) -> dict[str, np.ndarray]:
+        return {name: self._read_whole(self.path / vid / name) for name in self.fields}
+
+    def _read_whole(self, path: Path) -> np.ndarray:
+        """One field array: straight from its single chunk file when stored raw, else through zarr."""
+        meta = _read_json(path / "zarr.json")
+        shape = [int(n) for n in meta["shape"]]
+        grid = meta.get("chunk_grid", {})
+        if (meta.get("codecs") == _RAW_CODECS and grid.get("name") == "regular"
+                and grid.get("configuration", {}).get("chunk_shape") == shape
+                and meta.get("chunk_key_encoding") == {"name": "default", "configuration": {"separator": "/"}}
+                and meta["data_type"] in ("float16", "float32")):
+            chunk = path.joinpath("c", *["0"] * len(shape))
+            arr = np.fromfile(chunk, dtype=np.dtype(meta["data_type"]).newbyteorder("<"))
+            if arr.size != math.prod(shape):
+                raise OSError(f"{chunk}: chunk file has {arr.size} values, expected {math.prod(shape)}")
+            return arr.reshape(shape)
+        import zarr
+
+        return zarr.open_array(store=str(path), mode="r")[...]
 
     def _read_chunks(self, vid: str, dtype: str, c: int, rows: int, start: int, stop: int) -> np.ndarray | None:
         """Read rows straight into the output array, chunk by chunk (no intermediate copies)."""
@@ -237,6 +294,13 @@ class ZarrStore(FeatureStore):
             return "incomplete (no array metadata)"
         if meta.get("attributes", {}).get(COMPLETE) is not True:
             return "incomplete (no completion mark)"
+        if self.fields is not None:
+            try:
+                for name in self.fields:
+                    self._read_whole(self.path / vid / name)
+            except Exception as e:  # noqa: BLE001 - any failure to decode means the record is unusable
+                return f"unreadable ({type(e).__name__}: {e})"
+            return None
         try:
             t, c = meta["shape"]
             rows = self._raw_layout(meta)
