@@ -33,7 +33,8 @@ class ModelConfig:
     n_head: Annotated[int, Range(ge=1, le=256)] = 4
     window: tuple[int, ...] = (19,) * 6    # local attention window per level; <= 0 means global
     max_seq_len: Annotated[int, Range(ge=1, le=1 << 20)] = 2304
-    regression_ranges: tuple[tuple[NonNegative, NonNegative], ...] = DEFAULT_RANGES
+    # "auto": from the training split's segment lengths (localizers.data.auto_regression_ranges)
+    regression_ranges: tuple[tuple[NonNegative, NonNegative], ...] | Literal["auto"] = DEFAULT_RANGES
     head_layers: Annotated[int, Range(ge=1, le=64)] = 3
     head_kernel: Annotated[int, Range(ge=1, le=63)] = 3
     embed_kernel: Annotated[int, Range(ge=1, le=63)] = 3
@@ -197,10 +198,12 @@ def validate(cfg: LocalizeConfig) -> None:
         _check(w <= m.max_seq_len // stride, "window", f"{w} at level {level} is longer than that level's "
                f"{m.max_seq_len // stride} steps (max_seq_len {m.max_seq_len} / stride {stride}); <= 0 means global")
     ranges = m.regression_ranges
-    _check(len(ranges) == m.num_levels and all(lo < hi for lo, hi in ranges), "regression_ranges",
-           f"needs one [low, high] per level ({m.num_levels}), got {ranges!r}")
-    _check(all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), "regression_ranges",
-           f"must cover the levels without gaps (each low = the previous high), got {ranges!r}")
+    if ranges != "auto":  # auto: computed when the training split is known
+        _check(len(ranges) == m.num_levels and all(lo < hi for lo, hi in ranges), "regression_ranges",
+               f"needs one [low, high] per level ({m.num_levels}), got {ranges!r}")
+        # a segment whose centre reaches less than the first low would have no positive point at all
+        _check(ranges[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), "regression_ranges",
+               f"must cover the levels from 0 without gaps (each low = the previous high), got {ranges!r}")
     _check(m.head_kernel % 2 == 1 and m.embed_kernel % 2 == 1, "head_kernel", "kernels must be odd")
     _check(d.crop_ratio is None or d.crop_ratio[0] <= d.crop_ratio[1], "crop_ratio",
            f"must be [low, high] with low <= high, got {d.crop_ratio!r}")

@@ -90,6 +90,7 @@ def train(ctx: StageContext) -> dict:
         feature_dim = store.attrs.get("feature_dim") or store.shape(store.videos()[0])[1]
         cfg = cfg.with_dims(int(feature_dim), len(ann.classes))
         items = _items(store, videos, cfg, ann.label_index(), str(ann.path), True, ctx.log)
+        cfg, auto_ranges = _auto_ranges(cfg, items, ctx.log)
         val = None
         if cfg.train.val_every:
             val_subset, val_videos = _subset(ctx, ann, "val")
@@ -106,6 +107,7 @@ def train(ctx: StageContext) -> dict:
         "extract_dir": os.path.relpath(extract_dir, out.parent / ctx.key),
         # what made this model, by stage: `pipeline run ... --config <this file>` makes it again
         "params": dict(ctx.config),
+        **({"regression_ranges_auto": auto_ranges} if auto_ranges else {}),
     })
     device = stage_device(ctx.name, ctx.runtime, ctx.log)
     if device.type == "cuda" and nproc > torch.cuda.device_count():
@@ -128,6 +130,26 @@ def train(ctx: StageContext) -> dict:
                f"final loss {float(last.get('loss', 'nan')):.4f}")
     return {"summary": summary, "videos": len(items), "epochs": cfg.train.total_epochs,
             "final_loss": float(last.get("loss", "nan"))}
+
+
+def _auto_ranges(cfg, items: list, log):
+    """``regression_ranges: auto`` resolved from the training items (logged); the config and what was
+    computed (recorded in config.json), or the config unchanged and None."""
+    from dataclasses import replace
+
+    from localizers.config import validate
+    from localizers.data import auto_regression_ranges
+
+    m = cfg.model
+    if m.regression_ranges != "auto":
+        return cfg, None
+    ranges, quantiles = auto_regression_ranges(items, m.num_levels, m.max_seq_len)
+    segments = sum(len(it.segments) for it in items)
+    log(f"localize: regression_ranges auto from {segments} training segments: half-length quantiles "
+        f"{', '.join(f'{q:.1f}' for q in quantiles)} -> {[list(r) for r in ranges]}")
+    cfg = replace(cfg, model=replace(m, regression_ranges=ranges))
+    validate(cfg)
+    return cfg, {"ranges": [list(r) for r in ranges], "segments": segments, "half_length_quantiles": quantiles}
 
 
 def _fit_and_save(cfg, items, source, out: Path, board_dir, classes: list, val=None, *, device, log) -> None:
