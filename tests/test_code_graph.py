@@ -76,6 +76,8 @@ def test_project_training_keys_leave_out_plots_and_cli():
     assert {"localizers.train", "localizers.backbone", "localizers.losses"} <= set(train)
     assert not {"localizers.plots", "localizers.show", "localizers.cli"} & set(train)
     evaluate = reachable_modules("localizers.stage:evaluate", {"localizers": ROOT / "localizers"})
-    assert "localizers.anet_map" in evaluate and "localizers.anet_map" not in train
+    # training's periodic validation (localize.val_every) scores with the evaluator: in both keys
+    assert "localizers.anet_map" in evaluate and "localizers.anet_map" in train
+    assert "localizers.formats" in evaluate and "localizers.formats" not in train
     extract = reachable_modules("extractors.stage:extract", {"extractors": ROOT / "extractors"})
     assert {"extractors.i3d", "extractors.videomae"} <= set(extract)  # the backbone registry's strings
