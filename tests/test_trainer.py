@@ -101,6 +101,13 @@ def test_localize_validates_on_the_val_split(tmp_path):
     stage.train(ctx)
     log = rows(finish(ctx) / "train_log.csv")
     assert [0.0 <= float(r["val_mAP"]) <= 1.0 for r in log] == [True, True]
+    # two processes: the val split's items and reader travel to them, process 0 validates
+    ctx = stage_context(tmp_path, "localize", "L3", {**params, "batch_size": 2}, ds,
+                        {"extract": extract_dir})
+    ctx.runtime["nproc"] = 2
+    stage.train(ctx)
+    log = rows(finish(ctx) / "train_log.csv")
+    assert [0.0 <= float(r["val_mAP"]) <= 1.0 for r in log] == [True, True]
 
 
 def _shared_toy(out_dir, world: int, rank: int, scores):
