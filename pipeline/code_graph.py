@@ -19,8 +19,8 @@ _IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+([.\w]+)[ \t]+import[ \t]+(\([^)]*\)|
 
 
 def reachable_modules(entry: str, packages: dict[str, Path]) -> dict[str, Path]:
-    """``module name -> file`` of every module of ``packages`` (name -> package directory or module
-    file) that ``entry`` (``module:function``) can import, the entry module and the packages'
+    """``module name -> file`` of every module of ``packages`` (dotted name -> package directory or
+    module file) that ``entry`` (``module:function``) can import, the entry module and the packages'
     ``__init__`` files on the way included."""
     module, function = entry.split(":")
     found: dict[str, Path] = {}
@@ -56,16 +56,20 @@ def _prefixes(name: str) -> list[str]:
 
 
 def _module_file(name: str, packages: dict[str, Path]) -> Path | None:
-    top, _, rest = name.partition(".")
-    root = packages.get(top)
-    if root is None:
-        return None
-    if root.is_file():
-        return root if not rest else None
-    base = root.joinpath(*rest.split(".")) if rest else root
-    for candidate in (base / "__init__.py", base.with_suffix(".py")):
-        if candidate.is_file():
-            return candidate
+    """The file of module ``name`` when it lies in one of ``packages`` (a package's directory, or a
+    single module's file: ``pipeline.trainer`` brings that module only)."""
+    for root_name, root in packages.items():
+        if root.is_file():
+            if name == root_name:
+                return root
+            continue
+        if name != root_name and not name.startswith(root_name + "."):
+            continue
+        rest = name[len(root_name) + 1:]
+        base = root.joinpath(*rest.split(".")) if rest else root
+        for candidate in (base / "__init__.py", base.with_suffix(".py")):
+            if candidate.is_file():
+                return candidate
     return None
 
 
@@ -97,7 +101,7 @@ def _text_imports(text: str, current: str, is_package: bool) -> list[str]:
 
 
 def _string_refs(text: str, packages: dict[str, Path]) -> list[str]:
-    tops = "|".join(re.escape(p) for p in packages)
+    tops = "|".join(re.escape(p.split(".")[0]) for p in packages)
     return [m for m in re.findall(rf"[\"']((?:{tops})(?:\.\w+)+)(?::\w+)?[\"']", text)] if tops else []
 
 

@@ -571,7 +571,8 @@ def _unhashed_modules(new_modules: set[str], code_files: dict[str, str], package
     does not hash."""
     missed = []
     for name in sorted(new_modules):
-        if name.split(".")[0] not in packages or getattr(sys.modules.get(name), "__file__", None) is None:
+        inside = any(name == p or name.startswith(p + ".") for p in packages)
+        if not inside or getattr(sys.modules.get(name), "__file__", None) is None:
             continue
         rel = name.replace(".", "/") + ("/__init__.py" if sys.modules[name].__file__.endswith("__init__.py") else ".py")
         if rel not in code_files:

@@ -81,3 +81,12 @@ def test_project_training_keys_leave_out_plots_and_cli():
     assert "localizers.formats" in evaluate and "localizers.formats" not in train
     extract = reachable_modules("extractors.stage:extract", {"extractors": ROOT / "extractors"})
     assert {"extractors.i3d", "extractors.videomae"} <= set(extract)  # the backbone registry's strings
+
+
+def test_a_single_module_of_another_package_counts_alone():
+    """``code: [localizers, pipeline.trainer]``: the shared training loop is in the key, the rest of
+    pipeline/ (stores, CLI) is not."""
+    packages = {"localizers": ROOT / "localizers", "pipeline.trainer": ROOT / "pipeline" / "trainer.py"}
+    train = reachable_modules("localizers.stage:train", packages)
+    assert "pipeline.trainer" in train
+    assert not [m for m in train if m.startswith("pipeline.") and m != "pipeline.trainer"]
