@@ -28,6 +28,7 @@ from pipeline.annotations import load_temporal
 from pipeline.errors import ConfigError
 from pipeline.schema import hints
 from pipeline.timemap import TimeGrid
+from test_params_schema import _keys, mini  # noqa: F401 (a fixture)
 
 GRID = TimeGrid(fps=FPS, stride=STRIDE, clip_len=CLIP)
 INDEX = {c: i for i, c in enumerate(CLASSES)}
@@ -334,3 +335,16 @@ def test_per_class_lists_are_checked_against_the_classes():
         ok.with_dims(DIM, 4)
     with pytest.raises(ConfigError, match=r"localize.min_gap: needs one value or one per class \(4\), got 3"):
         replace(ok, test=replace(ok.test, class_nms_sigma=None)).with_dims(DIM, 4)
+
+
+def test_localize_model_is_a_param_beside_the_model_section(mini, capsys, tmp_path):
+    """``localize.model`` names the model class while ``localize.model.<field>`` stays the model section."""
+    manifest, cache = mini
+    default = _keys(capsys, manifest, cache)["localize"][0]
+    flat = _keys(capsys, manifest, cache, "--set", "localize.model=tbtformer")["localize"][0]
+    nested = _keys(capsys, manifest, cache, "--set", "localize.model.model=tbtformer")["localize"][0]
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("localize: {model: tbtformer, embed_dim: 16}\n")
+    from_file = _keys(capsys, manifest, cache, "--config", str(exp))["localize"][0]
+    assert flat != default and flat == nested == from_file
+    assert _keys(capsys, manifest, cache, "--set", "localize.model.embed_dim=32")["localize"][0] != default
