@@ -317,6 +317,8 @@ def test_the_registry_names_every_model_of_the_config():
     ({"backbone": "v2", "n_head": 64}, "localize.n_head: backbone v2 rotates channel pairs"),
     ({"backbone": "v2", "abs_pe": True}, "localize.abs_pe: backbone v2 has rotary positions"),
     ({"cls_loss": "qfl", "label_smoothing": 0.1}, "localize.label_smoothing: cls_loss qfl"),
+    ({"model": "tbtformer", "reg_max": 3}, r"localize.reg_max: the bins must reach each level's regression range "
+                                           r"in strides \(4\), got 3"),
     ({"class_nms_sigma": [0.5], "nms_method": "hard"}, "localize.class_nms_sigma: is a soft-NMS sigma per class"),
     ({"max_duration": 0.01}, "localize.max_duration: must exceed duration_thresh"),
     ({"model": "snap"}, "localize.model: expected actionformer"),
