@@ -15,10 +15,11 @@ from torch import nn
 
 from localizers.assign import assign_targets
 from localizers.backbone import ConvTransformerBackbone
-from localizers.config import LocalizeConfig, ModelConfig, TestConfig, TrainConfig
+from localizers.config import ModelConfig, TestConfig, TrainConfig
 from localizers.heads import ClsHead, RegHead, run_heads
-from localizers.losses import iou_loss_1d, sigmoid_focal_loss
-from localizers.neck import IdentityFPN
+from localizers.losses import (distribution_focal_loss, iou_loss_1d, offsets_iou, quality_focal_loss,
+                               sigmoid_focal_loss)
+from localizers.neck import BiFPN, IdentityFPN
 from localizers.points import make_points
 
 
@@ -29,6 +30,9 @@ class Outputs:
     mask: torch.Tensor        # (B, P)
     points: torch.Tensor      # (P, 4)
     level_lengths: list[int]
+    # TBTFormer: logits of each boundary's distance distribution (B, P, 2, reg_max + 1); offsets are
+    # its expectation
+    boundary_logits: torch.Tensor | None = None
 
 
 class ActionFormer(nn.Module):
@@ -38,10 +42,15 @@ class ActionFormer(nn.Module):
             raise ValueError("build the model from a config whose input_dim / num_classes are resolved")
         self.cfg = cfg
         self.backbone = ConvTransformerBackbone(cfg)
-        self.neck = IdentityFPN(cfg.embed_dim, cfg.num_levels)
+        fpn = IdentityFPN if cfg.fpn == "identity" else BiFPN
+        self.neck = fpn(cfg.embed_dim, cfg.num_levels)
         self.cls_head = ClsHead(cfg.embed_dim, cfg.embed_dim, cfg.num_classes, cfg.head_layers, cfg.head_kernel,
                                 cfg.cls_prior_prob)
-        self.reg_head = RegHead(cfg.embed_dim, cfg.embed_dim, cfg.num_levels, cfg.head_layers, cfg.head_kernel)
+        self.reg_head = self.make_reg_head(cfg)
+
+    @staticmethod
+    def make_reg_head(cfg: ModelConfig) -> nn.Module:
+        return RegHead(cfg.embed_dim, cfg.embed_dim, cfg.num_levels, cfg.head_layers, cfg.head_kernel)
 
     def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> Outputs:
         levels, masks = self.backbone(feats, mask)
@@ -50,11 +59,6 @@ class ActionFormer(nn.Module):
         lengths = [f.shape[1] for f in levels]
         points = make_points(lengths, self.cfg.strides, self.cfg.regression_ranges, feats.device)
         return Outputs(logits, offsets, out_mask, points, lengths)
-
-
-def build_model(cfg: LocalizeConfig | ModelConfig) -> ActionFormer:
-    """The model of a resolved config (``input_dim`` / ``num_classes`` set, see ``LocalizeConfig.with_dims``)."""
-    return ActionFormer(cfg.model if isinstance(cfg, LocalizeConfig) else cfg)
 
 
 def padded_length(lengths: list[int], cfg: ModelConfig, training: bool) -> int:
@@ -109,7 +113,8 @@ class LossNormalizer:
 def compute_losses(out: Outputs, segments: torch.Tensor, labels: torch.Tensor, seg_valid: torch.Tensor,
                    normalizer: LossNormalizer, cfg: TrainConfig,
                    all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Focal + IoU loss of a batch, both divided by the running number of positives.
+    """Focal (or quality focal) + IoU loss of a batch (+ the distribution focal loss of a TBTFormer), each
+    divided by the running number of positives.
 
     ``all_sum`` (data-parallel training: a sum over the processes, each holding a slice of the batch): the
     positives counted, and the adaptive regression weight computed, over the whole batch, so that the
@@ -123,26 +128,46 @@ def compute_losses(out: Outputs, segments: torch.Tensor, labels: torch.Tensor, s
     target = cls_t
     if cfg.label_smoothing > 0:
         target = target * (1 - cfg.label_smoothing) + cfg.label_smoothing / (num_classes + 1)
-    focal = sigmoid_focal_loss(out.logits.float(), target, cfg.focal_alpha, cfg.focal_gamma)
+    if cfg.cls_loss == "qfl":
+        # IoU-aware classification: a positive's target is how well its segment fits (no gradient
+        # through the target), so the score ranks segments by their localisation quality
+        quality = torch.zeros_like(pos, dtype=target.dtype)
+        quality[pos] = offsets_iou(out.offsets[pos].detach(), reg_t[pos]).to(target.dtype)
+        focal = quality_focal_loss(out.logits.float(), target * quality[..., None], cfg.focal_gamma)
+    else:
+        focal = sigmoid_focal_loss(out.logits.float(), target, cfg.focal_alpha, cfg.focal_gamma)
     cls_loss = (focal * valid[..., None]).sum() / norm
+    dfl = None
     if num_pos == 0:
         reg_loss = 0 * out.offsets.sum()
+        if out.boundary_logits is not None:
+            dfl = 0 * out.boundary_logits.sum()
     else:
         reg_loss = iou_loss_1d(out.offsets[pos], reg_t[pos], cfg.reg_loss).sum() / norm
+        if out.boundary_logits is not None:
+            dfl = distribution_focal_loss(out.boundary_logits[pos], reg_t[pos]).sum() / norm
     weight = cfg.reg_loss_weight
     if weight <= 0:
         parts = torch.stack((cls_loss.detach().float(), reg_loss.detach().float()))
         if all_sum is not None:
             parts = all_sum(parts)
         weight = parts[0] / max(parts[1].item(), 0.01)
-    return {"cls_loss": cls_loss, "reg_loss": reg_loss, "loss": cls_loss + weight * reg_loss}
+    losses = {"cls_loss": cls_loss, "reg_loss": reg_loss, "loss": cls_loss + weight * reg_loss}
+    if dfl is not None:
+        losses["dfl_loss"] = dfl
+        losses["loss"] = losses["loss"] + cfg.dfl_weight * dfl
+    return losses
 
 
 @torch.no_grad()
 def decode_video(out: Outputs, index: int, cfg: TestConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Candidates of one video before NMS: per level, points scoring above pre_nms_thresh, the top
-    pre_nms_topk of them; segments on the input grid, scores, class ids."""
-    probs = torch.sigmoid(out.logits[index].float()) * out.mask[index, :, None]
+    pre_nms_topk of them, lasting more than duration_thresh (and at most max_duration); segments on the
+    input grid, scores (``sigmoid(logit / score_temperature)``), class ids."""
+    logits = out.logits[index].float()
+    if cfg.score_temperature != 1.0:
+        logits = logits / cfg.score_temperature
+    probs = torch.sigmoid(logits) * out.mask[index, :, None]
     offsets = out.offsets[index].float()
     k = probs.shape[1]
     segs, scores, labels = [], [], []
@@ -157,6 +182,8 @@ def decode_video(out: Outputs, index: int, cfg: TestConfig) -> tuple[torch.Tenso
         off = offsets[pt]
         seg = torch.stack((pts[:, 0] - off[:, 0] * pts[:, 3], pts[:, 0] + off[:, 1] * pts[:, 3]), -1)
         long_enough = (seg[:, 1] - seg[:, 0]) > cfg.duration_thresh
+        if cfg.max_duration is not None:
+            long_enough &= (seg[:, 1] - seg[:, 0]) <= cfg.max_duration
         segs.append(seg[long_enough])
         scores.append(flat[idx][long_enough])
         labels.append((idx % k)[long_enough])
@@ -168,17 +195,22 @@ def decode_video(out: Outputs, index: int, cfg: TestConfig) -> tuple[torch.Tenso
 def detect(model: ActionFormer, feats: torch.Tensor, cfg: TestConfig,
            device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Whole-video inference (no crop) of ``(T, C)`` features: segments on the input feature grid
-    after per-class NMS, their scores and class ids (CPU tensors, descending score)."""
+    after per-class NMS and the minimum gap per class, their scores and class ids (CPU tensors,
+    descending score)."""
     from localizers.nms import batched_nms
 
     batch, mask = collate([feats], model.cfg, training=False)
     out = model(batch.to(device), mask.to(device))
     segs, scores, labels = (x.cpu() for x in decode_video(out, 0, cfg))
-    if cfg.nms_method == "none":
+    gaps = None
+    if any(g > 0 for g in cfg.min_gap):
+        gaps = torch.tensor(cfg.min_gap * (model.cfg.num_classes if len(cfg.min_gap) == 1 else 1))
+    if cfg.nms_method == "none" and gaps is None:
         order = torch.argsort(scores, descending=True)[: cfg.max_detections]
         return segs[order], scores[order], labels[order]
-    return batched_nms(segs, scores, labels, iou_threshold=cfg.iou_threshold, sigma=cfg.nms_sigma,
-                       method=cfg.nms_method, min_score=cfg.min_score, max_num=cfg.max_detections)
+    sigma = cfg.nms_sigma if cfg.class_nms_sigma is None else torch.tensor(cfg.class_nms_sigma)
+    return batched_nms(segs, scores, labels, iou_threshold=cfg.iou_threshold, sigma=sigma,
+                       method=cfg.nms_method, min_score=cfg.min_score, max_num=cfg.max_detections, min_gap=gaps)
 
 
 def video_detections(model: ActionFormer, source, item, cfg: TestConfig, classes: tuple[str, ...],

@@ -1,4 +1,5 @@
-"""ActionFormer's conv-transformer backbone: embedding convs, stem blocks, downsampling blocks."""
+"""ActionFormer's conv-transformer backbone: embedding convs, stem blocks, downsampling blocks; the blocks
+are ActionFormer's (``backbone: v1``) or :mod:`localizers.blocks_v2`'s (``v2``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from torch import nn
 
 from localizers.blocks import (LayerNorm, MaskedConv1D, TransformerBlock, attention_mask_for, block_size_for,
                                pad_mask, sinusoid_encoding)
+from localizers.blocks_v2 import TransformerBlockV2
 from localizers.config import ModelConfig
 
 
@@ -28,11 +30,15 @@ class ConvTransformerBackbone(nn.Module):
             self.register_buffer("pos_embd", sinusoid_encoding(cfg.max_seq_len, dim) / dim ** 0.5, persistent=False)
         else:
             self.pos_embd = None
-        self.stem = nn.ModuleList(
-            TransformerBlock(dim, cfg.n_head, cfg.window[0], 1, cfg.drop_path, self.blocks[0]) for _ in range(n_stem))
-        self.branch = nn.ModuleList(
-            TransformerBlock(dim, cfg.n_head, cfg.window[i + 1], 2, cfg.drop_path, self.blocks[i + 1])
-            for i in range(n_branch))
+        if cfg.backbone == "v2":
+            def block(window, stride, size):
+                return TransformerBlockV2(dim, cfg.n_head, window, stride, cfg.drop_path, size, cfg.n_kv_head,
+                                          cfg.mlp_ratio)
+        else:
+            def block(window, stride, size):
+                return TransformerBlock(dim, cfg.n_head, window, stride, cfg.drop_path, size, cfg.mlp_ratio)
+        self.stem = nn.ModuleList(block(cfg.window[0], 1, self.blocks[0]) for _ in range(n_stem))
+        self.branch = nn.ModuleList(block(cfg.window[i + 1], 2, self.blocks[i + 1]) for i in range(n_branch))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         # every level's mask, multiplier and attention mask built once and shared by its layers

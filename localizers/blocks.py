@@ -136,13 +136,18 @@ def attention_mask_for(mask: torch.Tensor, window: int, block: int) -> torch.Ten
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, n_head: int,
-           window: int, block: int) -> torch.Tensor:
-    """Multi-head attention of ``(B, T, C)`` q/k/v under :func:`attention_mask_for`'s mask."""
+           window: int, block: int, n_kv_head: int | None = None) -> torch.Tensor:
+    """Multi-head attention of ``(B, T, C)`` q/k/v under :func:`attention_mask_for`'s mask.
+
+    ``n_kv_head`` (grouped-query attention): k / v are ``(B, T, n_kv_head * C / n_head)``, each of their
+    heads shared by ``n_head / n_kv_head`` query heads inside SDPA (no repeated copies)."""
     b, t, c = q.shape
     hd = c // n_head
+    kv_heads = n_kv_head or n_head
+    gqa = {"enable_gqa": True} if kv_heads != n_head else {}
     if attn_mask.dim() == 4:  # global: (B, 1, 1, T)
-        heads = [x.view(b, t, n_head, hd).transpose(1, 2) for x in (q, k, v)]
-        out = F.scaled_dot_product_attention(*heads, attn_mask=attn_mask)
+        heads = [x.view(b, t, x.shape[-1] // hd, hd).transpose(1, 2) for x in (q, k, v)]
+        out = F.scaled_dot_product_attention(*heads, attn_mask=attn_mask, **gqa)
         return out.transpose(1, 2).reshape(b, t, c)
     w = window // 2
     n_blocks = attn_mask.shape[1]
@@ -154,12 +159,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.T
     def windows(x: torch.Tensor) -> torch.Tensor:
         # keys of block n: its w left neighbours, the block, its w right neighbours; built from three
         # block-strided views of the padded sequence (cheaper backward than an overlapping unfold)
-        xp = F.pad(x, (0, 0, w, t_pad - t + w))                           # (B, t_pad + 2w, C)
-        blocks = [xp[:, o: o + t_pad].view(b, n_blocks, block, c) for o in (0, w, 2 * w)]
+        ch = x.shape[-1]
+        xp = F.pad(x, (0, 0, w, t_pad - t + w))                           # (B, t_pad + 2w, ch)
+        blocks = [xp[:, o: o + t_pad].view(b, n_blocks, block, ch) for o in (0, w, 2 * w)]
         xw = torch.cat([blocks[0][:, :, :w], blocks[1], blocks[2][:, :, block - w:]], dim=2)
-        return xw.view(b * n_blocks, span, n_head, hd).transpose(1, 2)
+        return xw.view(b * n_blocks, span, ch // hd, hd).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(qb, windows(k), windows(v), attn_mask=attn_mask.flatten(0, 1))
+    out = F.scaled_dot_product_attention(qb, windows(k), windows(v), attn_mask=attn_mask.flatten(0, 1), **gqa)
     return out.transpose(1, 2).reshape(b, t_pad, c)[:, :t]
 
 
@@ -205,10 +211,12 @@ def _max_pool_3_2(x: torch.Tensor) -> torch.Tensor:
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LN transformer block: local MHCA + 2-layer MLP (4x, GELU), affine drop path on both
-    residual branches; with ``stride`` 2 the skip path is a 3/2 max-pool (the pyramid downsampling)."""
+    """Pre-LN transformer block: local MHCA + 2-layer MLP (``mlp_ratio``x, GELU; 4 as the official model,
+    6 in TBTFormer's scaled backbone), affine drop path on both residual branches; with ``stride`` 2 the
+    skip path is a 3/2 max-pool (the pyramid downsampling)."""
 
-    def __init__(self, dim: int, n_head: int, window: int, stride: int = 1, drop_path: float = 0.0, block: int = 64):
+    def __init__(self, dim: int, n_head: int, window: int, stride: int = 1, drop_path: float = 0.0, block: int = 64,
+                 mlp_ratio: int = 4):
         super().__init__()
         if stride not in (1, 2):
             raise ValueError("stride must be 1 or 2")
@@ -217,7 +225,8 @@ class TransformerBlock(nn.Module):
         self.ln2 = LayerNorm(dim)
         self.attn = LocalMaskedMHCA(dim, n_head, window, stride=stride, block=block)
         # a container only (forward uses GEMMs); its indices give the official names mlp.0 / mlp.3
-        self.mlp = nn.Sequential(nn.Conv1d(dim, 4 * dim, 1), nn.GELU(), nn.Identity(), nn.Conv1d(4 * dim, dim, 1))
+        hidden = mlp_ratio * dim
+        self.mlp = nn.Sequential(nn.Conv1d(dim, hidden, 1), nn.GELU(), nn.Identity(), nn.Conv1d(hidden, dim, 1))
         for conv in (self.mlp[0], self.mlp[3]):
             nn.init.zeros_(conv.bias)
         if drop_path > 0:

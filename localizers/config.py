@@ -24,6 +24,9 @@ DEFAULT_RANGES = ((0, 4), (4, 8), (8, 16), (16, 32), (32, 64), (64, 10000))
 
 @dataclass(frozen=True)
 class ModelConfig:
+    # the model class (localizers/models.py): actionformer, or tbtformer (a distribution over reg_max + 1
+    # bins per boundary, trained with the distribution focal loss)
+    model: Literal["actionformer", "tbtformer"] = "actionformer"
     input_dim: Positive | Literal["auto"] = "auto"    # "auto": the feature store's feature_dim
     num_classes: Positive | Literal["auto"] = "auto"  # "auto": the annotated classes; 1: class-agnostic
     # embd_dim = fpn_dim = head_dim in the official configs
@@ -41,6 +44,13 @@ class ModelConfig:
     abs_pe: bool = False                   # sinusoidal absolute position embedding (ActivityNet)
     drop_path: Annotated[float, Range(ge=0, lt=1)] = 0.1
     cls_prior_prob: Annotated[float, Range(gt=0, lt=1)] = 0.01
+    # v1: ActionFormer's blocks; v2: RMSNorm, rotary positions, SwiGLU, grouped-query attention
+    backbone: Literal["v1", "v2"] = "v1"
+    mlp_ratio: Annotated[int, Range(ge=1, le=16)] = 4     # TBTFormer's scaled backbone: 6 (with n_head 16)
+    n_kv_head: Annotated[int, Range(ge=1, le=256)] | None = None  # v2: key/value heads (null: n_head)
+    fpn: Literal["identity", "bifpn"] = "identity"         # bifpn: cross-scale top-down + bottom-up fusion
+    # tbtformer: bins per boundary, in strides of the point's level (a boundary farther away is clamped)
+    reg_max: Annotated[int, Range(ge=1, le=256)] = 16
 
     @property
     def num_levels(self) -> int:
@@ -69,7 +79,10 @@ class TrainConfig:
     loss_norm_init: Annotated[float, Range(gt=0)] = 100.0
     loss_norm_momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9
     center_radius: Annotated[float, Range(gt=0)] = 1.5
-    reg_loss: Literal["diou", "giou"] = "diou"
+    reg_loss: Literal["diou", "giou", "eiou"] = "diou"  # eiou: diou + (length difference / enclosing)^2
+    # qfl: quality focal loss (GFL), a positive's class target is the tIoU of its predicted segment
+    cls_loss: Literal["focal", "qfl"] = "focal"
+    dfl_weight: Annotated[float, Range(ge=0, le=100)] = 0.25  # tbtformer: distribution focal loss weight
     reg_loss_weight: float = 1.0           # <= 0: balance adaptively, as the official code
     label_smoothing: Annotated[float, Range(ge=0, lt=1)] = 0.0
     focal_alpha: Annotated[float, Range(ge=-1, le=1)] = 0.25  # < 0: no alpha weighting
@@ -101,12 +114,19 @@ class DataConfig:
 class TestConfig:
     pre_nms_thresh: Annotated[float, Range(ge=0, le=1)] = 0.001
     pre_nms_topk: Annotated[int, Range(ge=1, le=1 << 20)] = 2000
-    nms_method: Literal["soft", "hard", "none"] = "soft"
+    # diou: hard NMS on tIoU minus the squared centre distance over the enclosing length
+    nms_method: Literal["soft", "hard", "diou", "none"] = "soft"
     iou_threshold: Annotated[float, Range(ge=0, le=1)] = 0.1
     nms_sigma: Annotated[float, Range(gt=0, le=100)] = 0.5
     min_score: Annotated[float, Range(ge=0, le=1)] = 0.001
     max_detections: Annotated[int, Range(ge=1, le=1 << 20)] = 200
     duration_thresh: Annotated[float, Range(ge=0)] = 0.05  # on the feature grid
+    max_duration: Annotated[float, Range(gt=0)] | None = None  # longer candidates dropped (feature grid)
+    score_temperature: Annotated[float, Range(gt=0, le=100)] = 1.0  # scores = sigmoid(logit / temperature)
+    class_nms_sigma: tuple[Annotated[float, Range(gt=0, le=100)], ...] | None = None  # soft-NMS sigma per class
+    # per class (one value for all, or one per class): a detection whose centre lies closer than this to
+    # a higher-scoring one of its class is dropped (feature grid; 0: no constraint)
+    min_gap: Annotated[tuple[Annotated[float, Range(ge=0)], ...], Len(min=1)] = (0.0,)
     ext_score_file: str | None = None      # video-level class scores to fuse (ActivityNet)
     ext_score_topk: Annotated[int, Range(ge=1)] = 2
 
@@ -146,7 +166,9 @@ class LocalizeConfig:
             if set_to != "auto" and int(set_to) != int(actual):
                 raise ConfigError(f"localize.{name}: set to {set_to} but {source} is {actual}")
             dims[name] = int(actual)
-        return replace(self, model=replace(self.model, **dims))
+        resolved = replace(self, model=replace(self.model, **dims))
+        _check_variants(resolved)  # the per-class lists against the number of classes
+        return resolved
 
 
 PRESETS: dict[str, LocalizeConfig] = {
@@ -209,6 +231,37 @@ def validate(cfg: LocalizeConfig) -> None:
            f"must be [low, high] with low <= high, got {d.crop_ratio!r}")
     _check(d.resize_to is None or d.resize_to == m.max_seq_len, "resize_to",
            f"must be null or equal to max_seq_len ({m.max_seq_len}), got {d.resize_to!r}")
+    _check_variants(cfg)
+
+
+def _check_variants(cfg: LocalizeConfig) -> None:
+    """The combinations of the family's options (backbone v2, TBTFormer, detection quality) that mean nothing."""
+    m, t, test = cfg.model, cfg.train, cfg.test
+    if m.n_kv_head is not None:
+        _check(m.backbone == "v2", "n_kv_head", f"grouped-query attention is backbone v2's; got backbone {m.backbone!r}")
+        _check(m.n_head % m.n_kv_head == 0, "n_kv_head",
+               f"n_head={m.n_head} must be a multiple of n_kv_head, got {m.n_kv_head!r}")
+    if m.backbone == "v2":
+        _check((m.embed_dim // m.n_head) % 2 == 0, "n_head", f"backbone v2 rotates channel pairs: embed_dim / "
+               f"n_head must be even, got {m.embed_dim} / {m.n_head}")
+        _check(not m.abs_pe, "abs_pe", "backbone v2 has rotary positions; set abs_pe false")
+    if m.model == "tbtformer":
+        # a positive's farther boundary lies at most its level's range high away; the coarsest level's
+        # open range is clamped (actions up to 2 * reg_max of its strides)
+        need = max((hi / s for (_, hi), s in zip(m.regression_ranges[:-1], m.strides)), default=0)
+        _check(need <= m.reg_max, "reg_max", f"the bins must reach each level's regression range in strides "
+               f"({need:g}), got {m.reg_max}")
+    _check(t.cls_loss != "qfl" or t.label_smoothing == 0, "label_smoothing",
+           "cls_loss qfl sets soft targets itself (the tIoU); set label_smoothing 0")
+    _check(test.class_nms_sigma is None or test.nms_method == "soft", "class_nms_sigma",
+           f"is a soft-NMS sigma per class; nms_method is {test.nms_method!r}")
+    _check(test.max_duration is None or test.max_duration > test.duration_thresh, "max_duration",
+           f"must exceed duration_thresh {test.duration_thresh}, got {test.max_duration!r}")
+    k = m.num_classes
+    if k != "auto":
+        _check(test.class_nms_sigma is None or len(test.class_nms_sigma) == k, "class_nms_sigma",
+               f"needs one sigma per class ({k}), got {len(test.class_nms_sigma or ())}")
+        _check(len(test.min_gap) in (1, k), "min_gap", f"needs one value or one per class ({k}), got {len(test.min_gap)}")
 
 
 @dataclass(frozen=True)

@@ -60,17 +60,23 @@ class ClsHead(_Trunk):
 
 
 class RegHead(_Trunk):
-    def __init__(self, dim: int, head_dim: int, num_levels: int, layers: int = 3, kernel: int = 3):
+    """Offsets ``(left, right)`` (ReLU'd, >= 0), or with ``out_channels`` / ``activation=False`` raw
+    outputs (TBTFormer's boundary distribution logits); scaled per level either way."""
+
+    def __init__(self, dim: int, head_dim: int, num_levels: int, layers: int = 3, kernel: int = 3,
+                 out_channels: int = 2, activation: bool = True):
         super().__init__(dim, head_dim, layers, kernel)
         self.scale = nn.ModuleList(Scale() for _ in range(num_levels))
-        self.offset_head = MaskedConv1D(head_dim, 2, kernel)
+        self.offset_head = MaskedConv1D(head_dim, out_channels, kernel)
+        self.activation = activation
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor, gaps: torch.Tensor,
                 level_lengths: list[int], gap: int) -> torch.Tensor:
         out = self.offset_head(self.trunk(x, pad, gaps), pad)
         # each level's rows (and the gap after them) scaled by that level's Scale
         scale = torch.cat([s.scale.expand(n + gap) for s, n in zip(self.scale, level_lengths)])[: x.shape[1]]
-        return F.relu(out * scale[:, None].to(out.dtype))
+        out = out * scale[:, None].to(out.dtype)
+        return F.relu(out) if self.activation else out
 
 
 def run_heads(cls_head: ClsHead, reg_head: RegHead, feats: list[torch.Tensor], masks: list[torch.Tensor]):

@@ -234,12 +234,13 @@ def _last_log_row(path: Path) -> dict:
 def evaluate(ctx: StageContext) -> dict:
     from dataclasses import replace
 
-    from localizers.actionformer import build_model, load_video_scores, video_detections
+    from localizers.actionformer import load_video_scores, video_detections
     from localizers.anet_map import ANET_TIOUS, THUMOS_TIOUS, evaluate_detections
     from localizers.checkpoint_compat import load_checkpoint
     from pipeline.untrusted import load_torch
     from localizers.config import LocalizeConfig, validate
     from localizers.formats import write_results_pickle, write_thumos_txt
+    from localizers.models import build_model
     from localizers.train import ema_warning
     from pipeline.schema import apply
     from pipeline.store import open_stage_store

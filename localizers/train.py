@@ -24,9 +24,10 @@ import torch
 from torch import distributed as dist
 from torch import nn
 
-from localizers.actionformer import ActionFormer, LossNormalizer, build_model, collate, compute_losses
+from localizers.actionformer import ActionFormer, LossNormalizer, collate, compute_losses
 from localizers.config import LocalizeConfig, TrainConfig
 from localizers.data import FeatureSource, VideoItem, batch_targets, random_crop, read_features
+from localizers.models import build_model
 from pipeline.trainer import LOG, EMA, CsvLog, EarlyStop, TensorBoard, Trainer, Validate, all_sum
 
 
@@ -41,8 +42,9 @@ def lr_at(step: int, cfg: TrainConfig, iters_per_epoch: int) -> float:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on convolution weights only; none on biases, LayerNorm and scale parameters."""
-    conv_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Conv1d)}
+    """Weight decay on convolution and linear weights only (backbone v2 has linear layers); none on
+    biases, norms and scale parameters."""
+    conv_weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Linear))}
     decay = [p for p in model.parameters() if id(p) in conv_weights]
     no_decay = [p for p in model.parameters() if id(p) not in conv_weights]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -292,7 +292,8 @@ class StageSchema:
         """The param a dotted path names, and the rest of the path (keys inside a mapping param)."""
         for n in range(len(path), 0, -1):
             param = self.names.get(".".join(path[:n]))
-            if param is not None:
+            # a name that is both a section and a param (localize.model): a longer path is in the section
+            if param is not None and not (n < len(path) and ".".join(path[:n]) in self.sections):
                 if n < len(path) and not _is_mapping(param.hint):
                     raise ConfigError(f"{self.stage}.{param.key} is not a mapping; set it whole")
                 return param, path[n:]

@@ -46,7 +46,7 @@ def test_user_checkpoints_are_read_as_weights_only(tmp_path, monkeypatch):
 
     import torch
 
-    from localizers.actionformer import build_model
+    from localizers.models import build_model
     from localizers.checkpoint_compat import load_checkpoint
     from localizers.config import PRESETS
     from pipeline.errors import ConfigError

@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from localizers.actionformer import Outputs, build_model, collate, compute_losses, detect, LossNormalizer
+from localizers.actionformer import Outputs, collate, compute_losses, detect, LossNormalizer
 from localizers.assign import assign_targets
 from localizers.blocks import attend, attention_mask_for
 from localizers.checkpoint_compat import load_checkpoint
 from localizers.config import PRESETS, ModelConfig, TrainConfig, resolve
+from localizers.models import build_model
 from pipeline.errors import ConfigError
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -24,6 +24,8 @@ BAD_SETS = {
     "localize.lr=.inf": "must be finite",
     "localize.lr=-1": "must be > 0",
     "localize.seed=-1": "must be >= 0",
+    "localize.model=yolo": "expected actionformer",
+    "localize.n_kv_head=2": "localize.n_kv_head: grouped-query attention is backbone v2's",
     "localize.threads=0": "must be >= 1",
     "localize.threads=-1": "must be >= 1",
     "localize.nproc=0": "must be >= 1",
