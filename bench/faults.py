@@ -5,6 +5,11 @@
   killed under a live driver. After each kill no process of the run may remain, the next run must start
   at once (``--no-wait``: a stale lock fails it) and the records written before the kill must survive;
   the final store must equal an uninterrupted run's, video by video.
+- engines: ``run extract`` on the local back-end, a local 2-worker Dask cluster and a local Ray, its
+  driver SIGKILLed mid-run and an engine worker SIGKILLed mid-task in turn, chained, then a final run.
+  No process of a killed driver's cluster may outlive it, a killed worker's task is rerun by the engine
+  (the run exits 0), no record is lost or rewritten by a later run (it does only what is missing), no
+  item fails, and the final store and records equal an uninterrupted local run's bit for bit.
 - gc: ``pipeline gc`` in a loop beside ``run all`` on a manifest given by path (not a gc root); the run
   must succeed and every output it reports must exist afterwards.
 - full disk: extraction into a size-limited tmpfs (mounted here when we may; skipped otherwise) must
@@ -14,11 +19,12 @@
   must be refused (exit 2). Checks whose refusal is the parameter-validation work (``schema``) are
   counted apart, so they show what is pending without failing the core campaign.
 
-    python bench/faults.py [--seed 0] [--kills 10] [--fuzz 60] [--work /tmp/faults_bench]
+    python bench/faults.py [--seed 0] [--kills 10] [--engine-kills 4] [--fuzz 60] [--work /tmp/faults_bench]
+    python bench/faults.py --steps engines --engines dask,ray --engine-kills 2    # only some parts
     python bench/faults.py --bad-values bad.txt   # extra known-bad --set values, one per line
 
-Prints the counts: kills survived, records lost (0), hangs (0), tracebacks (0), wrong exit codes (0),
-invalid values accepted (0).
+Prints the counts: kills survived (per engine too), records lost (0), videos redone by a rerun (0),
+items failed (0), hangs (0), tracebacks (0), wrong exit codes (0), invalid values accepted (0).
 """
 
 from __future__ import annotations
@@ -317,14 +323,16 @@ class Campaign:
                 ended = time.time()
                 _, alive = psutil.wait_procs(tree, timeout=10)
                 if alive:  # how long the cluster's processes take to notice their driver is gone
+                    # (Ray's dashboard and runtime-env agents: about 60 s, trying the dead GCS first)
                     names = sorted({_name(q) for q in alive})
-                    _, alive = psutil.wait_procs(alive, timeout=50)
+                    _, alive = psutil.wait_procs(alive, timeout=110)
+                    self.counts["runs whose processes outlived them by 10 s (not 120 s)"] += not alive
                     self.notes.append(f"{what}: {', '.join(names)} still alive 10 s after the run ended; "
-                                      + (f"{len(alive)} after 60 s" if alive else
+                                      + (f"{len(alive)} after 120 s" if alive else
                                          f"all gone {time.time() - ended:.0f} s after it"))
                     self.log(f"    {self.notes[-1]}")
                 if alive:
-                    self.fault("hangs", f"{what}: {len(alive)} process(es) outlived the run by 60 s")
+                    self.fault("hangs", f"{what}: {len(alive)} process(es) outlived the run by 120 s")
                     for q in alive:
                         q.kill()
                 self._judge_records(cache, before, what)
@@ -580,7 +588,8 @@ class Campaign:
         keys = ["kills survived", *sorted(k for k in self.counts if k.startswith("engine kills survived")),
                 "full disks survived", "fuzzed inputs", "records lost", "videos redone by a rerun", "items failed",
                 "videos differing from an uninterrupted run",
-                "videos decoded again by PyAV after a kill (same features)", "hangs", "tracebacks", "wrong exit codes",
+                "videos decoded again by PyAV after a kill (same features)",
+                "runs whose processes outlived them by 10 s (not 120 s)", "hangs", "tracebacks", "wrong exit codes",
                 "invalid values accepted", "invalid values accepted (schema)"]
         return "\n".join(f"{k:<58} {self.counts.get(k, 0)}" for k in keys)
 
