@@ -5,6 +5,11 @@
   killed under a live driver. After each kill no process of the run may remain, the next run must start
   at once (``--no-wait``: a stale lock fails it) and the records written before the kill must survive;
   the final store must equal an uninterrupted run's, video by video.
+- engines: ``run extract`` on the local back-end, a local 2-worker Dask cluster and a local Ray, its
+  driver SIGKILLed mid-run and an engine worker SIGKILLed mid-task in turn, chained, then a final run.
+  No process of a killed driver's cluster may outlive it, a killed worker's task is rerun by the engine
+  (the run exits 0), no record is lost or rewritten by a later run (it does only what is missing), no
+  item fails, and the final store and records equal an uninterrupted local run's bit for bit.
 - gc: ``pipeline gc`` in a loop beside ``run all`` on a manifest given by path (not a gc root); the run
   must succeed and every output it reports must exist afterwards.
 - full disk: extraction into a size-limited tmpfs (mounted here when we may; skipped otherwise) must
@@ -14,11 +19,12 @@
   must be refused (exit 2). Checks whose refusal is the parameter-validation work (``schema``) are
   counted apart, so they show what is pending without failing the core campaign.
 
-    python bench/faults.py [--seed 0] [--kills 10] [--fuzz 60] [--work /tmp/faults_bench]
+    python bench/faults.py [--seed 0] [--kills 10] [--engine-kills 4] [--fuzz 60] [--work /tmp/faults_bench]
+    python bench/faults.py --steps engines --engines dask,ray --engine-kills 2    # only some parts
     python bench/faults.py --bad-values bad.txt   # extra known-bad --set values, one per line
 
-Prints the counts: kills survived, records lost (0), hangs (0), tracebacks (0), wrong exit codes (0),
-invalid values accepted (0).
+Prints the counts: kills survived (per engine too), records lost (0), videos redone by a rerun (0),
+items failed (0), hangs (0), tracebacks (0), wrong exit codes (0), invalid values accepted (0).
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ CORE_BAD_SETS = ["extract.nope=1", "nostage.x=1", "extract=1", "extract.=1", ".x
 
 
 KILL_MODES = ("driver-9", "driver-term", "mid-write", "worker")
+STEPS = ("kills", "engines", "gc", "disk", "fuzz")
 
 
 class Campaign:
@@ -93,10 +100,10 @@ class Campaign:
         return [sys.executable, "-m", "pipeline.cli", "--stages", str(stages), "--cache-dir", str(cache), *args]
 
     def cli(self, cache: Path, *args: str, timeout: float = 120, allowed=(0,), stages: Path = STAGES,
-            what: str = "") -> subprocess.CompletedProcess | None:
+            what: str = "", env: dict | None = None) -> subprocess.CompletedProcess | None:
         """Run one command; count a hang, a traceback or an exit code outside ``allowed``."""
         try:
-            proc = subprocess.run(self.argv(cache, *args, stages=stages), cwd=self.work, env=self.env,
+            proc = subprocess.run(self.argv(cache, *args, stages=stages), cwd=self.work, env=env or self.env,
                                   capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             self.fault("hangs", f"{what or args}: no answer in {timeout:g} s")
@@ -262,6 +269,179 @@ class Campaign:
                       and not np.array_equal(sa.read(v, raw=True), sb.read(v, raw=True))]
         self.counts["videos differing from an uninterrupted run"] += len(differ)
 
+    # -- engine kills -----------------------------------------------------------------------------
+    def engine_kills(self, backends: tuple[str, ...], n: int, videos: tuple[int, int] = (4, 2)) -> None:
+        """Per back-end (local processes, a local 2-worker Dask cluster, a local Ray of 2 CPUs): ``n``
+        chained ``run extract`` runs, the driver SIGKILLed mid-run (after a random number of records) and
+        an engine worker SIGKILLed mid-task (its decode process running) in turn, then a final run.
+
+        A killed driver must leave no process of its cluster; a killed worker's task must be run again by
+        the engine (the run exits 0, nothing failed); no record committed before may be lost or rewritten
+        by a later run (the rerun does only what is missing); the final store and records must equal an
+        uninterrupted local run's bit for bit (one clip per forward, as tests/test_scale.py: which clips
+        share a batch moves the last bits)."""
+        import psutil
+
+        manifest = self.mini("engines", *videos)
+        source = self.work / "engines-videos"
+        shutil.rmtree(source, ignore_errors=True)
+        self.generate(source, manifest)
+        n_videos = len(list(source.glob("datasets/engines-*/*/videos/*.mp4")))
+        args = ("--json", "run", "extract", "--dataset", str(manifest), "--workers", "2", "--no-wait",
+                "--set", "extract.batch_size=1")
+        ref = self.work / "engines-reference"
+        shutil.rmtree(ref, ignore_errors=True)
+        shutil.copytree(source / "datasets", ref / "datasets")
+        self.cli(ref, *args, timeout=600, what="uninterrupted local run")
+        env = dict(self.env, OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled")
+        for backend in backends:
+            t0 = time.time()
+            cache = self.work / f"engines-{backend}"
+            shutil.rmtree(cache, ignore_errors=True)
+            shutil.copytree(source / "datasets", cache / "datasets")
+            run = (*args, "--backend", backend) if backend != "local" else args
+            fired_modes: Counter = Counter()
+            for trial in range(n):
+                mode = ("driver", "worker")[trial % 2]
+                if len(self.records(cache)) == n_videos:  # the last run finished: kill the next from scratch
+                    shutil.rmtree(cache / "extract", ignore_errors=True)
+                before = _record_files(cache)
+                proc = subprocess.Popen(self.argv(cache, *run), cwd=self.work, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+                tree, fired = self._fire_engine(proc, cache, mode, backend, len(before), n_videos)
+                try:
+                    out, err = proc.communicate(timeout=300)
+                except subprocess.TimeoutExpired:
+                    self.fault("hangs", f"{backend} trial {trial} ({mode}): the run did not end")
+                    proc.kill()
+                    out, err = proc.communicate()
+                what = f"{backend} {mode} kill {trial}"
+                if "Traceback" in err:
+                    self.fault("tracebacks", f"{what}: {err.strip().splitlines()[-1]}")
+                if mode == "worker" or not fired:  # the engine (or the local pool) reran the task
+                    self._judge_report(proc.returncode, out, err, what, n_videos, len(before))
+                ended = time.time()
+                _, alive = psutil.wait_procs(tree, timeout=10)
+                if alive:  # how long the cluster's processes take to notice their driver is gone
+                    # (Ray's dashboard and runtime-env agents: about 60 s, trying the dead GCS first)
+                    names = sorted({_name(q) for q in alive})
+                    _, alive = psutil.wait_procs(alive, timeout=110)
+                    self.counts["runs whose processes outlived them by 10 s (not 120 s)"] += not alive
+                    self.notes.append(f"{what}: {', '.join(names)} still alive 10 s after the run ended; "
+                                      + (f"{len(alive)} after 120 s" if alive else
+                                         f"all gone {time.time() - ended:.0f} s after it"))
+                    self.log(f"    {self.notes[-1]}")
+                if alive:
+                    self.fault("hangs", f"{what}: {len(alive)} process(es) outlived the run by 120 s")
+                    for q in alive:
+                        q.kill()
+                self._judge_records(cache, before, what)
+                fired_modes[mode] += fired
+                self.counts[f"engine kills survived ({backend})"] += fired
+                self.log(f"  {backend} kill {trial}: {mode:<6} {'fired' if fired else 'not fired (the run ended first)'}"
+                         f", {len(self.records(cache))}/{n_videos} records")
+            before = _record_files(cache)
+            proc = self.cli(cache, *run, timeout=600, env=env, what=f"{backend}: run after the kills")
+            if proc is not None:
+                self._judge_report(proc.returncode, proc.stdout, proc.stderr, f"{backend} final run", n_videos,
+                                   len(before))
+            self._judge_records(cache, before, f"{backend} final run")
+            differ = self._store_differs(cache, ref)
+            self.counts["videos differing from an uninterrupted run"] += len(differ)
+            if differ:
+                self.notes.append(f"{backend}: differ from the uninterrupted run: {', '.join(differ)}")
+            self.log(f"  {backend}: {n} runs killed ({dict(fired_modes)} fired), final run did "
+                     f"{n_videos - len(before)} of {n_videos}, {len(differ)} videos differ from the uninterrupted "
+                     f"run, {time.time() - t0:.0f} s")
+
+    def _fire_engine(self, proc: subprocess.Popen, cache: Path, mode: str, backend: str, have: int,
+                     n_videos: int) -> tuple[list, bool]:
+        """SIGKILL ``proc``'s driver after a random number of new records, or one of its engine's workers
+        while it runs a task; the driver's process tree just before, and whether it fired."""
+        import psutil
+
+        driver = psutil.Process(proc.pid)
+        deadline = time.time() + 240
+        if mode == "driver":
+            target = have + self.rng.randint(1, max(1, n_videos - have - 1))
+            while proc.poll() is None and time.time() < deadline and len(self.records(cache)) < target:
+                time.sleep(0.01)
+            time.sleep(self.rng.uniform(0.0, 0.3))
+            victim = driver
+        else:
+            victim = None
+            while proc.poll() is None and time.time() < deadline and victim is None:
+                busy = _busy_workers(driver, backend)
+                victim = self.rng.choice(busy) if busy else None
+                time.sleep(0.02)
+            time.sleep(self.rng.uniform(0.0, 0.3))
+        try:
+            tree = driver.children(recursive=True)
+        except psutil.Error:
+            return [], False
+        if proc.poll() is not None or victim is None:
+            return tree, False
+        try:
+            victim.kill()
+        except psutil.Error:
+            return tree, False
+        return tree, True
+
+    def _judge_report(self, code: int, out: str, err: str, what: str, n_videos: int, had: int) -> None:
+        """A run that must have finished: exit 0, every video done or skipped, none failed, and the
+        videos done exactly the ones without a record before it."""
+        if code != 0:
+            self.fault("wrong exit codes", f"{what}: exit {code}: {err.strip()[-300:]}")
+            return
+        items = json.loads(out)["stages"][0]["items"]
+        want = {"total": n_videos, "done": n_videos - had, "skipped": had, "failed": 0}
+        if items != want:
+            self.fault("wrong exit codes", f"{what}: items {items}, expected {want}")
+
+    def _judge_records(self, cache: Path, before: dict, what: str) -> None:
+        now = _record_files(cache)
+        lost = sorted(vid for vid in before if vid not in now or now[vid][0] != before[vid][0])
+        if lost:
+            self.fault("records lost", f"{what}: {', '.join(lost)}", len(lost))
+        redone = sorted(vid for vid in before if vid in now and now[vid][1] != before[vid][1])
+        if redone:
+            self.fault("videos redone by a rerun", f"{what}: {', '.join(redone)}", len(redone))
+        failed = sum(1 for f in cache.glob("extract/*/failures.jsonl") for line in f.read_text().splitlines()
+                     if line.strip())
+        if failed:
+            self.fault("items failed", f"{what}: {failed} line(s) in failures.jsonl", failed)
+            for f in cache.glob("extract/*/failures.jsonl"):
+                f.unlink()
+
+    def _store_differs(self, cache: Path, ref: Path) -> list[str]:
+        """Videos whose features (stored values and dtype) or record differ between two caches' stores, or
+        that one lacks. A local decode process killed under decord is taken for decord's crash (decord #25)
+        and its video decoded again by PyAV: the same frames, so the same features, but the record names
+        PyAV and its fps reading; counted apart."""
+        import numpy as np
+
+        from pipeline.store import open_stage_store
+
+        (a,), (b,) = list(cache.glob("extract/*/manifest.json")), list(ref.glob("extract/*/manifest.json"))
+        ra, rb = ({p.stem: json.loads(p.read_text()) for p in d.parent.glob("items/*.json")} for d in (a, b))
+        by_decoder = ("decoder", "fps", "native_fps")
+        differ = []
+        with open_stage_store(a.parent) as sa, open_stage_store(b.parent) as sb:
+            for v in sorted(set(sa.videos()) | set(sb.videos())):
+                if v not in sa.videos() or v not in sb.videos() or v not in ra or v not in rb:
+                    differ.append(v)
+                    continue
+                x, y = sa.read(v, raw=True), sb.read(v, raw=True)
+                if x.dtype != y.dtype or not np.array_equal(x, y):
+                    differ.append(v)
+                elif ra[v] != rb[v]:
+                    rest = [{k: r[k] for k in r if k not in by_decoder} for r in (ra[v], rb[v])]
+                    if ra[v]["decoder"] != rb[v]["decoder"] and rest[0] == rest[1]:
+                        self.counts["videos decoded again by PyAV after a kill (same features)"] += 1
+                    else:
+                        differ.append(v)
+        return differ
+
     # -- gc beside a run --------------------------------------------------------------------------
     def gc_beside_run(self, rounds: int = 1) -> None:
         cache = self.work / "gc"
@@ -405,10 +585,50 @@ class Campaign:
             self.fault("wrong exit codes", f"{what}: refused, but not in one line: {proc.stderr.strip()[:300]}")
 
     def report(self) -> str:
-        keys = ["kills survived", "full disks survived", "fuzzed inputs", "records lost",
-                "videos differing from an uninterrupted run", "hangs", "tracebacks", "wrong exit codes",
+        keys = ["kills survived", *sorted(k for k in self.counts if k.startswith("engine kills survived")),
+                "full disks survived", "fuzzed inputs", "records lost", "videos redone by a rerun", "items failed",
+                "videos differing from an uninterrupted run",
+                "videos decoded again by PyAV after a kill (same features)",
+                "runs whose processes outlived them by 10 s (not 120 s)", "hangs", "tracebacks", "wrong exit codes",
                 "invalid values accepted", "invalid values accepted (schema)"]
-        return "\n".join(f"{k:<44} {self.counts.get(k, 0)}" for k in keys)
+        return "\n".join(f"{k:<58} {self.counts.get(k, 0)}" for k in keys)
+
+
+def _record_files(cache: Path) -> dict[str, tuple[str, int]]:
+    """id -> (source fingerprint, mtime in ns) of every completion record of the extract keys in ``cache``."""
+    out = {}
+    for p in cache.glob("extract/*/items/*.json"):
+        try:
+            out[p.stem] = (json.loads(p.read_text())["source_fingerprint"], p.stat().st_mtime_ns)
+        except (OSError, ValueError, KeyError):
+            pass
+    return out
+
+
+def _name(proc) -> str:
+    import psutil
+
+    try:
+        return (proc.cmdline() or [proc.name()])[0].rsplit("/", 1)[-1]
+    except psutil.Error:  # gone meanwhile
+        return "?"
+
+
+def _busy_workers(driver, backend: str) -> list:
+    """The processes of ``driver``'s run that run a task now, each with its decode process started: the
+    local back-end's decode workers; a Dask worker (the driver's child) with a child; a Ray worker (the
+    raylet's child, titled ``ray::<task>``) with a child."""
+    import psutil
+
+    try:
+        if backend == "local":
+            return driver.children()
+        if backend == "dask":
+            return [p for p in driver.children() if p.children()]
+        return [p for p in driver.children(recursive=True)
+                if p.cmdline()[:1] == ["ray::_extract_group"] and p.parent().name() == "raylet" and p.children()]
+    except psutil.Error:
+        return []
 
 
 def _children(pid: int) -> list[int]:
@@ -511,21 +731,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gc-rounds", type=int, default=1)
     p.add_argument("--fuzz", type=int, default=60)
     p.add_argument("--work", type=Path, default=Path("/tmp/faults_bench"))
+    p.add_argument("--engine-kills", type=int, default=4, help="killed runs per back-end (driver, worker in turn)")
+    p.add_argument("--engines", default="local,dask,ray", help="back-ends of the engine kills, comma-separated")
+    p.add_argument("--steps", default=",".join(STEPS), help=f"the parts to run, comma-separated: {', '.join(STEPS)}")
     p.add_argument("--bad-values", type=Path, help="more known-bad --set values, one per line (schema work)")
     a = p.parse_args(argv)
     extra = [line.strip() for line in a.bad_values.read_text().splitlines() if line.strip()] if a.bad_values else []
+    steps = a.steps.split(",")
+    if unknown := sorted(set(steps) - set(STEPS)):
+        p.error(f"--steps: unknown {', '.join(unknown)}; known: {', '.join(STEPS)}")
     c = Campaign(a.work, a.seed)
     t0 = time.time()
-    for name, step in [("kills", lambda: c.kills(a.kills)), ("gc beside run all", lambda: c.gc_beside_run(a.gc_rounds)),
-                       ("full disk", c.full_disk), ("fuzz", lambda: c.fuzz(a.fuzz, extra))]:
+    for name, step in [("kills", lambda: c.kills(a.kills)),
+                       ("engines", lambda: c.engine_kills(tuple(a.engines.split(",")), a.engine_kills)),
+                       ("gc", lambda: c.gc_beside_run(a.gc_rounds)),
+                       ("disk", c.full_disk), ("fuzz", lambda: c.fuzz(a.fuzz, extra))]:
+        if name not in steps:
+            continue
         t = time.time()
         print(f"{name}:", flush=True)
         step()
         print(f"  ({time.time() - t:.0f} s)", flush=True)
     print(f"\nfault campaign, seed {a.seed}, {time.time() - t0:.0f} s:")
     print(c.report())
-    core = sum(c.counts[k] for k in ("records lost", "videos differing from an uninterrupted run", "hangs",
-                                     "tracebacks", "wrong exit codes", "invalid values accepted"))
+    core = sum(c.counts[k] for k in ("records lost", "videos redone by a rerun", "items failed",
+                                     "videos differing from an uninterrupted run", "hangs", "tracebacks",
+                                     "wrong exit codes", "invalid values accepted"))
     return 1 if core else 0
 
 

@@ -6,7 +6,8 @@ Outputs of ``localize``: ``config.json`` (resolved config, classes, the extract 
 ``params`` the resolved values of this stage and extract: a valid ``--config`` file),
 ``checkpoint.pt`` (after every epoch, for resuming), ``train_log.csv``, ``model.pt`` (final weights and
 EMA weights). ``localize.nproc`` > 1 trains on that many local processes, started by torch's elastic
-launcher (what ``torchrun`` runs): gloo on CPU, nccl on CUDA with one GPU per process.
+launcher (what ``torchrun`` runs): gloo on CPU, nccl on CUDA with one GPU per process. Under ``torchrun``
+(the CLI on every process, ``pipeline.distributed``) rank 0 runs this stage and every rank trains.
 Outputs of ``localize_eval``: ``detections.json`` (ActivityNet submission format), the same
 detections as ``results.pkl`` (ActionFormer's) and ``detections_thumos14.txt`` (THUMOS14's evaluator),
 and ``metrics.json`` (mAP per tIoU and per-class AP over the videos that have features).
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
+from pipeline import distributed
 from pipeline.context import StageContext, save_torch_atomic, write_json_atomic
 from pipeline.device import stage_device
 from pipeline.errors import ConfigError
@@ -78,10 +80,11 @@ def train(ctx: StageContext) -> dict:
     from pipeline.store import open_stage_store
     from pipeline.store.loader import FeatureReader
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each torchrun process would run the whole stage
-        raise ConfigError(f"localize: the CLI runs under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}); "
-                          "run it once and set localize.nproc to train on several processes")
-    nproc = int(ctx.runtime.get("nproc", 1))
+    nproc, world = int(ctx.runtime.get("nproc", 1)), distributed.world_size()
+    if world > 1 and nproc > 1:
+        raise ConfigError(f"localize.nproc: {nproc} under torchrun, which started {world} processes already; "
+                          "leave it at 1")
+    procs = max(nproc, world)
     cfg = resolve(ctx.params)
     ann = _annotations(ctx)
     subset, videos = _subset(ctx, ann, "train")
@@ -96,9 +99,9 @@ def train(ctx: StageContext) -> dict:
             val_subset, val_videos = _subset(ctx, ann, "val")
             val_items = _items(store, val_videos, cfg, ann.label_index(), str(ann.path), False, ctx.log)
             val = (ann, val_subset, val_items)
-    if nproc > min(cfg.train.batch_size, len(items)):
-        raise ConfigError(f"localize.nproc: {nproc} processes split each batch of "
-                          f"{min(cfg.train.batch_size, len(items))} videos; at most that many")
+    if procs > min(cfg.train.batch_size, len(items)):
+        raise ConfigError(f"{'torchrun' if world > 1 else 'localize.nproc'}: {procs} processes split each batch "
+                          f"of {min(cfg.train.batch_size, len(items))} videos; at most that many")
     out = Path(ctx.out_dir)
     write_json_atomic(out / CONFIG_FILE, {
         "config": cfg.to_json(), "classes": list(ann.classes), "train_subset": subset,
@@ -110,21 +113,25 @@ def train(ctx: StageContext) -> dict:
         **({"regression_ranges_auto": auto_ranges} if auto_ranges else {}),
     })
     device = stage_device(ctx.name, ctx.runtime, ctx.log)
-    if device.type == "cuda" and nproc > torch.cuda.device_count():
-        raise ConfigError(f"localize.nproc: {nproc} processes need one GPU each; "
-                          f"{torch.cuda.device_count()} visible")
+    local = int(os.environ["LOCAL_WORLD_SIZE"]) if world > 1 else nproc  # the processes of this machine
+    if device.type == "cuda" and local > torch.cuda.device_count():
+        raise ConfigError(f"{'torchrun' if world > 1 else 'localize.nproc'}: {local} processes need one GPU "
+                          f"each; {torch.cuda.device_count()} visible")
     if not (out / MODEL_FILE).exists():
         ctx.log(f"localize: training {cfg.preset} on {len(items)} videos of {subset} "
                 f"({cfg.train.total_epochs} epochs, {device}"
-                + (f", {nproc} processes" if nproc > 1 else "") + ")")
+                + (f", {procs} processes" + (" (torchrun)" if world > 1 else "") if procs > 1 else "") + ")")
         source = FeatureReader(extract_dir, [it.id for it in items], ctx.runtime.get("in_memory", "auto"))
         if val is not None:  # the val split's features, read by process 0 only
             val = (*val, FeatureReader(extract_dir, [it.id for it in val[2]], "auto"))
         job = (cfg, items, source, out, ctx.board_dir, list(ann.classes), val)
-        if nproc == 1:
+        threads = max(1, torch.get_num_threads() // local)  # the stage's threads, shared by the processes
+        if world > 1:  # every torchrun process joins
+            distributed.run_everywhere(_fit_rank, device.type, threads, not ctx.options.json, job)
+        elif nproc == 1:
             _fit_and_save(*job, device=device, log=ctx.log)
         else:
-            _launch(nproc, device, max(1, torch.get_num_threads() // nproc), not ctx.options.json, job)
+            _launch(nproc, device, threads, not ctx.options.json, job)
     last = _last_log_row(out / "train_log.csv")
     summary = (f"localize: {cfg.preset}, {len(items)} training videos, {cfg.train.total_epochs} epochs, "
                f"final loss {float(last.get('loss', 'nan')):.4f}")
@@ -184,8 +191,8 @@ def _launch(nproc: int, device, threads: int, verbose: bool, job: tuple) -> None
 
 
 def _fit_rank(device_type: str, threads: int, verbose: bool, job: tuple) -> None:
-    """One process of data-parallel training (the launcher set its rank, world size and rendezvous in
-    the environment)."""
+    """One process of data-parallel training (the launcher, ours or torchrun, set its rank, world size
+    and rendezvous in the environment)."""
     import warnings
 
     import torch
@@ -199,7 +206,7 @@ def _fit_rank(device_type: str, threads: int, verbose: bool, job: tuple) -> None
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(threads)  # the stage's threads, shared by the processes
+        torch.set_num_threads(threads)
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     try:
         loud = verbose and dist.get_rank() == 0

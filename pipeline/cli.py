@@ -15,6 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from pipeline import distributed
 from pipeline.cli_args import CommandParser
 from pipeline.errors import ConfigError, PipelineError, environment_fault
 from pipeline.executors import BACKENDS
@@ -87,9 +88,16 @@ def _workspace(opts: dict):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if distributed.world_size() > 1:  # under torchrun: rank 0 runs the command, the others its training
+        return _guarded(argv, lambda: distributed.run_ranks(lambda: _guarded(argv, lambda: _main(argv))))
+    return _guarded(argv, lambda: _main(argv))
+
+
+def _guarded(argv: list[str], command) -> int:
+    """``command()``'s exit code, its errors as one line and their exit code."""
     debug = "--debug" in argv
     try:
-        return _main(argv)
+        return command()
     except PipelineError as exc:
         if debug:
             traceback.print_exc()

@@ -72,7 +72,10 @@ def _ray(fn, tasks: list, workers: int, address: str | None, gpus: float):
     started = not ray.is_initialized()
     if started:
         if address is None:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            # "local": a new cluster even where a `ray start` cluster runs, or left its address file behind
+            # (ray.init() would join that one, and refuse num_cpus)
+            ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
         else:
             try:
                 ray.init(address=address, log_to_driver=False, configure_logging=False)

@@ -1,10 +1,17 @@
 """Data-parallel training (``localize.nproc``): two gloo processes train as one process does, resume
-from a checkpoint, and through the CLI make a model under the same stage key."""
+from a checkpoint, and through the CLI make a model under the same stage key; the CLI under torchrun
+(2 processes) makes the model and record ``localize.nproc=2`` makes, and its rerun is a no-op."""
 
 from __future__ import annotations
 
 import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,9 +57,10 @@ def _two_processes(cfg, items, source, out):
 
 
 def _assert_same(one, two_dir, state):
+    """``one``: the reference run's losses and its model and EMA state dicts."""
     assert _losses(two_dir) == pytest.approx(one["losses"], rel=RTOL)
     for part in ("model", "ema"):
-        ref = one[part].state_dict()
+        ref = one[part]
         assert set(state[part]) == set(ref)
         for k, v in ref.items():
             if k.endswith(("attn.key.bias", "attn.key_norm.bias")):
@@ -65,7 +73,7 @@ def test_two_processes_train_as_one_and_resume(tmp_path):
     cfg, items, source = _setup()
     torch.set_num_threads(1)
     ref = fit(cfg, items, source, tmp_path / "one", log=lambda m: None)
-    one = {"losses": _losses(tmp_path / "one"), "model": ref.model, "ema": ref.ema}
+    one = {"losses": _losses(tmp_path / "one"), "model": ref.model.state_dict(), "ema": ref.ema.state_dict()}
     assert len(one["losses"]) == 2 and ref.steps == 6
     state = _two_processes(cfg, items, source, tmp_path / "two")
     _assert_same(one, tmp_path / "two", state)
@@ -92,13 +100,63 @@ def test_cli_nproc_two_makes_the_model_under_the_same_key(tmp_path, capsys):
     assert [p.name for p in (cache / "localize").iterdir()] == [key]  # same key: the run found it done
 
 
+def _torchrun(cache, manifest, *extra):
+    """The CLI on 2 processes under torchrun (a free port of its own: --standalone)."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PIPELINE_NO_PROGRESS": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pipeline",
+            "--cache-dir", str(cache), "--json", "run", "train", "--stage", "localize", "--dataset", str(manifest),
+            *extra]
+    return subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+
+
+def test_cli_under_torchrun_trains_as_nproc_and_reruns_as_a_noop(tmp_path):
+    videos = make_videos(10, seed=5, length=(40, 70))
+    manifest = _dataset(tmp_path, dict(list(videos.items())[:8]), dict(list(videos.items())[8:]),
+                        "{preset: demo, embed_dim: 16, epochs: 1, warmup_epochs: 1, batch_size: 4, threads: 1}")
+    ref_cache, cache = tmp_path / "cache", tmp_path / "torchrun"
+    shutil.copytree(ref_cache, cache)  # the imported features, in both
+    assert main(["--cache-dir", str(ref_cache), "run", "train", "--stage", "localize", "--dataset", str(manifest),
+                 "--set", "localize.nproc=2"]) == 0
+    (ref,) = (ref_cache / "localize").iterdir()
+
+    proc = _torchrun(cache, manifest)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stages = json.loads(proc.stdout)["stages"]  # one JSON object: rank 0's alone
+    assert [s["status"] for s in stages] == ["imported", "ran"]
+    assert Path(stages[1]["dir"]).name == ref.name  # the key of localize.nproc=2
+    done = Path(stages[1]["dir"])
+    record, ref_record = (json.loads((d / "manifest.json").read_text()) for d in (done, ref))
+    assert record["key"] == ref.name and record["result"]["epochs"] == ref_record["result"]["epochs"] == 2
+    ref_state = torch.load(ref / "model.pt", weights_only=True)
+    _assert_same({"losses": _losses(ref), **ref_state}, done, torch.load(done / "model.pt", weights_only=True))
+    assert sorted(p.name for p in done.iterdir()) == sorted(p.name for p in ref.iterdir())
+
+    before = {p.name: p.stat().st_mtime_ns for p in done.iterdir()}
+    proc = _torchrun(cache, manifest)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [s["status"] for s in json.loads(proc.stdout)["stages"]] == ["imported", "cached"]
+    assert {p.name: p.stat().st_mtime_ns for p in done.iterdir()} == before
+    assert [p.name for p in (cache / "localize").iterdir()] == [ref.name]
+
+    # an error in rank 0's stage ends every process with its one line (none waits for ever)
+    proc = _torchrun(cache, manifest, "--force", "--set", "localize.nproc=2")
+    assert proc.returncode != 0 and not proc.stdout.strip()
+    assert proc.stderr.count("pipeline: error: localize.nproc: 2 under torchrun, which started 2 processes") == 1
+
+
 def test_bad_process_counts_are_named_before_training(tmp_path, monkeypatch):
     ds, extract_dir = write_dataset(tmp_path, make_videos(3, 0, length=(40, 70)), {})
     ctx = stage_context(tmp_path, "localize", "L1", {"preset": "demo", "batch_size": 4}, ds, {"extract": extract_dir})
     ctx.runtime["nproc"] = 4  # the batch is the 3 videos
     with pytest.raises(ConfigError, match=r"localize.nproc: 4 processes split each batch of 3 videos; at most that"):
         stage.train(ctx)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match=r"the CLI runs under torchrun \(WORLD_SIZE=2\); run it once and set"):
+    ctx.runtime["nproc"] = 1
+    monkeypatch.setenv("WORLD_SIZE", "4")  # the CLI under torchrun, 4 processes
+    with pytest.raises(ConfigError, match=r"torchrun: 4 processes split each batch of 3 videos; at most that many"):
+        stage.train(ctx)
+    ctx.runtime["nproc"] = 2
+    with pytest.raises(ConfigError, match=r"localize.nproc: 2 under torchrun, which started 4 processes already"):
         stage.train(ctx)
     assert not (ctx.out_dir / "config.json").exists()

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -85,8 +87,17 @@ def test_dask_cluster_store_equals_the_local_run(dataset, local, tmp_path):
 
 
 @needs_ray
-def test_ray_cluster_store_equals_the_local_run(dataset, local, tmp_path):
-    stage = _run(tmp_path / "cache", dataset, "--backend", "ray", "--workers", "2")
+def test_ray_cluster_store_equals_the_local_run(dataset, local, tmp_path, monkeypatch):
+    # The address file a `ray start` cluster leaves behind (its `ray stop` removes it; a kill does not):
+    # without --address the run starts a cluster of its own all the same.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay short
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    try:
+        stage = _run(tmp_path / "cache", dataset, "--backend", "ray", "--workers", "2")
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert stage["items"] == {"total": N_VIDEOS, "done": N_VIDEOS, "skipped": 0, "failed": 0}
     assert _contents(Path(stage["dir"])) == local
 

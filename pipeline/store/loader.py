@@ -63,6 +63,11 @@ class FeatureReader(_PerProcessStore):
         finally:
             store.close()
 
+    def __reduce__(self):
+        """Pickled as what to read, not what was read: a training process started elsewhere (spawned,
+        or a torchrun rank on another node) reads the store itself."""
+        return type(self), (self.stage_dir, self.video_ids, self.in_memory)
+
     def read(self, vid: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
         """``(T, C)`` float32 rows ``[start, stop)`` of one video."""
         if self._cache is not None:
