@@ -9,7 +9,9 @@ EMA weights). ``localize.nproc`` > 1 trains on that many local processes, starte
 launcher (what ``torchrun`` runs): gloo on CPU, nccl on CUDA with one GPU per process.
 Outputs of ``localize_eval``: ``detections.json`` (ActivityNet submission format), the same
 detections as ``results.pkl`` (ActionFormer's) and ``detections_thumos14.txt`` (THUMOS14's evaluator),
-and ``metrics.json`` (mAP per tIoU and per-class AP over the videos that have features).
+and ``metrics.json`` (mAP per tIoU and per-class AP over the videos that have features). With point-event
+annotations (SnapFormer): ``detections.json`` holds ``{"label", "score", "timestamp"}`` events and
+``metrics.json`` the spotting mAP per time tolerance (``localizers.point_map``).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def _subset(ctx: StageContext, ann, split: str) -> tuple[str, dict]:
     return splits[split], videos
 
 
-def _items(store, videos: Mapping, cfg, label_index, where: str, check_segments: bool, log) -> list:
+def _items(store, videos: Mapping, cfg, label_index, where: str, check_segments: bool, log,
+           ann_points: bool = False) -> list:
     from localizers.data import make_item
 
     present = [vid for vid in sorted(videos) if vid in store]
@@ -63,7 +66,7 @@ def _items(store, videos: Mapping, cfg, label_index, where: str, check_segments:
     items = [make_item(vid, store.shape(vid), store.grid(vid), videos[vid].duration, videos[vid].segments,
                        videos[vid].labels, label_index, cfg.model.input_dim, cfg.model.strides[-1],
                        cfg.data.resize_to, where=where, check_segments=check_segments,
-                       outside=cfg.data.segments_outside, features=str(store.path))
+                       outside=cfg.data.segments_outside, features=str(store.path), points=ann_points)
              for vid in present]
     dropped = sum(len(videos[vid].segments) for vid in present) - sum(len(item.segments) for item in items)
     if dropped:
@@ -84,12 +87,13 @@ def train(ctx: StageContext) -> dict:
     nproc = int(ctx.runtime.get("nproc", 1))
     cfg = resolve(ctx.params)
     ann = _annotations(ctx)
+    _check_arch(cfg, ann)
     subset, videos = _subset(ctx, ann, "train")
     extract_dir = Path(ctx.upstream["extract"])
     with open_stage_store(extract_dir) as store:  # training reads through its own FeatureReader
         feature_dim = store.attrs.get("feature_dim") or store.shape(store.videos()[0])[1]
         cfg = cfg.with_dims(int(feature_dim), len(ann.classes))
-        items = _items(store, videos, cfg, ann.label_index(), str(ann.path), True, ctx.log)
+        items = _items(store, videos, cfg, ann.label_index(), str(ann.path), True, ctx.log, ann.points)
     if nproc > min(cfg.train.batch_size, len(items)):
         raise ConfigError(f"localize.nproc: {nproc} processes split each batch of "
                           f"{min(cfg.train.batch_size, len(items))} videos; at most that many")
@@ -121,6 +125,16 @@ def train(ctx: StageContext) -> dict:
                f"final loss {float(last.get('loss', 'nan')):.4f}")
     return {"summary": summary, "videos": len(items), "epochs": cfg.train.total_epochs,
             "final_loss": float(last.get("loss", "nan"))}
+
+
+def _check_arch(cfg, ann) -> None:
+    """Segments need a segment model, point events (``timestamp``) SnapFormer."""
+    points = cfg.model.arch == "snapformer"
+    if points != ann.points:
+        raise ConfigError(f"localize.arch: {cfg.model.arch} "
+                          + ("spots point events; " if points else "localizes segments; ")
+                          + f"{ann.path} has " + ("point events ('timestamp'): --set localize.arch=snapformer"
+                                                  if ann.points else "segments"))
 
 
 def _fit_and_save(cfg, items, source, out: Path, board_dir, classes: list, device, log) -> None:
@@ -191,11 +205,12 @@ def _last_log_row(path: Path) -> dict:
 def evaluate(ctx: StageContext) -> dict:
     from dataclasses import replace
 
-    from localizers.actionformer import build_model, load_video_scores, video_detections
+    from localizers.actionformer import load_video_scores
     from localizers.anet_map import ANET_TIOUS, THUMOS_TIOUS, evaluate_detections
+    from localizers.point_map import TOLERANCES_S, evaluate_points
     from localizers.checkpoint_compat import load_checkpoint
     from pipeline.untrusted import load_torch
-    from localizers.config import LocalizeConfig, validate
+    from localizers.config import LocalizeConfig, model_module, validate
     from localizers.formats import write_results_pickle, write_thumos_txt
     from localizers.train import ema_warning
     from pipeline.schema import apply
@@ -215,13 +230,15 @@ def evaluate(ctx: StageContext) -> dict:
                           "video-level class scores to label its detections")
     tious = params.get("tious") or (ANET_TIOUS if cfg.data.resize_to else THUMOS_TIOUS)
     ann = _annotations(ctx)
+    _check_arch(cfg, ann)
+    arch = model_module(cfg)
     if list(ann.classes) != saved["classes"]:
         raise ConfigError(f"{ann.path}: classes differ from the ones the model was trained on")
     subset, videos = _subset(ctx, ann, split)
     with open_stage_store(train_dir / saved["extract_dir"]) as store:
-        items = _items(store, videos, cfg, ann.label_index(), str(ann.path), False, ctx.log)
+        items = _items(store, videos, cfg, ann.label_index(), str(ann.path), False, ctx.log, ann.points)
         device = stage_device(ctx.name, ctx.runtime, ctx.log)
-        model = build_model(cfg).to(device).eval()
+        model = arch.build_model(cfg).to(device).eval()
         # an official epoch_034.pth.tar (or another model.pt) may replace the trained weights
         checkpoint = Path(params.get("checkpoint") or train_dir / MODEL_FILE)
         if not checkpoint.is_file():
@@ -231,21 +248,26 @@ def evaluate(ctx: StageContext) -> dict:
         if weights == "ema" and (note := ema_warning(state.get("steps"), cfg.train.ema_decay)):
             ctx.log(f"localize_eval: warning: {note}")
         ext = load_video_scores(cfg.test.ext_score_file, ann.classes) if cfg.test.ext_score_file else None
-        results = {item.id: video_detections(model, store, item, cfg.test, ann.classes, ext, device)
+        results = {item.id: arch.video_detections(model, store, item, cfg.test, ann.classes, ext, device)
                    for item in ctx.progress(items, total=len(items), desc="localize_eval", unit="video")}
     out = Path(ctx.out_dir)
     write_json_atomic(out / "detections.json", {"version": "VERSION 1.3", "results": results, "external_data": {}})
-    write_results_pickle(out / "results.pkl", results, ann.classes)
-    write_thumos_txt(out / "detections_thumos14.txt", results, ann.classes)
     # Videos without features have no detections: evaluated, they would count as misses of the model.
-    metrics = evaluate_detections(ann, results, subset=subset, tious=tious, only_videos=results,
-                                  dataset=ctx.dataset.name)
+    if ann.points:  # events, not segments: the segment formats (pickle, THUMOS14 text) do not apply
+        metrics = evaluate_points(ann, results, subset=subset, only_videos=results, dataset=ctx.dataset.name,
+                                  tolerances=params.get("tolerances") or TOLERANCES_S)
+        headline = {f"mAP@{t:g}s": m for t, m in zip(metrics.tolerances, metrics.mAP.tolist())}
+    else:
+        write_results_pickle(out / "results.pkl", results, ann.classes)
+        write_thumos_txt(out / "detections_thumos14.txt", results, ann.classes)
+        metrics = evaluate_detections(ann, results, subset=subset, tious=tious, only_videos=results,
+                                      dataset=ctx.dataset.name)
+        headline = {"mAP@0.5": dict(zip([round(t, 2) for t in metrics.tious], metrics.mAP.tolist())).get(0.5)}
     # what a PR plot needs to evaluate the detections again (pipeline compare --plot)
     write_json_atomic(out / "metrics.json", {**metrics.to_json(), "annotations": str(ann.path), "subset": subset})
-    map_at = dict(zip([round(t, 2) for t in metrics.tious], metrics.mAP.tolist()))
     summary = metrics.table()
     if metrics.n_videos < len(videos):
         summary = (f"localize_eval: evaluated {metrics.n_videos} of the {len(videos)} videos of split {split} "
                    f"({subset}): the others have no features\n" + summary)
-    return {"summary": summary, "mAP@0.5": map_at.get(0.5), "average_mAP": float(metrics.average_mAP),
+    return {"summary": summary, **headline, "average_mAP": float(metrics.average_mAP),
             "videos": len(items), "split_videos": len(videos), "weights": weights}

@@ -28,8 +28,8 @@ import torch
 from torch import distributed as dist
 from torch import nn
 
-from localizers.actionformer import ActionFormer, LossNormalizer, build_model, collate, compute_losses
-from localizers.config import LocalizeConfig, TrainConfig
+from localizers.actionformer import ActionFormer, LossNormalizer, collate
+from localizers.config import LocalizeConfig, TrainConfig, model_module
 from localizers.data import FeatureSource, VideoItem, batch_targets, random_crop, read_features
 from pipeline.context import append_csv_row, save_torch_atomic
 from pipeline.progress import progress
@@ -113,7 +113,8 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
         raise ValueError("no training videos")
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     torch.manual_seed(tc.seed)
-    model = build_model(cfg).to(device)
+    arch = model_module(cfg)  # ActionFormer or SnapFormer: the same loop, their own model and loss
+    model = arch.build_model(cfg).to(device)
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -180,7 +181,7 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     out = net(x, mask)
-                losses = compute_losses(out, segs, labels, valid, normalizer, tc,
+                losses = arch.compute_losses(out, segs, labels, valid, normalizer, tc,
                                         _all_sum if world > 1 else None)
                 (losses["loss"] * world if world > 1 else losses["loss"]).backward()
                 if tc.clip_grad > 0:
