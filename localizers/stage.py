@@ -121,7 +121,8 @@ def train(ctx: StageContext) -> dict:
         else:
             _launch(nproc, device, max(1, torch.get_num_threads() // nproc), not ctx.options.json, job)
     last = _last_log_row(out / "train_log.csv")
-    summary = (f"localize: {cfg.preset}, {len(items)} training videos, {cfg.train.total_epochs} epochs, "
+    arch = "" if cfg.model.arch == "actionformer" else f" ({cfg.model.arch})"
+    summary = (f"localize: {cfg.preset}{arch}, {len(items)} training videos, {cfg.train.total_epochs} epochs, "
                f"final loss {float(last.get('loss', 'nan')):.4f}")
     return {"summary": summary, "videos": len(items), "epochs": cfg.train.total_epochs,
             "final_loss": float(last.get("loss", "nan"))}
