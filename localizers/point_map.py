@@ -55,13 +55,6 @@ class PointMapResult:
         return "point events, tolerance " + ", ".join(f"{t:g}" for t in self.tolerances) + " s"
 
     @property
-    def thresholds(self) -> tuple[float, ...]:
-        return self.tolerances
-
-    def threshold_name(self, t: float) -> str:
-        return f"tolerance {t:g} s"
-
-    @property
     def mAP(self) -> np.ndarray:
         return self.ap.mean(axis=1) if self.ap.shape[1] else np.zeros(len(self.tolerances))
 
