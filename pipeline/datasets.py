@@ -28,6 +28,9 @@ DETECT_FIELDS = ("name", "task", "description", "videos", "timestamp_offset_s", 
 TASKS = ("localize", "detect")
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".avi", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
                               ".ogv"})
+# Fields of a generate: block that shape the annotations only (pipeline/demo_data.py DemoSpec.events):
+# they do not enter the generated videos' identity (generated_dir)
+ANNOTATION_FIELDS = ("events",)
 _VAR = re.compile(r"\$\{([^}]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -200,8 +203,6 @@ def _digest(obj: dict) -> str:
 def generated_dir(cache_dir: Path, name: str, generate: dict) -> Path:
     """The generated data of video set ``name``; the spec's annotation-only fields (the demo's
     ``events``) are left out, so the segment and point annotations of one spec share the videos."""
-    from pipeline.demo_data import ANNOTATION_FIELDS
-
     videos_spec = {k: v for k, v in generate.items() if k not in ANNOTATION_FIELDS}
     return cache_dir / "datasets" / f"{name}-{_digest(videos_spec)}"
 
