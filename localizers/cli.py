@@ -26,7 +26,7 @@ def _parser() -> CommandParser:
                    help='submission JSON: {"results": {video: [{"label", "score", "segment": [s, e]}]}}')
     p.add_argument("--subset", default=None,
                    help="evaluate the videos of this subset only (case-insensitive; default: all)")
-    p.add_argument("--tiou", default="0.3:0.7:0.1",
+    p.add_argument("--tiou", default=None,
                    help="thresholds, start:stop:step (np.linspace values, as the official evaluator) or a "
                         "comma list; THUMOS14 0.3:0.7:0.1 (default), ActivityNet 0.5:0.95:0.05")
     p.add_argument("--tolerance", default=None,
@@ -57,7 +57,7 @@ def read_detections(path: Path) -> dict:
 
 def evaluate(argv: list[str], cmd=None) -> int:
     """Entry of `pipeline evaluate localize`; `cmd` (the CLI's CommandContext) is not needed here."""
-    from localizers.anet_map import evaluate_detections
+    from localizers.anet_map import THUMOS_TIOUS, evaluate_detections
     from localizers.point_map import TOLERANCES_S, evaluate_points, parse_tolerances
     from pipeline.annotations import load_temporal
 
@@ -66,6 +66,8 @@ def evaluate(argv: list[str], cmd=None) -> int:
     gt = load_temporal(args.annotations)
     if tolerances is not None and not gt.points:
         raise ConfigError(f"--tolerance: {args.annotations} has segments, scored at tIoU thresholds (--tiou)")
+    if args.tiou is not None and gt.points:
+        raise ConfigError(f"--tiou: {args.annotations} has point events, scored at time tolerances (--tolerance)")
     detections = read_detections(args.detections)
     name = args.name or (args.annotations.name if args.annotations.is_dir() else args.annotations.stem)
     only = detections if args.only_detected else None
@@ -73,7 +75,7 @@ def evaluate(argv: list[str], cmd=None) -> int:
         result = evaluate_points(gt, detections, subset=args.subset, tolerances=tolerances or TOLERANCES_S,
                                  source=str(args.detections), only_videos=only, dataset=name)
     else:
-        result = evaluate_detections(gt, detections, subset=args.subset, tious=args.tiou,
+        result = evaluate_detections(gt, detections, subset=args.subset, tious=args.tiou or THUMOS_TIOUS,
                                      source=str(args.detections), only_videos=only, dataset=name)
     for note in result.notes():
         hint = ("; --only-detected evaluates only those" if "detections cover" in note and not args.only_detected

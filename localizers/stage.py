@@ -232,6 +232,11 @@ def evaluate(ctx: StageContext) -> dict:
     tious = params.get("tious") or (ANET_TIOUS if cfg.data.resize_to else THUMOS_TIOUS)
     ann = _annotations(ctx)
     _check_arch(cfg, ann)
+    for param, for_points in (("tious", False), ("tolerances", True)):
+        if params.get(param) is not None and ann.points != for_points:
+            raise ConfigError(f"localize_eval.{param}: {ann.path} has "
+                              + ("point events, scored at time tolerances (localize_eval.tolerances)" if ann.points
+                                 else "segments, scored at tIoU thresholds (localize_eval.tious)"))
     arch = model_module(cfg)
     if list(ann.classes) != saved["classes"]:
         raise ConfigError(f"{ann.path}: classes differ from the ones the model was trained on")

@@ -5,6 +5,8 @@ the evaluate / show / runs outputs naming tolerances instead of tIoUs."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,10 @@ def test_evaluate_runs_and_show_name_the_tolerances(points):
     out = _cli(cache, "evaluate", "localize", "--annotations", metrics["annotations"], "--detections",
                str(eval_dir / "detections.json"), "--subset", "test", "--tolerance", "2,5")
     assert out["tolerances"] == [2.0, 5.0] and out["mAP"] == metrics["mAP"][1:]
+    refused = subprocess.run([sys.executable, "-m", "pipeline", "evaluate", "localize", "--annotations",
+                              metrics["annotations"], "--detections", str(eval_dir / "detections.json"),
+                              "--tiou", "0.5"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--tiou: " in refused.stderr and "time tolerances" in refused.stderr
     runs = _cli(cache, "runs")
     row = next(r for r in runs["runs"] if r["key"] == next(s["key"] for s in first["stages"]
                                                              if s["name"] == "localize_eval"))

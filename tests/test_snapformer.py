@@ -130,6 +130,8 @@ def test_stages_train_and_evaluate_point_events(tmp_path):
     assert set(next(d for v in dets.values() for d in v)) == {"label", "score", "timestamp"}
     metrics = json.loads((ectx.out_dir / "metrics.json").read_text())
     assert metrics["tolerances"] == [1, 3] and not (ectx.out_dir / "results.pkl").exists()
+    with pytest.raises(ConfigError, match="localize_eval.tious: .* has point events, scored at time tolerances"):
+        stage.evaluate(stage_context(tmp_path, "localize_eval", "E2", {"tious": [0.5]}, ds, {"localize": train_dir}))
     # a segment model on point events, and SnapFormer on segments: one line naming the param
     with pytest.raises(ConfigError, match="localize.arch: actionformer localizes segments; .* has point events"):
         stage.train(stage_context(tmp_path, "localize", "L2", {**params, "arch": "actionformer"}, ds,
