@@ -107,7 +107,7 @@ def train(ctx: StageContext) -> dict:
                 f"boxes of {split.name} ({epochs} epochs, batch {cfg.batch_size} clips, {recipe.optimizer} "
                 f"lr {recipe.lr:g}, {device})")
         t0 = time.perf_counter()
-        times = fit(cfg, recipe, head, keyframes, source, out, log=ctx.log)
+        times = fit(cfg, recipe, head, keyframes, source, out, log=ctx.log, board_dir=ctx.board_dir)
         save_torch_atomic({"head": head.state_dict(), "config": cfg.to_json(), "class_ids": list(ids),
                            "feature_dim": feature_dim, "seconds_per_epoch": times,
                            "train_seconds": time.perf_counter() - t0}, out / MODEL_FILE)

@@ -177,16 +177,17 @@ def _probe(path: str):
     return container
 
 
-def _display_rotation(path: str) -> int:
+def _display_rotation(container) -> int:
     """Counter-clockwise degrees (0, 90, 180 or 270) the first frame's display matrix turns the coded
-    picture; other angles are rare enough to be shown as coded."""
+    picture; other angles are rare enough to be shown as coded. Decodes that frame, then rewinds."""
     import av
 
+    stream = container.streams.video[0]
     try:
-        with av.open(path) as container:
-            frame = next(container.decode(video=0), None)
+        frame = next(container.decode(stream), None)
+        container.seek(0, stream=stream)
     except (av.error.FFmpegError, OSError):
-        return 0  # the reader's own open reports what is wrong with the file
+        return 0  # reading the frames reports what is wrong with the file
     angle = int(round(getattr(frame, "rotation", 0) or 0)) % 360 if frame is not None else 0
     return angle if angle in (90, 180, 270) else 0
 
@@ -214,7 +215,7 @@ class _PyAVReader:
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = spec.num_threads
         self.stream = stream
-        self.rotation = _display_rotation(path)
+        self.rotation = _display_rotation(self.container)
         self.height, self.width = _upright(stream.codec_context.height, stream.codec_context.width, self.rotation)
         if not self.width or not self.height:
             raise DecodeError("unreadable", "the video stream has no frame size")
@@ -278,10 +279,10 @@ class _DecordReader:
 
         self.version = decord.__version__
         self.rotation = 0
-        if _display_rotation(path):
-            raise DecodeError("rotated", "decord 0.6.0 cannot apply rotation metadata (it turns and squeezes "
-                                         "the frames); decoded with pyav instead when it is listed")
         with _probe(path) as container:
+            if _display_rotation(container):
+                raise DecodeError("rotated", "decord 0.6.0 cannot apply rotation metadata (it turns and squeezes "
+                                             "the frames); decoded with pyav instead when it is listed")
             stream = container.streams.video[0]
             self.width, self.height = stream.codec_context.width, stream.codec_context.height
             declared = stream.frames

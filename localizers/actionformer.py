@@ -95,6 +95,12 @@ class LossNormalizer:
         self.value = float(init)
         self.momentum = momentum
 
+    def state_dict(self) -> float:
+        return self.value
+
+    def load_state_dict(self, value: float) -> None:
+        self.value = value
+
     def update(self, num_pos: int) -> float:
         self.value = self.momentum * self.value + (1 - self.momentum) * max(num_pos, 1)
         return self.value

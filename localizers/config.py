@@ -35,7 +35,8 @@ class ModelConfig:
     n_head: Annotated[int, Range(ge=1, le=256)] = 4
     window: tuple[int, ...] = (19,) * 6    # local attention window per level; <= 0 means global
     max_seq_len: Annotated[int, Range(ge=1, le=1 << 20)] = 2304
-    regression_ranges: tuple[tuple[NonNegative, NonNegative], ...] = DEFAULT_RANGES
+    # "auto": from the training split's segment lengths (localizers.data.auto_regression_ranges)
+    regression_ranges: tuple[tuple[NonNegative, NonNegative], ...] | Literal["auto"] = DEFAULT_RANGES
     head_layers: Annotated[int, Range(ge=1, le=64)] = 3
     head_kernel: Annotated[int, Range(ge=1, le=63)] = 3
     embed_kernel: Annotated[int, Range(ge=1, le=63)] = 3
@@ -80,6 +81,9 @@ class TrainConfig:
     # snapformer: Gaussian sigma of the heatmap targets in cells of each level; the offsets' L1 weight
     heatmap_sigma: Annotated[float, Range(gt=0, le=100)] = 1.0
     offset_loss_weight: Annotated[float, Range(ge=0, le=100)] = 1.0
+    # validation mAP@0.5 of the EMA weights on the dataset's `val` split every this many epochs (0: none)
+    val_every: Annotated[int, Range(ge=0, le=10000)] = 0
+    early_stop: Annotated[int, Range(ge=0, le=10000)] = 0  # stop after this many validations without gain (0: never)
 
     @property
     def total_epochs(self) -> int:
@@ -175,11 +179,15 @@ PRESETS: dict[str, LocalizeConfig] = {
     ),
 }
 
+# arch -> its module (full names: the stage key's code graph follows them as registry strings)
+ARCHS = {"actionformer": "localizers.actionformer", "snapformer": "localizers.snapformer"}
+
+
 def model_module(cfg: LocalizeConfig):
     """The module of the configured architecture: ``build_model``, ``compute_losses``, ``video_detections``."""
     import importlib
 
-    return importlib.import_module(f"localizers.{cfg.model.arch}")
+    return importlib.import_module(ARCHS[cfg.model.arch])
 
 
 def resolve(params: Mapping[str, Any]) -> LocalizeConfig:
@@ -210,10 +218,12 @@ def validate(cfg: LocalizeConfig) -> None:
         _check(w <= m.max_seq_len // stride, "window", f"{w} at level {level} is longer than that level's "
                f"{m.max_seq_len // stride} steps (max_seq_len {m.max_seq_len} / stride {stride}); <= 0 means global")
     ranges = m.regression_ranges
-    _check(len(ranges) == m.num_levels and all(lo < hi for lo, hi in ranges), "regression_ranges",
-           f"needs one [low, high] per level ({m.num_levels}), got {ranges!r}")
-    _check(all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), "regression_ranges",
-           f"must cover the levels without gaps (each low = the previous high), got {ranges!r}")
+    if ranges != "auto":  # auto: computed when the training split is known
+        _check(len(ranges) == m.num_levels and all(lo < hi for lo, hi in ranges), "regression_ranges",
+               f"needs one [low, high] per level ({m.num_levels}), got {ranges!r}")
+        # a segment whose centre reaches less than the first low would have no positive point at all
+        _check(ranges[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), "regression_ranges",
+               f"must cover the levels from 0 without gaps (each low = the previous high), got {ranges!r}")
     _check(m.head_kernel % 2 == 1 and m.embed_kernel % 2 == 1, "head_kernel", "kernels must be odd")
     _check(cfg.test.peak_window % 2 == 1, "peak_window", f"must be odd (a cell and its neighbours on both "
            f"sides), got {cfg.test.peak_window!r}")

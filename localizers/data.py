@@ -157,3 +157,35 @@ def batch_targets(crops: Sequence[Crop]) -> tuple[torch.Tensor, torch.Tensor, to
         labels[i, :k] = torch.from_numpy(c.labels)
         valid[i, :k] = True
     return segs, labels, valid
+
+
+# the official configs' "unbounded" upper end of the last level
+TOP_RANGE = 10000
+
+
+def auto_regression_ranges(items: Sequence[VideoItem], num_levels: int,
+                           max_seq_len: int) -> tuple[tuple[tuple[int, int], ...], list[float]]:
+    """Regression ranges (``localize.regression_ranges: auto``) from the training segments; returns the
+    ranges and the quantiles they were drawn from.
+
+    The statistic is a segment's half-length on the model's input grid (clipped to ``max_seq_len``, the
+    longest crop): what its centre point reaches, the value the target assignment compares with a level's
+    range. Level boundaries ``b_1 < ... < b_{L-1}`` are its quantiles at ``k / L``, so each level gets
+    an equal share of the segments, rounded to the nearest power of two (in log scale) and then raised
+    to at least twice the previous boundary (``b_1`` at least 2): the boundaries stay powers of two,
+    strictly increasing, and ``b_k >= 2**k``, the stride of level ``k`` (a segment regressed at a level
+    is at least one of its steps long on either side of its centre). Ranges: ``[0, b_1], [b_1, b_2],
+    ..., [b_{L-1}, 10000]`` (10000 as the official configs' open end)."""
+    lengths = np.concatenate([it.segments[:, 1] - it.segments[:, 0] for it in items])
+    if not len(lengths):
+        raise ConfigError("localize.regression_ranges: auto needs annotated segments in the training split; "
+                          "it has none")
+    half = np.minimum(lengths, max_seq_len) / 2
+    quantiles = [float(np.quantile(half, k / num_levels)) for k in range(1, num_levels)]
+    bounds: list[int] = []
+    for q in quantiles:
+        nearest = 2 ** int(round(math.log2(max(q, 1.0))))
+        bounds.append(max(nearest, 2 * (bounds[-1] if bounds else 1)))
+    top = max(TOP_RANGE, 2 * bounds[-1]) if bounds else TOP_RANGE
+    edges = [0, *bounds, top]
+    return tuple(zip(edges[:-1], edges[1:])), quantiles

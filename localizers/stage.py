@@ -94,6 +94,12 @@ def train(ctx: StageContext) -> dict:
         feature_dim = store.attrs.get("feature_dim") or store.shape(store.videos()[0])[1]
         cfg = cfg.with_dims(int(feature_dim), len(ann.classes))
         items = _items(store, videos, cfg, ann.label_index(), str(ann.path), True, ctx.log, ann.points)
+        cfg, auto_ranges = _auto_ranges(cfg, items, ctx.log)
+        val = None
+        if cfg.train.val_every:
+            val_subset, val_videos = _subset(ctx, ann, "val")
+            val_items = _items(store, val_videos, cfg, ann.label_index(), str(ann.path), False, ctx.log, ann.points)
+            val = (ann, val_subset, val_items)
     if nproc > min(cfg.train.batch_size, len(items)):
         raise ConfigError(f"localize.nproc: {nproc} processes split each batch of "
                           f"{min(cfg.train.batch_size, len(items))} videos; at most that many")
@@ -105,6 +111,7 @@ def train(ctx: StageContext) -> dict:
         "extract_dir": os.path.relpath(extract_dir, out.parent / ctx.key),
         # what made this model, by stage: `pipeline run ... --config <this file>` makes it again
         "params": dict(ctx.config),
+        **({"regression_ranges_auto": auto_ranges} if auto_ranges else {}),
     })
     device = stage_device(ctx.name, ctx.runtime, ctx.log)
     if device.type == "cuda" and nproc > torch.cuda.device_count():
@@ -115,9 +122,11 @@ def train(ctx: StageContext) -> dict:
                 f"({cfg.train.total_epochs} epochs, {device}"
                 + (f", {nproc} processes" if nproc > 1 else "") + ")")
         source = FeatureReader(extract_dir, [it.id for it in items], ctx.runtime.get("in_memory", "auto"))
-        job = (cfg, items, source, out, ctx.board_dir, list(ann.classes))
+        if val is not None:  # the val split's features, read by process 0 only
+            val = (*val, FeatureReader(extract_dir, [it.id for it in val[2]], "auto"))
+        job = (cfg, items, source, out, ctx.board_dir, list(ann.classes), val)
         if nproc == 1:
-            _fit_and_save(*job, device, ctx.log)
+            _fit_and_save(*job, device=device, log=ctx.log)
         else:
             _launch(nproc, device, max(1, torch.get_num_threads() // nproc), not ctx.options.json, job)
     last = _last_log_row(out / "train_log.csv")
@@ -138,13 +147,35 @@ def _check_arch(cfg, ann) -> None:
                                                   if ann.points else "segments"))
 
 
-def _fit_and_save(cfg, items, source, out: Path, board_dir, classes: list, device, log) -> None:
-    """Train, then write ``model.pt`` (in process 0 of a data-parallel group)."""
+def _auto_ranges(cfg, items: list, log):
+    """``regression_ranges: auto`` resolved from the training items (logged); the config and what was
+    computed (recorded in config.json), or the config unchanged and None."""
+    from dataclasses import replace
+
+    from localizers.config import validate
+    from localizers.data import auto_regression_ranges
+
+    m = cfg.model
+    if m.regression_ranges != "auto":
+        return cfg, None
+    ranges, quantiles = auto_regression_ranges(items, m.num_levels, m.max_seq_len)
+    segments = sum(len(it.segments) for it in items)
+    log(f"localize: regression_ranges auto from {segments} training segments: half-length quantiles "
+        f"{', '.join(f'{q:.1f}' for q in quantiles)} -> {[list(r) for r in ranges]}")
+    cfg = replace(cfg, model=replace(m, regression_ranges=ranges))
+    validate(cfg)
+    return cfg, {"ranges": [list(r) for r in ranges], "segments": segments, "half_length_quantiles": quantiles}
+
+
+def _fit_and_save(cfg, items, source, out: Path, board_dir, classes: list, val=None, *, device, log) -> None:
+    """Train, then write ``model.pt`` (in process 0 of a data-parallel group). ``val``: None, or the
+    annotations, subset, items and feature source of the periodic validation."""
     from torch import distributed as dist
 
     from localizers.train import fit
 
-    result = fit(cfg, items, source, out, device=device, log=log, board_dir=board_dir)
+    validate = _validator(cfg, *val, device) if val is not None else None
+    result = fit(cfg, items, source, out, device=device, log=log, board_dir=board_dir, validate=validate)
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     save_torch_atomic({"model": result.model.state_dict(), "ema": result.ema.state_dict(), "steps": result.steps,
@@ -188,9 +219,28 @@ def _fit_rank(device_type: str, threads: int, verbose: bool, job: tuple) -> None
     try:
         loud = verbose and dist.get_rank() == 0
         log = (lambda m: print(m, file=sys.stderr, flush=True)) if loud else (lambda m: None)
-        _fit_and_save(*job, device, log)
+        _fit_and_save(*job, device=device, log=log)
     finally:
         dist.destroy_process_group()
+
+
+def _validator(cfg, ann, subset: str, items: list, source, device):
+    """EMA weights -> mAP@0.5 on the ``val`` split (the periodic validation of training); for point
+    events, the spotting mAP averaged over the default tolerances."""
+    from localizers.anet_map import evaluate_detections
+    from localizers.config import model_module
+    from localizers.point_map import evaluate_points
+
+    arch = model_module(cfg)
+
+    def metric(model) -> float:
+        dets = {it.id: arch.video_detections(model, source, it, cfg.test, ann.classes, device=device)
+                for it in items}
+        if ann.points:
+            return evaluate_points(ann, dets, subset=subset, only_videos=dets).average_mAP
+        return float(evaluate_detections(ann, dets, subset=subset, tious=[0.5], only_videos=dets).mAP[0])
+
+    return metric
 
 
 def _last_log_row(path: Path) -> dict:

@@ -29,21 +29,20 @@ def stage_key(material: Mapping[str, Any]) -> str:
     return digest(material, 24)
 
 
-def code_files(package_paths: list[Path], index) -> dict[str, str]:
-    """``package/relative/file.py`` -> content digest for every Python source file of the packages."""
-    paths: list[tuple[str, str]] = []
-    for pkg in package_paths:
-        if pkg.is_file():
-            paths.append((pkg.name, str(pkg)))
-            continue
-        for dirpath, dirnames, filenames in os.walk(pkg):
-            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__" and not d.startswith("."))
-            for fn in filenames:
-                if fn.endswith(".py"):
-                    full = os.path.join(dirpath, fn)
-                    paths.append((os.path.relpath(full, pkg.parent), full))
-    digests = index.fingerprints(full for _, full in paths)
-    return {rel: digests[os.path.abspath(full)] for rel, full in sorted(paths)}
+def code_files(files: list[Path], index) -> dict[str, str]:
+    """``package/relative/file.py`` -> content digest of each file (``files`` lie in packages whose
+    parent directory is the root the relative names start from)."""
+    digests = index.fingerprints(files)
+    return {_package_relative(f): digests[os.path.abspath(f)] for f in files}
+
+
+def _package_relative(path: Path) -> str:
+    """``localizers/nms.py`` for ``<root>/localizers/nms.py``: the path below the outermost directory
+    that still holds an ``__init__.py``."""
+    top = path.parent
+    while (top.parent / "__init__.py").is_file():
+        top = top.parent
+    return path.relative_to(top.parent if (top / "__init__.py").is_file() else path.parent).as_posix()
 
 
 def records_digest(records: Mapping[str, Mapping]) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cache import Cache, remove_leftovers
+from pipeline.code_graph import reachable_modules
 from pipeline.context import Item, RunOptions, StageContext
 from pipeline.datasets import Dataset, ensure_generated, list_items, load_dataset
 from pipeline.errors import ConfigError, PipelineError, WorkFailed, environment_fault
@@ -339,14 +340,14 @@ class Planner:
                 "annotations": self.annotations_fingerprint()}
 
     def _code_files(self, spec: StageSpec) -> dict[str, str]:
-        paths = [self.ws.graph.locate_package(spec.name, pkg) for pkg in spec.code]
-        files = code_files(paths, self.ws.index)
-        module = spec.entry.split(":")[0]
-        origin = locate_module(module, self.ws.graph.search_path())
-        if origin is not None and origin.is_file():
-            rel = module.replace(".", "/") + ("/__init__.py" if origin.name == "__init__.py" else ".py")
-            files.setdefault(rel, self.ws.index.fingerprint(origin))
-        return dict(sorted(files.items()))
+        """The source files of ``spec.code`` its entry can reach (pipeline.code_graph) by digest."""
+        packages = {pkg: self.ws.graph.locate_package(spec.name, pkg) for pkg in spec.code}
+        entry_module = spec.entry.split(":")[0]
+        top = entry_module.split(".")[0]
+        if top not in packages and (origin := locate_module(top, self.ws.graph.search_path())) is not None:
+            packages[top] = origin.parent if origin.name == "__init__.py" else origin
+        files = list(reachable_modules(spec.entry, packages).values())
+        return dict(sorted(code_files(files, self.ws.index).items()))
 
     def _file_param(self, spec: StageSpec, where: str, value: Any, as_key: bool) -> Any:
         """A file param (a path, or a mapping / list of paths such as two-stream weights) with every
@@ -565,6 +566,20 @@ def _load_entry(graph: StageGraph, spec: StageSpec):
                           f"{type(exc).__name__}: {exc}") from exc
 
 
+def _unhashed_modules(new_modules: set[str], code_files: dict[str, str], packages: list[str]) -> list[str]:
+    """Source files of the stage's ``code`` packages that it imported while running but that its key
+    does not hash."""
+    missed = []
+    for name in sorted(new_modules):
+        inside = any(name == p or name.startswith(p + ".") for p in packages)
+        if not inside or getattr(sys.modules.get(name), "__file__", None) is None:
+            continue
+        rel = name.replace(".", "/") + ("/__init__.py" if sys.modules[name].__file__.endswith("__init__.py") else ".py")
+        if rel not in code_files:
+            missed.append(rel)
+    return missed
+
+
 def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, states: dict[str, StageState],
              options: RunOptions, force: bool) -> StageReport:
     fn = _load_entry(ws.graph, spec)
@@ -591,8 +606,12 @@ def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, s
     try:
         for name, path, why in st.unusable:  # into the failures file; the videos go on
             ctx.item_failed(Item(name, Path(path), ""), "unusable_file", why)
+        loaded_before = set(sys.modules)
         with quiet_stdout:
             result = fn(ctx)
+        unhashed = _unhashed_modules(set(sys.modules) - loaded_before, st.code_files, spec.code)
+        if unhashed:  # the static import graph missed them: edits there would not rerun this stage
+            ctx.log(f"warning: {spec.name} ran code outside its key: {', '.join(unhashed)}")
         if result is not None and not isinstance(result, dict):
             raise TypeError(f"stage entry {spec.entry} returned {type(result).__name__}, expected a dict or None")
         result = json.loads(json.dumps(result or {}, default=str))
@@ -615,6 +634,7 @@ def _execute(ws: Workspace, planner: Planner, spec: StageSpec, st: StageState, s
     manifest = {
         "stage": spec.name, "key": st.key, "dataset": planner.dataset.name, "params": st.params,
         "runtime": st.runtime, "inputs": st.material, "code_files": st.code_files, "result": result,
+        **({"code_unhashed": unhashed} if unhashed else {}),
         "timings": {"started": started, "finished": finished, "seconds": round(finished - started, 3)},
         "finished": finished, "upstream": {n: str(states[n].dir) for n in spec.needs},
     }

@@ -124,6 +124,17 @@ def test_code_edit_makes_stage_stale_and_status_names_the_file(toy):
     assert statuses(out) == {"upper": "cached", "total": "ran"}
 
 
+def test_an_edit_the_entry_cannot_reach_keeps_the_stage_done(toy):
+    """A plot or CLI module of the same package is not code the stage runs: editing it retrains nothing."""
+    toy.write("toytotal/plots.py", "def draw(value):\n    return value\n")
+    first = toy.run()
+    toy.write("toytotal/plots.py", "def draw(value):\n    return 2 * value  # another figure\n")
+    assert toy.status()["total"]["state"] == "done"
+    again = toy.run()
+    assert statuses(again) == {"upper": "cached", "total": "cached"}
+    assert again["by_stage"]["total"]["key"] == first["by_stage"]["total"]["key"]
+
+
 def test_file_params_enter_the_key_by_content(toy):
     weights = toy.write("w1.pt", "weights v1")
     first = toy.run("--set", f"upper.weights={weights}", stage="upper")

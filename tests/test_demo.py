@@ -72,6 +72,9 @@ def test_first_run_generates_extracts_trains_and_finds_the_actions(demo):
     extract = next(s for s in first["stages"] if s["name"] == "extract")
     assert extract["items"]["done"] == 16 and extract["items"]["failed"] == 0
     assert _map_at(first, 0.5) >= MIN_MAP_AT_05
+    for stage in first["stages"]:  # every module a stage ran is in its key (pipeline.code_graph)
+        manifest = json.loads((Path(stage["dir"]) / "manifest.json").read_text())
+        assert "code_unhashed" not in manifest and manifest["code_files"], stage["name"]
 
 
 def test_second_run_does_no_work(demo):
