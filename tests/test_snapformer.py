@@ -119,9 +119,13 @@ def test_trains_on_synthetic_points_and_beats_a_trivial_baseline(tmp_path):
 def test_stages_train_and_evaluate_point_events(tmp_path):
     ds, extract_dir = write_dataset(tmp_path, onsets(make_videos(8, 0)), onsets(make_videos(3, 1)), points=True)
     params = {"preset": "demo", "epochs": 1, "warmup_epochs": 1, "embed_dim": 16, "arch": "snapformer"}
-    ctx = stage_context(tmp_path, "localize", "L1", params, ds, {"extract": extract_dir})
+    # periodic validation scores the events too (the spotting mAP, logged as val_mAP)
+    val_ds = replace(ds, splits={**ds.splits, "val": "test"})
+    ctx = stage_context(tmp_path, "localize", "L1", {**params, "val_every": 1}, val_ds, {"extract": extract_dir})
     assert stage.train(ctx)["videos"] == 8
     train_dir = finish(ctx)
+    with open(train_dir / "train_log.csv") as f:
+        assert all(0 <= float(row["val_mAP"]) <= 1 for row in csv.DictReader(f))
     ectx = stage_context(tmp_path, "localize_eval", "E1", {"split": "test", "weights": "model",
                                                            "tolerances": [1, 3]}, ds, {"localize": train_dir})
     out = stage.evaluate(ectx)
