@@ -15,7 +15,7 @@ from torch import nn
 
 from localizers.assign import assign_targets
 from localizers.backbone import ConvTransformerBackbone
-from localizers.config import ModelConfig, TestConfig, TrainConfig
+from localizers.config import LocalizeConfig, ModelConfig, TestConfig, TrainConfig
 from localizers.heads import ClsHead, RegHead, run_heads
 from localizers.losses import (distribution_focal_loss, iou_loss_1d, offsets_iou, quality_focal_loss,
                                sigmoid_focal_loss)
@@ -59,6 +59,10 @@ class ActionFormer(nn.Module):
         lengths = [f.shape[1] for f in levels]
         points = make_points(lengths, self.cfg.strides, self.cfg.regression_ranges, feats.device)
         return Outputs(logits, offsets, out_mask, points, lengths)
+
+
+def build_model(cfg: LocalizeConfig | ModelConfig) -> ActionFormer:
+    return ActionFormer(cfg.model if isinstance(cfg, LocalizeConfig) else cfg)
 
 
 def padded_length(lengths: list[int], cfg: ModelConfig, training: bool) -> int:

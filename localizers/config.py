@@ -24,9 +24,9 @@ DEFAULT_RANGES = ((0, 4), (4, 8), (8, 16), (16, 32), (32, 64), (64, 10000))
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # the model class (localizers/models.py): actionformer, or tbtformer (a distribution over reg_max + 1
-    # bins per boundary, trained with the distribution focal loss)
-    model: Literal["actionformer", "tbtformer"] = "actionformer"
+    # the model (localizers/models.py): actionformer; tbtformer (a distribution over reg_max + 1 bins per
+    # boundary, trained with the distribution focal loss); snapformer (point events: heatmaps)
+    model: Literal["actionformer", "tbtformer", "snapformer"] = "actionformer"
     input_dim: Positive | Literal["auto"] = "auto"    # "auto": the feature store's feature_dim
     num_classes: Positive | Literal["auto"] = "auto"  # "auto": the annotated classes; 1: class-agnostic
     # embd_dim = fpn_dim = head_dim in the official configs
@@ -89,6 +89,9 @@ class TrainConfig:
     focal_gamma: Annotated[float, Range(ge=0, le=10)] = 2.0
     seed: Annotated[int, Range(ge=0, le=2**32 - 1, why="numpy seeds are 32-bit")] = 1234567891
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA and on AMX CPUs
+    # snapformer: Gaussian sigma of the heatmap targets in cells of each level; the offsets' L1 weight
+    heatmap_sigma: Annotated[float, Range(gt=0, le=100)] = 1.0
+    offset_loss_weight: Annotated[float, Range(ge=0, le=100)] = 1.0
     # validation mAP@0.5 of the EMA weights on the dataset's `val` split every this many epochs (0: none)
     val_every: Annotated[int, Range(ge=0, le=10000)] = 0
     early_stop: Annotated[int, Range(ge=0, le=10000)] = 0  # stop after this many validations without gain (0: never)
@@ -129,6 +132,10 @@ class TestConfig:
     min_gap: Annotated[tuple[Annotated[float, Range(ge=0)], ...], Len(min=1)] = (0.0,)
     ext_score_file: str | None = None      # video-level class scores to fuse (ActivityNet)
     ext_score_topk: Annotated[int, Range(ge=1)] = 2
+    # snapformer: a peak is a local maximum over peak_window cells of its level; peaks of one class
+    # within peak_radius input steps (one event seen by several levels) are merged into the best
+    peak_window: Annotated[int, Range(ge=1, le=63)] = 3
+    peak_radius: Annotated[float, Range(ge=0)] = 2.0
 
 
 @dataclass(frozen=True)
@@ -227,6 +234,8 @@ def validate(cfg: LocalizeConfig) -> None:
         _check(ranges[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), "regression_ranges",
                f"must cover the levels from 0 without gaps (each low = the previous high), got {ranges!r}")
     _check(m.head_kernel % 2 == 1 and m.embed_kernel % 2 == 1, "head_kernel", "kernels must be odd")
+    _check(cfg.test.peak_window % 2 == 1, "peak_window", f"must be odd (a cell and its neighbours on both "
+           f"sides), got {cfg.test.peak_window!r}")
     _check(d.crop_ratio is None or d.crop_ratio[0] <= d.crop_ratio[1], "crop_ratio",
            f"must be [low, high] with low <= high, got {d.crop_ratio!r}")
     _check(d.resize_to is None or d.resize_to == m.max_seq_len, "resize_to",
@@ -282,6 +291,8 @@ class EvalParams:
     weights: Literal["ema", "model"] = "ema"
     checkpoint: str | None = None                    # a checkpoint file to evaluate instead
     tious: Annotated[tuple[Fraction, ...], Len(min=1)] | None = None  # null: the protocol's
+    # point events (snapformer): time tolerances in seconds; null: 1, 2, 5
+    tolerances: Annotated[tuple[Annotated[float, Range(gt=0, le=3600)], ...], Len(min=1)] | None = None
     test: TestConfig = TestConfig()
 
 

@@ -66,7 +66,8 @@ def read_features(source: FeatureSource, item: VideoItem, start: int | None = No
 def make_item(vid: str, shape: tuple[int, int], grid: TimeGrid, duration: float | None,
               segments_s: np.ndarray, labels: Sequence[str], label_index: Mapping[str, int], input_dim: int,
               min_length: int, resize_to: int | None = None, where: str = "annotations",
-              check_segments: bool = True, outside: str = "error", features: str = "features") -> VideoItem:
+              check_segments: bool = True, outside: str = "error", features: str = "features",
+              points: bool = False) -> VideoItem:
     """Validate one video and map its annotation onto the feature grid; ConfigError names video and field
     (``where``: the annotation file, ``features``: the feature store).
 
@@ -74,7 +75,7 @@ def make_item(vid: str, shape: tuple[int, int], grid: TimeGrid, duration: float 
     may be shorter than the coarsest FPN stride as stored. ``check_segments=False`` for test videos:
     their ground truth goes to the evaluator untouched (the official THUMOS14 test set has segments past
     the end of their videos). ``outside="drop"`` leaves segments outside the video out instead of failing
-    on them."""
+    on them. ``points``: the annotations are point events, ``[t, t]``, which are not empty segments."""
     length, dim = shape
     if dim != input_dim:
         raise ConfigError(f"{features}: video {vid}: feature dimension {dim} != localize.input_dim {input_dim}")
@@ -93,7 +94,7 @@ def make_item(vid: str, shape: tuple[int, int], grid: TimeGrid, duration: float 
         ids[i] = label_index[label]
     keep = np.ones(len(segments_s), dtype=bool)
     for i, (start, end) in enumerate(segments_s if check_segments else ()):
-        if start < -END_TOLERANCE_S or end > duration + END_TOLERANCE_S or end <= start:
+        if start < -END_TOLERANCE_S or end > duration + END_TOLERANCE_S or end < start or (end == start and not points):
             if outside == "drop":
                 keep[i] = False
                 continue
@@ -137,6 +138,7 @@ def random_crop(item: VideoItem, max_seq_len: int, trunc_thresh: float, crop_rat
         left = np.maximum(start - slack, segs[:, 0])
         right = np.minimum(start + window + slack, segs[:, 1])
         keep = (np.clip(right - left, 0, None) / np.maximum(area, 1e-12)) >= trunc_thresh
+        keep |= (area == 0) & (left <= right)  # a point event: kept when inside the window
         if keep.any() or len(segs) == 0:
             break
     kept = np.stack((left[keep], right[keep]), 1).astype(np.float32) - start

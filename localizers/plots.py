@@ -65,13 +65,22 @@ def draw_timeline(path: Path, video_id: str, duration: float, classes: Sequence[
         2, 1, figsize=(11, 1.2 + 0.55 * len(classes) + 2.6), sharex=True,
         gridspec_kw={"height_ratios": [0.55 * len(classes) + 0.4, 2.6]})
     for label, start, end in ground_truth:
+        if end == start:  # a point event: a tick, not a bar of no width
+            ax_seg.plot([start, start], [row[label] + 0.08, row[label] + 0.46], color=GT_COLOUR, linewidth=2.2)
+            ax_seg.plot([start, start], [row[label] + 0.08, row[label] + 0.46], color=colours[label], linewidth=1.2)
+            continue
         ax_seg.add_patch(Rectangle((start, row[label] + 0.08), end - start, 0.38, color=colours[label]))
         ax_seg.add_patch(Rectangle((start, row[label] + 0.08), end - start, 0.38, fill=False,
                                    edgecolor=GT_COLOUR, linewidth=0.8))
     # Weakest first, so strong predictions are drawn on top.
     for label, score, start, end in sorted(predictions, key=lambda p: p[1]):
-        ax_seg.add_patch(Rectangle((start, row[label] + 0.54), end - start, 0.38,
-                                   color=colours[label], alpha=float(np.clip(score, 0.1, 1.0)), linewidth=0))
+        alpha = float(np.clip(score, 0.1, 1.0))
+        if end == start:
+            ax_seg.plot([start, start], [row[label] + 0.54, row[label] + 0.92], color=colours[label], alpha=alpha,
+                        linewidth=1.6)
+        else:
+            ax_seg.add_patch(Rectangle((start, row[label] + 0.54), end - start, 0.38,
+                                       color=colours[label], alpha=alpha, linewidth=0))
         ax_seg.text(start, row[label] + 0.9, f"{score:.2f}", fontsize=6, va="bottom")
     ax_seg.set_ylim(len(classes), 0)
     ax_seg.set_yticks(np.arange(len(classes)) + 0.5, list(classes))
@@ -95,14 +104,19 @@ def draw_timeline(path: Path, video_id: str, duration: float, classes: Sequence[
 
 @_quiet
 def draw_pr_curves(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                   tious: Sequence[float], ap: np.ndarray) -> None:
-    """One panel per class, one precision-recall curve per tIoU threshold; ``ap`` (n_tiou, n_class)
-    in the order of ``curves``."""
+                   tious: Sequence[float], ap: np.ndarray, tolerances: bool = False) -> None:
+    """One panel per class, one precision-recall curve per tIoU threshold (``tolerances``: per time
+    tolerance in seconds, point events); ``ap`` (n_threshold, n_class) in the order of ``curves``."""
     colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, len(tious)))
-    panels = [(name, [(precision[i], recall[i], colours[i], f"tIoU {t:.2f}: AP {100 * ap[i, k]:.1f}")
+    panels = [(name, [(precision[i], recall[i], colours[i], f"{_threshold(t, tolerances)}: AP {100 * ap[i, k]:.1f}")
                       for i, t in enumerate(tious) if precision.size])
               for k, (name, (precision, recall)) in enumerate(curves.items())]
-    _pr_panels(path, "Precision-recall per class at each tIoU threshold", panels)
+    kind = "time tolerance" if tolerances else "tIoU threshold"
+    _pr_panels(path, f"Precision-recall per class at each {kind}", panels)
+
+
+def _threshold(t: float, tolerances: bool) -> str:
+    return f"tolerance {t:g} s" if tolerances else f"tIoU {t:.2f}"
 
 
 @_quiet
@@ -120,8 +134,10 @@ def draw_pr_compare(path: Path, classes: Sequence[str], results: Mapping, tiou_i
                     lines.append((precision[tiou_index], recall[tiou_index], colours(j % 10),
                                   f"{label}: AP {100 * r.ap[tiou_index, r.classes.index(name)]:.1f}"))
         panels.append((name, lines))
-    tiou = next(iter(results.values())).tious[tiou_index]
-    _pr_panels(path, f"Precision-recall per class at tIoU {tiou:.2f}", panels)
+    first = next(iter(results.values()))
+    points = hasattr(first, "tolerances")  # point events (localizers.point_map.PointMapResult)
+    threshold = (first.tolerances if points else first.tious)[tiou_index]
+    _pr_panels(path, f"Precision-recall per class at {_threshold(threshold, points)}", panels)
 
 
 def _pr_panels(path: Path, title: str, panels: Sequence[tuple[str, Sequence[tuple]]]) -> None:

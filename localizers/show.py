@@ -92,7 +92,9 @@ def _timeline(cmd, dataset, args, gt, detections, video: str, plots) -> None:
     ann = gt.videos[video]
     truth = [(label, float(s), float(e)) for label, (s, e) in zip(ann.labels, ann.segments)]
     ranked = sorted(detections.get(video, []), key=lambda d: -d["score"])
-    predicted = [(d["label"], float(d["score"]), float(d["segment"][0]), float(d["segment"][1]))
+    # a point event ("timestamp") as the segment [t, t], as the annotations hold it
+    predicted = [(d["label"], float(d["score"]), *(map(float, d["segment"]) if "segment" in d else
+                                                    (float(d["timestamp"]),) * 2))
                  for d in ranked if d["score"] >= args.min_score][:args.top_k]
     # only the classes this video is about: an ActivityNet timeline of 200 rows was 12518 px tall
     shown = _pick_classes(args.classes, gt.classes) or \
@@ -111,16 +113,25 @@ def _pick_classes(spec: str | None, known) -> list[str] | None:
     return wanted
 
 
-def _pr(eval_dir: Path, dataset, gt, detections, path: Path, plots, classes: str | None) -> None:
+def _evaluate(gt, detections, metrics: dict, subset: str | None):
+    """The detections scored again as ``metrics`` (a metrics.json) scored them: tIoU or time tolerances."""
     from localizers.anet_map import evaluate_detections
+    from localizers.point_map import evaluate_points
 
-    tious = json.loads((eval_dir / "metrics.json").read_text())["tious"]
-    subset = (dataset.splits or {}).get("test")
-    result = evaluate_detections(gt, detections, subset=subset, tious=tious, only_videos=detections)
+    if "tolerances" in metrics:
+        return evaluate_points(gt, detections, subset=subset, tolerances=metrics["tolerances"], only_videos=detections)
+    return evaluate_detections(gt, detections, subset=subset, tious=metrics["tious"], only_videos=detections)
+
+
+def _pr(eval_dir: Path, dataset, gt, detections, path: Path, plots, classes: str | None) -> None:
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    result = _evaluate(gt, detections, metrics, (dataset.splits or {}).get("test"))
     names = _pick_classes(classes, result.classes) or _most_annotated(result)
     keep = [result.classes.index(c) for c in names]
     curves = result.pr_curves()
-    plots.draw_pr_curves(path, {c: curves[c] for c in names}, result.tious, result.ap[:, keep])
+    points = "tolerances" in metrics
+    plots.draw_pr_curves(path, {c: curves[c] for c in names}, result.tolerances if points else result.tious,
+                         result.ap[:, keep], tolerances=points)
 
 
 def _most_annotated(result, limit: int = 12) -> list[str]:
@@ -147,7 +158,6 @@ def compare_plot(argv: list[str], cmd) -> int:
         print(f"{PROG}: matplotlib is not installed; {INSTALL_HINT}", file=sys.stderr)
         return 2
     from localizers import plots
-    from localizers.anet_map import evaluate_detections
     from pipeline.annotations import load_temporal
 
     results = {}
@@ -157,11 +167,12 @@ def compare_plot(argv: list[str], cmd) -> int:
         if "annotations" not in metrics:
             raise ConfigError(f"{d}: metrics.json predates compare plots; rerun the evaluation (--force)")
         detections = json.loads((Path(d) / "detections.json").read_text())["results"]
-        results[label] = evaluate_detections(load_temporal(metrics["annotations"]), detections,
-                                             subset=metrics["subset"], tious=metrics["tious"], only_videos=detections)
+        results[label] = _evaluate(load_temporal(metrics["annotations"]), detections, metrics, metrics["subset"])
     first = next(iter(results.values()))
+    if len({type(r) for r in results.values()}) > 1:
+        raise ConfigError("pipeline compare --plot: the runs score segments and point events: no common curve")
     names = _pick_classes(args.classes, first.classes) or _most_annotated(first)
-    mid = len(first.tious) // 2
+    mid = len(first.ap) // 2
     plots.draw_pr_compare(args.out, names, {label: r for label, r in results.items()}, mid)
     print(f"wrote {args.out}")
     return 0

@@ -10,7 +10,9 @@ launcher (what ``torchrun`` runs): gloo on CPU, nccl on CUDA with one GPU per pr
 (the CLI on every process, ``pipeline.distributed``) rank 0 runs this stage and every rank trains.
 Outputs of ``localize_eval``: ``detections.json`` (ActivityNet submission format), the same
 detections as ``results.pkl`` (ActionFormer's) and ``detections_thumos14.txt`` (THUMOS14's evaluator),
-and ``metrics.json`` (mAP per tIoU and per-class AP over the videos that have features).
+and ``metrics.json`` (mAP per tIoU and per-class AP over the videos that have features). With point-event
+annotations (SnapFormer): ``detections.json`` holds ``{"label", "score", "timestamp"}`` events and
+``metrics.json`` the spotting mAP per time tolerance (``localizers.point_map``).
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def _subset(ctx: StageContext, ann, split: str) -> tuple[str, dict]:
     return splits[split], videos
 
 
-def _items(store, videos: Mapping, cfg, label_index, where: str, check_segments: bool, log) -> list:
+def _items(store, videos: Mapping, cfg, label_index, where: str, check_segments: bool, log,
+           ann_points: bool = False) -> list:
     from localizers.data import make_item
 
     present = [vid for vid in sorted(videos) if vid in store]
@@ -65,7 +68,7 @@ def _items(store, videos: Mapping, cfg, label_index, where: str, check_segments:
     items = [make_item(vid, store.shape(vid), store.grid(vid), videos[vid].duration, videos[vid].segments,
                        videos[vid].labels, label_index, cfg.model.input_dim, cfg.model.strides[-1],
                        cfg.data.resize_to, where=where, check_segments=check_segments,
-                       outside=cfg.data.segments_outside, features=str(store.path))
+                       outside=cfg.data.segments_outside, features=str(store.path), points=ann_points)
              for vid in present]
     dropped = sum(len(videos[vid].segments) for vid in present) - sum(len(item.segments) for item in items)
     if dropped:
@@ -87,17 +90,18 @@ def train(ctx: StageContext) -> dict:
     procs = max(nproc, world)
     cfg = resolve(ctx.params)
     ann = _annotations(ctx)
+    _check_model(cfg, ann)
     subset, videos = _subset(ctx, ann, "train")
     extract_dir = Path(ctx.upstream["extract"])
     with open_stage_store(extract_dir) as store:  # training reads through its own FeatureReader
         feature_dim = store.attrs.get("feature_dim") or store.shape(store.videos()[0])[1]
         cfg = cfg.with_dims(int(feature_dim), len(ann.classes))
-        items = _items(store, videos, cfg, ann.label_index(), str(ann.path), True, ctx.log)
+        items = _items(store, videos, cfg, ann.label_index(), str(ann.path), True, ctx.log, ann.points)
         cfg, auto_ranges = _auto_ranges(cfg, items, ctx.log)
         val = None
         if cfg.train.val_every:
             val_subset, val_videos = _subset(ctx, ann, "val")
-            val_items = _items(store, val_videos, cfg, ann.label_index(), str(ann.path), False, ctx.log)
+            val_items = _items(store, val_videos, cfg, ann.label_index(), str(ann.path), False, ctx.log, ann.points)
             val = (ann, val_subset, val_items)
     if procs > min(cfg.train.batch_size, len(items)):
         raise ConfigError(f"{'torchrun' if world > 1 else 'localize.nproc'}: {procs} processes split each batch "
@@ -133,10 +137,21 @@ def train(ctx: StageContext) -> dict:
         else:
             _launch(nproc, device, threads, not ctx.options.json, job)
     last = _last_log_row(out / "train_log.csv")
-    summary = (f"localize: {cfg.preset}, {len(items)} training videos, {cfg.train.total_epochs} epochs, "
+    model = "" if cfg.model.model == "actionformer" else f" ({cfg.model.model})"
+    summary = (f"localize: {cfg.preset}{model}, {len(items)} training videos, {cfg.train.total_epochs} epochs, "
                f"final loss {float(last.get('loss', 'nan')):.4f}")
     return {"summary": summary, "videos": len(items), "epochs": cfg.train.total_epochs,
             "final_loss": float(last.get("loss", "nan"))}
+
+
+def _check_model(cfg, ann) -> None:
+    """Segments need a segment model, point events (``timestamp``) SnapFormer."""
+    points = cfg.model.model == "snapformer"
+    if points != ann.points:
+        raise ConfigError(f"localize.model: {cfg.model.model} "
+                          + ("spots point events; " if points else "localizes segments; ")
+                          + f"{ann.path} has " + ("point events ('timestamp'): --set localize.model=snapformer"
+                                                  if ann.points else "segments"))
 
 
 def _auto_ranges(cfg, items: list, log):
@@ -217,12 +232,19 @@ def _fit_rank(device_type: str, threads: int, verbose: bool, job: tuple) -> None
 
 
 def _validator(cfg, ann, subset: str, items: list, source, device):
-    """EMA weights -> mAP@0.5 on the ``val`` split (the periodic validation of training)."""
-    from localizers.actionformer import video_detections
+    """EMA weights -> mAP@0.5 on the ``val`` split (the periodic validation of training); for point
+    events, the spotting mAP averaged over the default tolerances."""
     from localizers.anet_map import evaluate_detections
+    from localizers.models import model_module
+    from localizers.point_map import evaluate_points
+
+    arch = model_module(cfg)
 
     def metric(model) -> float:
-        dets = {it.id: video_detections(model, source, it, cfg.test, ann.classes, device=device) for it in items}
+        dets = {it.id: arch.video_detections(model, source, it, cfg.test, ann.classes, device=device)
+                for it in items}
+        if ann.points:
+            return evaluate_points(ann, dets, subset=subset, only_videos=dets).average_mAP
         return float(evaluate_detections(ann, dets, subset=subset, tious=[0.5], only_videos=dets).mAP[0])
 
     return metric
@@ -241,13 +263,14 @@ def _last_log_row(path: Path) -> dict:
 def evaluate(ctx: StageContext) -> dict:
     from dataclasses import replace
 
-    from localizers.actionformer import load_video_scores, video_detections
+    from localizers.actionformer import load_video_scores
     from localizers.anet_map import ANET_TIOUS, THUMOS_TIOUS, evaluate_detections
+    from localizers.point_map import TOLERANCES_S, evaluate_points
     from localizers.checkpoint_compat import load_checkpoint
     from pipeline.untrusted import load_torch
     from localizers.config import LocalizeConfig, validate
     from localizers.formats import write_results_pickle, write_thumos_txt
-    from localizers.models import build_model
+    from localizers.models import model_module
     from localizers.train import ema_warning
     from pipeline.schema import apply
     from pipeline.store import open_stage_store
@@ -266,13 +289,20 @@ def evaluate(ctx: StageContext) -> dict:
                           "video-level class scores to label its detections")
     tious = params.get("tious") or (ANET_TIOUS if cfg.data.resize_to else THUMOS_TIOUS)
     ann = _annotations(ctx)
+    _check_model(cfg, ann)
+    for param, for_points in (("tious", False), ("tolerances", True)):
+        if params.get(param) is not None and ann.points != for_points:
+            raise ConfigError(f"localize_eval.{param}: {ann.path} has "
+                              + ("point events, scored at time tolerances (localize_eval.tolerances)" if ann.points
+                                 else "segments, scored at tIoU thresholds (localize_eval.tious)"))
+    arch = model_module(cfg)
     if list(ann.classes) != saved["classes"]:
         raise ConfigError(f"{ann.path}: classes differ from the ones the model was trained on")
     subset, videos = _subset(ctx, ann, split)
     with open_stage_store(train_dir / saved["extract_dir"]) as store:
-        items = _items(store, videos, cfg, ann.label_index(), str(ann.path), False, ctx.log)
+        items = _items(store, videos, cfg, ann.label_index(), str(ann.path), False, ctx.log, ann.points)
         device = stage_device(ctx.name, ctx.runtime, ctx.log)
-        model = build_model(cfg).to(device).eval()
+        model = arch.build_model(cfg).to(device).eval()
         # an official epoch_034.pth.tar (or another model.pt) may replace the trained weights
         checkpoint = Path(params.get("checkpoint") or train_dir / MODEL_FILE)
         if not checkpoint.is_file():
@@ -282,21 +312,26 @@ def evaluate(ctx: StageContext) -> dict:
         if weights == "ema" and (note := ema_warning(state.get("steps"), cfg.train.ema_decay)):
             ctx.log(f"localize_eval: warning: {note}")
         ext = load_video_scores(cfg.test.ext_score_file, ann.classes) if cfg.test.ext_score_file else None
-        results = {item.id: video_detections(model, store, item, cfg.test, ann.classes, ext, device)
+        results = {item.id: arch.video_detections(model, store, item, cfg.test, ann.classes, ext, device)
                    for item in ctx.progress(items, total=len(items), desc="localize_eval", unit="video")}
     out = Path(ctx.out_dir)
     write_json_atomic(out / "detections.json", {"version": "VERSION 1.3", "results": results, "external_data": {}})
-    write_results_pickle(out / "results.pkl", results, ann.classes)
-    write_thumos_txt(out / "detections_thumos14.txt", results, ann.classes)
     # Videos without features have no detections: evaluated, they would count as misses of the model.
-    metrics = evaluate_detections(ann, results, subset=subset, tious=tious, only_videos=results,
-                                  dataset=ctx.dataset.name)
+    if ann.points:  # events, not segments: the segment formats (pickle, THUMOS14 text) do not apply
+        metrics = evaluate_points(ann, results, subset=subset, only_videos=results, dataset=ctx.dataset.name,
+                                  tolerances=params.get("tolerances") or TOLERANCES_S)
+        headline = {f"mAP@{t:g}s": m for t, m in zip(metrics.tolerances, metrics.mAP.tolist())}
+    else:
+        write_results_pickle(out / "results.pkl", results, ann.classes)
+        write_thumos_txt(out / "detections_thumos14.txt", results, ann.classes)
+        metrics = evaluate_detections(ann, results, subset=subset, tious=tious, only_videos=results,
+                                      dataset=ctx.dataset.name)
+        headline = {"mAP@0.5": dict(zip([round(t, 2) for t in metrics.tious], metrics.mAP.tolist())).get(0.5)}
     # what a PR plot needs to evaluate the detections again (pipeline compare --plot)
     write_json_atomic(out / "metrics.json", {**metrics.to_json(), "annotations": str(ann.path), "subset": subset})
-    map_at = dict(zip([round(t, 2) for t in metrics.tious], metrics.mAP.tolist()))
     summary = metrics.table()
     if metrics.n_videos < len(videos):
         summary = (f"localize_eval: evaluated {metrics.n_videos} of the {len(videos)} videos of split {split} "
                    f"({subset}): the others have no features\n" + summary)
-    return {"summary": summary, "mAP@0.5": map_at.get(0.5), "average_mAP": float(metrics.average_mAP),
+    return {"summary": summary, **headline, "average_mAP": float(metrics.average_mAP),
             "videos": len(items), "split_videos": len(videos), "weights": weights}

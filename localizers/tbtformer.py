@@ -12,10 +12,14 @@ import dataclasses
 import torch
 from torch import nn
 
-from localizers.actionformer import ActionFormer, Outputs
-from localizers.config import ModelConfig
+# its losses (the distribution focal loss is in compute_losses, on boundary_logits) and decoding are
+# ActionFormer's: the registry finds them here
+from localizers.actionformer import ActionFormer, Outputs, compute_losses, video_detections
+from localizers.config import LocalizeConfig, ModelConfig
 from localizers.heads import RegHead
 from localizers.losses import expected_distance
+
+__all__ = ["TBTFormer", "build_model", "compute_losses", "video_detections"]
 
 
 class TBTFormer(ActionFormer):
@@ -29,3 +33,7 @@ class TBTFormer(ActionFormer):
         out = super().forward(feats, mask)
         logits = out.offsets.unflatten(-1, (2, self.cfg.reg_max + 1))
         return dataclasses.replace(out, offsets=expected_distance(logits), boundary_logits=logits)
+
+
+def build_model(cfg: LocalizeConfig | ModelConfig) -> TBTFormer:
+    return TBTFormer(cfg.model if isinstance(cfg, LocalizeConfig) else cfg)

@@ -24,10 +24,10 @@ import torch
 from torch import distributed as dist
 from torch import nn
 
-from localizers.actionformer import ActionFormer, LossNormalizer, collate, compute_losses
+from localizers.actionformer import ActionFormer, LossNormalizer, collate
 from localizers.config import LocalizeConfig, TrainConfig
 from localizers.data import FeatureSource, VideoItem, batch_targets, random_crop, read_features
-from localizers.models import build_model
+from localizers.models import model_module
 from pipeline.trainer import LOG, EMA, CsvLog, EarlyStop, TensorBoard, Trainer, Validate, all_sum
 
 
@@ -109,7 +109,8 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
         raise ValueError("no training videos")
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     torch.manual_seed(tc.seed)
-    model = build_model(cfg).to(device)
+    arch = model_module(cfg)  # ActionFormer or SnapFormer: the same loop, their own model and loss
+    model = arch.build_model(cfg).to(device)
     ema = EMA(model, tc.ema_decay)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr)
     normalizer = LossNormalizer(tc.loss_norm_init, tc.loss_norm_momentum)
@@ -140,7 +141,7 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
         x, mask, segs, labels, valid = b
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = net(x, mask)
-        return compute_losses(out, segs, labels, valid, normalizer, tc, all_sum if world > 1 else None)
+        return arch.compute_losses(out, segs, labels, valid, normalizer, tc, all_sum if world > 1 else None)
 
     hooks = [ema, CsvLog(out_dir / LOG), TensorBoard(board_dir or out_dir / "tensorboard")]
     if validate is not None and tc.val_every:

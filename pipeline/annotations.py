@@ -1,5 +1,10 @@
 """Temporal action annotations: ActivityNet-style JSON or the official THUMOS14 per-class text files.
 
+Point events (ball actions, goals: one instant each, no extent) are annotated in the same JSON with
+``{"timestamp": SEC, "label": NAME}`` in place of ``"segment"``; a file holds segments or points, not
+both (:attr:`TemporalAnnotations.points`), and a point is held as the segment ``[SEC, SEC]`` so the
+code that maps segments onto feature grids maps points too.
+
 Validated once, on load; every error is one line naming the file, the video and the field.
 No torch here: planning and the evaluator's CLI read annotations too.
 """
@@ -40,6 +45,7 @@ class TemporalAnnotations:
     path: Path
     classes: tuple[str, ...]  # sorted by label_id when every class has one, else by name
     videos: dict[str, VideoAnnotation] = field(repr=False)
+    points: bool = False  # point events ("timestamp"): each segment is [t, t]
 
     def subset(self, name: str) -> dict[str, VideoAnnotation]:
         wanted = name.lower()
@@ -97,6 +103,7 @@ def _load_json(path: Path, out_of_range: OutOfRange) -> TemporalAnnotations:
     ids: dict[str, int] = {}
     names_by_id: dict[int, str] = {}
     videos: dict[str, VideoAnnotation] = {}
+    kinds: dict[str, str] = {}  # "segment" / "timestamp" -> where it was first seen
     for vid, entry in database.items():
         where = f"{path}: video {vid}"
         if not isinstance(entry, dict):
@@ -126,12 +133,25 @@ def _load_json(path: Path, out_of_range: OutOfRange) -> TemporalAnnotations:
                 raise ConfigError(f"{at}: field 'label' missing or not a string")
             if "label_id" in ann:
                 _check_label_id(ids, names_by_id, label, ann["label_id"], f"{at}: field 'label_id'")
-            seg = ann.get("segment")
-            if not isinstance(seg, (list, tuple)) or len(seg) != 2:
-                raise ConfigError(f"{at}: field 'segment' must be [start, end] in seconds")
-            start = _number(seg[0], f"{at}: field 'segment'")
-            end = _number(seg[1], f"{at}: field 'segment'")
-            _check_segment(start, end, f"{at}: field 'segment'")
+            kind = "timestamp" if "timestamp" in ann else "segment"
+            if kind == "timestamp" and "segment" in ann:
+                raise ConfigError(f"{at}: has both 'segment' and 'timestamp'; a point event has only 'timestamp'")
+            kinds.setdefault(kind, at)
+            other = kinds.get("segment" if kind == "timestamp" else "timestamp")
+            if other is not None:
+                raise ConfigError(f"{at}: field '{kind}' in a file whose annotations have the other kind "
+                                  f"(first at {other.split(': ', 1)[1]}): segments and point events do not mix")
+            if kind == "timestamp":
+                start = end = _number(ann["timestamp"], f"{at}: field 'timestamp'")
+                _check_segment(start, end, f"{at}: field 'timestamp'")
+            else:
+                seg = ann.get("segment")
+                if not isinstance(seg, (list, tuple)) or len(seg) != 2:
+                    raise ConfigError(f"{at}: field 'segment' must be [start, end] in seconds "
+                                      f"(or 'timestamp' for a point event)")
+                start = _number(seg[0], f"{at}: field 'segment'")
+                end = _number(seg[1], f"{at}: field 'segment'")
+                _check_segment(start, end, f"{at}: field 'segment'")
             if end > duration + END_TOLERANCE_S:
                 if out_of_range == "error":
                     raise ConfigError(
@@ -157,7 +177,7 @@ def _load_json(path: Path, out_of_range: OutOfRange) -> TemporalAnnotations:
     if ids and missing_ids:
         raise ConfigError(f"{path}: label_id given for some labels but not for {sorted(missing_ids)[:5]}")
     classes = tuple(sorted(ids, key=ids.__getitem__)) if ids else tuple(sorted(names))
-    return TemporalAnnotations(path=path, classes=classes, videos=videos)
+    return TemporalAnnotations(path=path, classes=classes, videos=videos, points="timestamp" in kinds)
 
 
 def _load_thumos_txt(folder: Path) -> TemporalAnnotations:

@@ -21,13 +21,16 @@ from pipeline.errors import ConfigError
 from pipeline.stage_graph import load_yaml
 
 MANIFEST_FIELDS = ("name", "task", "description", "videos", "annotations", "splits", "params", "generate",
-                   "features")
+                   "features", "video_set")
 # A detect dataset names the standard AVA files per split (DESIGN.md, "Dataset manifests").
 DETECT_FIELDS = ("name", "task", "description", "videos", "timestamp_offset_s", "labelmap", "annotations",
                  "exclusions", "proposals", "splits", "params", "generate")
 TASKS = ("localize", "detect")
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".avi", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
                               ".ogv"})
+# Fields of a generate: block that shape the annotations only (pipeline/demo_data.py DemoSpec.events):
+# they do not enter the generated videos' identity (generated_dir)
+ANNOTATION_FIELDS = ("events",)
 _VAR = re.compile(r"\$\{([^}]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -77,6 +80,14 @@ class Dataset:
     # so imported features train without THUMOS_VIDEOS.
     videos_error: str | None = None
     ava: AvaLayout | None = None  # task: detect
+    # The collection of videos the manifest annotates (default: its name). Per-video stages (extract) key
+    # on it, and generated videos live under it: manifests that annotate the same videos differently
+    # (demo and demo_points) share one extraction.
+    video_set: str | None = None
+
+    @property
+    def videos_name(self) -> str:
+        return self.video_set or self.name
 
     def check_paths(self, need_videos: bool) -> None:
         """For ``run``: the videos directory and the annotation file must exist."""
@@ -155,6 +166,9 @@ def load_dataset(name_or_path: str | Path, project_root: Path, cache_dir: Path) 
         if not isinstance(overrides, dict):
             raise ConfigError(f"{path}: params.{stage}: expected a mapping of param -> value")
     generate = mapping("generate")
+    video_set = raw.get("video_set")
+    if video_set is not None and (not isinstance(video_set, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", video_set)):
+        raise ConfigError(f"{path}: video_set: expected a plain name (letters, digits, _ . -), got {video_set!r}")
     videos_error = None
     try:
         videos = _path_field(path, raw, "videos")
@@ -176,31 +190,37 @@ def load_dataset(name_or_path: str | Path, project_root: Path, cache_dir: Path) 
         for key in ("videos", "annotations"):
             if raw.get(key) is not None:
                 raise ConfigError(f"{path}: {key}: not allowed with generate: (the generator places them)")
-        videos, annotations = _generated_paths(cache_dir, name, generate)
+        videos, annotations = _generated_paths(cache_dir, name, video_set or name, generate)
     return Dataset(name=name, task=task, path=path, root=path.parent, videos=videos, annotations=annotations,
                    splits=splits, params=params, generate=generate, features=mapping("features"),
-                   videos_error=videos_error)
+                   videos_error=videos_error, video_set=video_set)
+
+
+def _digest(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def generated_dir(cache_dir: Path, name: str, generate: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(generate, sort_keys=True, default=str).encode()).hexdigest()
-    return cache_dir / "datasets" / f"{name}-{digest[:12]}"
+    """The generated data of video set ``name``; the spec's annotation-only fields (the demo's
+    ``events``) are left out, so the segment and point annotations of one spec share the videos."""
+    videos_spec = {k: v for k, v in generate.items() if k not in ANNOTATION_FIELDS}
+    return cache_dir / "datasets" / f"{name}-{_digest(videos_spec)}"
 
 
 def generation_record(cache_dir: Path, name: str, generate: dict) -> Path:
-    """Where ``run`` records the paths the generator returned (read by ``status`` and later runs)."""
-    d = generated_dir(cache_dir, name, generate)
-    return d.with_name(d.name + ".json")
+    """Where ``run`` records the paths the generator returned for manifest ``name`` (read by ``status``
+    and later runs)."""
+    return cache_dir / "datasets" / f"{name}-{_digest(generate)}.json"
 
 
-def _generated_paths(cache_dir: Path, name: str, generate: dict) -> tuple[Path, Path]:
+def _generated_paths(cache_dir: Path, name: str, video_set: str, generate: dict) -> tuple[Path, Path]:
     """Where the generator put this dataset (recorded by the last ``run``), else its default place."""
     try:
         with open(generation_record(cache_dir, name, generate)) as f:
             made = json.load(f)
         return Path(made["videos"]), Path(made["annotations"])
     except (OSError, ValueError, KeyError):
-        d = generated_dir(cache_dir, name, generate)
+        d = generated_dir(cache_dir, video_set, generate)
         return d / "videos", d / "annotations.json"
 
 
@@ -219,7 +239,7 @@ def ensure_generated(dataset: Dataset, cache_dir: Path) -> Dataset:
         return dataset  # recorded by an earlier run; the generator renames a dataset in only when complete
     from pipeline.demo_data import ensure_generated as generate
 
-    videos, annotations = generate(dataset.generate, generated_dir(cache_dir, dataset.name, dataset.generate))
+    videos, annotations = generate(dataset.generate, generated_dir(cache_dir, dataset.videos_name, dataset.generate))
     videos, annotations = Path(videos).resolve(), Path(annotations).resolve()
     if (videos, annotations) != (dataset.videos, dataset.annotations):
         write_json_atomic(generation_record(cache_dir, dataset.name, dataset.generate),

@@ -11,6 +11,10 @@ Everything is drawn with seeded numpy and written with PyAV as H.264 (libx264) m
 ActivityNet-style JSON of the segments. Generation happens once, into a temporary directory that
 is renamed into place when complete, so a crash never leaves a dataset that looks complete.
 
+``events: onsets`` in the spec annotates the same videos with point events instead: each action's
+first frame as ``{"timestamp", "label"}`` (``onsets.json`` beside ``annotations.json``, derived from
+it). ``events`` does not enter the videos: a segment and a point dataset of one spec share them.
+
 The data depends on the spec and this file only (no stray files on the machine): the same spec gives
 the same frames everywhere. It lives in a subdirectory named after the generator version (``g2``).
 """
@@ -18,14 +22,14 @@ the same frames everywhere. It lives in a subdirectory named after the generator
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
 
-from pipeline.context import build_dir_atomic
+from pipeline.context import build_dir_atomic, write_json_atomic
 from pipeline.errors import ConfigError
 from pipeline.schema import Range, build
 
@@ -34,6 +38,7 @@ GENERATOR_VERSION = 3
 
 CLASSES = ("sweep", "pulse", "spin", "blink")
 BACKGROUNDS = ("noise", "gradient", "flat")
+EVENTS = ("segments", "onsets")
 
 
 Count = Annotated[int, Range(ge=0, le=10000, why="a demo, not a benchmark")]
@@ -57,6 +62,7 @@ class DemoSpec:
     action_s: tuple[Seconds, Seconds] = (3.0, 8.0)
     min_gap_s: Annotated[float, Range(ge=0, le=3600)] = 1.0
     backgrounds: tuple[Literal[BACKGROUNDS], ...] = BACKGROUNDS
+    events: Literal[EVENTS] = "segments"   # the annotations: segments, or each action's onset as a point
 
     @classmethod
     def from_dict(cls, spec: dict) -> "DemoSpec":
@@ -92,15 +98,31 @@ class DemoSpec:
 def ensure_generated(spec: dict, out_dir: Path) -> tuple[Path, Path]:
     """Generate the demo dataset described by ``spec`` under ``out_dir`` unless it is already there.
 
-    Returns ``(videos_dir, annotations_json)``. Safe against crashes (temporary directory renamed in
-    when complete) and against a concurrent generation of the same dataset (the first rename wins).
+    Returns ``(videos_dir, annotations_json)``: the segments' file, or with ``events: onsets`` the
+    point events' file. Safe against crashes (temporary directory renamed in when complete, files
+    written atomically) and against a concurrent generation of the same dataset (the first rename wins).
     """
     demo = DemoSpec.from_dict(dict(spec or {}))
     variant = f"g{GENERATOR_VERSION}"
     final = Path(out_dir) / variant
     videos, annotations = final / "videos", final / "annotations.json"
-    build_dir_atomic(final, lambda tmp: _generate(demo, tmp), lambda d: (d / "annotations.json").is_file())
+    # the videos and segments of the spec whatever its events: the same files for both kinds
+    segments_spec = replace(demo, events="segments")
+    build_dir_atomic(final, lambda tmp: _generate(segments_spec, tmp), lambda d: (d / "annotations.json").is_file())
+    if demo.events == "onsets":
+        onsets = final / "onsets.json"
+        if not onsets.is_file():
+            write_json_atomic(onsets, onset_annotations(json.loads(annotations.read_text())))
+        return videos, onsets
     return videos, annotations
+
+
+def onset_annotations(doc: dict) -> dict:
+    """The generator's segment annotations -> point events at each segment's start (its first frame)."""
+    database = {vid: {**entry, "annotations": [{"timestamp": a["segment"][0], "label": a["label"],
+                                                "label_id": a["label_id"]} for a in entry["annotations"]]}
+                for vid, entry in doc["database"].items()}
+    return {**doc, "events": "onsets", "database": database}
 
 
 def _generate(demo: DemoSpec, out: Path) -> None:
@@ -123,7 +145,8 @@ def _generate(demo: DemoSpec, out: Path) -> None:
     doc = {
         "version": f"demo-g{GENERATOR_VERSION}",
         "generator": {
-            "spec": {f.name: getattr(demo, f.name) for f in fields(demo)},
+            # events left out: this file is the same for both kinds (onsets.json says "events")
+            "spec": {f.name: getattr(demo, f.name) for f in fields(demo) if f.name != "events"},
             "backgrounds_used": sorted({p["background"] for p in plans}),
         },
         "database": database,

@@ -5,7 +5,8 @@ records its dataset, manifest, ``--set`` overrides and the key of every stage it
 those keys. A run that is not named is known by its key (anonymous).
 
 Generic over stages: a stage's output is a run to list when it holds ``metrics.json`` of the shape
-``{"mAP": number | [one per threshold], "tious": [thresholds] (optional), "average_mAP": number
+``{"mAP": number | [one per threshold], "tious" or "tolerances" (seconds, point events): [thresholds]
+(optional), "average_mAP": number
 (optional), "per_class": {class: {"ap": number | [one per threshold]}}}`` (evaluation stages
 write it). No torch, no domain import: the PR-curve plot of ``compare --plot`` is the
 compared stage's ``compare-plot`` command (stages.yaml ``commands:``).
@@ -71,6 +72,10 @@ class Run:
     def columns(self) -> list[tuple[str, float]]:
         """(column, value in %) of the metrics: mAP per threshold and their average, or one mAP."""
         m = self.metrics
+        if isinstance(m.get("mAP"), list) and m.get("tolerances"):  # point events: seconds, not tIoU
+            cols = [(f"@{t:g}s", 100 * v) for t, v in zip(m["tolerances"], m["mAP"])]
+            avg = m.get("average_mAP", sum(m["mAP"]) / max(len(m["mAP"]), 1))
+            return cols + [("avg", 100 * avg)]
         if isinstance(m.get("mAP"), list) and m.get("tious"):
             cols = [(f"@{t:.2f}", 100 * v) for t, v in zip(m["tious"], m["mAP"])]
             avg = m.get("average_mAP", sum(m["mAP"]) / max(len(m["mAP"]), 1))
@@ -251,7 +256,8 @@ def format_compare(runs: list[Run]) -> str:
         lines.append(f"{c:<34} " + " ".join(f"{dict(r.columns()).get(c, float('nan')):>{w}.2f}" for r in runs))
     classes = list(dict.fromkeys(c for r in runs for c in r.per_class()))
     if classes:
-        over = ", avg over tIoU" if any(r.metrics.get("tious") for r in runs) else ""
+        kinds = [k for key, k in (("tious", "tIoU"), ("tolerances", "tolerances")) if any(r.metrics.get(key) for r in runs)]
+        over = f", avg over {' or '.join(kinds)}" if kinds else ""
         lines += ["", head(f"AP per class (%{over})")]
         for c in classes:
             lines.append(f"{c[:34]:<34} " + " ".join(f"{r.per_class().get(c, float('nan')):>{w}.2f}" for r in runs))

@@ -334,8 +334,8 @@ class Planner:
             st.state = "incomplete"
 
     def _dataset_material(self, spec: StageSpec) -> dict:
-        if spec.per_item:
-            return {"name": self.dataset.name}
+        if spec.per_item:  # the videos' identity: manifests annotating one video set share its extraction
+            return {"name": self.dataset.videos_name}
         return {"name": self.dataset.name, "splits": self.dataset.splits,
                 "annotations": self.annotations_fingerprint()}
 

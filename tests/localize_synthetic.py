@@ -38,8 +38,9 @@ def make_videos(n: int, seed: int, length=(96, 160)) -> dict:
     return videos
 
 
-def write_dataset(root: Path, train: dict, test: dict) -> tuple[Dataset, Path]:
-    """Store + annotation file + Dataset; returns the dataset and the extract dir."""
+def write_dataset(root: Path, train: dict, test: dict, points: bool = False) -> tuple[Dataset, Path]:
+    """Store + annotation file + Dataset; returns the dataset and the extract dir. ``points``: annotate
+    each action's onset as a point event (``timestamp``) instead of its segment."""
     extract_dir = root / "cache" / "extract" / "k1"
     store = create_store(extract_dir, dtype="float32",
                          attrs={"fps": FPS, "stride": STRIDE, "clip_len": CLIP, "frame_interval": 1,
@@ -50,7 +51,8 @@ def write_dataset(root: Path, train: dict, test: dict) -> tuple[Dataset, Path]:
             store.write(vid, feats, {"sampled_fps": FPS})
             duration = (STRIDE * len(feats) + CLIP) / FPS
             db[vid] = {"subset": subset, "duration": duration, "fps": FPS,
-                       "annotations": [{"segment": [a, b], "label": c} for a, b, c in actions]}
+                       "annotations": [{"timestamp": a, "label": c} if points else {"segment": [a, b], "label": c}
+                                       for a, b, c in actions]}
     store.close()
     ann = root / "annotations.json"
     ann.write_text(json.dumps({"database": db}))

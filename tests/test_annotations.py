@@ -141,3 +141,29 @@ def test_official_thumos14_loads_and_agrees_with_the_official_txt():
     for vid, video in gt.videos.items():
         other = txt.videos[vid]
         assert sorted(zip(video.labels, video.segments.tolist())) == sorted(zip(other.labels, other.segments.tolist()))
+
+
+def test_point_events_read_as_timestamps_held_as_empty_segments(tmp_path):
+    gt = load_temporal(_write(tmp_path, {
+        "v": _video({"timestamp": 12.5, "label": "goal"}, {"timestamp": 3, "label": "pass"}),
+        "w": _video(subset="Test"),
+    }))
+    assert gt.points and gt.classes == ("goal", "pass")
+    assert gt.videos["v"].segments.tolist() == [[12.5, 12.5], [3.0, 3.0]]
+    assert gt.videos["v"].labels == ("goal", "pass") and gt.videos["w"].segments.shape == (0, 2)
+    segments = load_temporal(_write(tmp_path, {"v": _video({"segment": [2, 2], "label": "a"})}, "s.json"))
+    assert not segments.points  # an empty segment stays a segment: only "timestamp" makes point events
+
+
+@pytest.mark.parametrize("anns, message", [
+    ([{"timestamp": 1, "segment": [1, 1], "label": "a"}], "has both 'segment' and 'timestamp'"),
+    ([{"segment": [1, 2], "label": "a"}, {"timestamp": 1, "label": "a"}],
+     "annotations[1]: field 'timestamp' in a file whose annotations have the other kind (first at video v: "
+     "annotations[0])"),
+    ([{"timestamp": "1", "label": "a"}], "annotations[0]: field 'timestamp': expected a finite number"),
+    ([{"timestamp": -3, "label": "a"}], "annotations[0]: field 'timestamp': start -3.0 is before the video starts"),
+])
+def test_bad_point_events_name_the_annotation(tmp_path, anns, message):
+    with pytest.raises(ConfigError) as e:
+        load_temporal(_write(tmp_path, {"v": _video(*anns)}))
+    assert message in str(e.value)

@@ -155,3 +155,41 @@ def test_colour_conversion_is_bt601_limited_range_in_integers():
     assert y[0, 0] == 235 and y[3, 0] == 16 and y[0, 3] == 81 and y[3, 3] == 41
     assert (cb[0, 0], cr[0, 0]) == (128, 128) and (cb[1, 0], cr[1, 0]) == (128, 128)
     assert (cb[0, 1], cr[0, 1]) == (90, 240) and (cb[1, 1], cr[1, 1]) == (240, 110)
+
+
+def test_onset_events_annotate_the_same_videos_with_points(generated, tmp_path):
+    """``events: onsets`` reuses the generated videos and segments (same directory, same bytes) and adds
+    each action's first frame as a point event."""
+    (videos, segments), _ = generated
+    before = segments.read_text()
+    videos_p, onsets = ensure_generated({**SPEC, "events": "onsets"}, videos.parent.parent)
+    assert videos_p == videos and onsets == segments.with_name("onsets.json") and segments.read_text() == before
+    from pipeline.annotations import load_temporal
+
+    seg, pts = load_temporal(segments), load_temporal(onsets)
+    assert pts.points and not seg.points and pts.classes == seg.classes
+    for vid, v in seg.videos.items():
+        assert pts.videos[vid].labels == v.labels and pts.videos[vid].subset == v.subset
+        assert pts.videos[vid].segments.tolist() == [[a, a] for a, _ in v.segments.tolist()]
+    with pytest.raises(ConfigError, match="generate.events"):
+        ensure_generated({**SPEC, "events": "ends"}, tmp_path)
+
+
+def test_a_manifest_names_the_video_set_it_annotates(tmp_path):
+    """Manifests of one video set share the generated videos (events leave the directory alone) and each
+    records its own annotation paths; a bad video_set is one line."""
+    from pipeline.datasets import generated_dir, generation_record, load_dataset
+
+    spec = {"seed": 3}
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.yaml").write_text(yaml.safe_dump({"name": "a", "generate": spec}))
+    (tmp_path / "data" / "b.yaml").write_text(
+        yaml.safe_dump({"name": "b", "video_set": "a", "generate": {**spec, "events": "onsets"}}))
+    a = load_dataset("a", tmp_path, tmp_path / "cache")
+    b = load_dataset("b", tmp_path, tmp_path / "cache")
+    assert (a.videos_name, b.videos_name) == ("a", "a") and a.videos == b.videos
+    assert generated_dir(tmp_path, "a", spec) == generated_dir(tmp_path, "a", {**spec, "events": "onsets"})
+    assert generation_record(tmp_path, "a", spec) != generation_record(tmp_path, "b", {**spec, "events": "onsets"})
+    (tmp_path / "data" / "c.yaml").write_text(yaml.safe_dump({"name": "c", "video_set": "x/y", "generate": spec}))
+    with pytest.raises(ConfigError, match=r"c.yaml: video_set: expected a plain name"):
+        load_dataset("c", tmp_path, tmp_path / "cache")

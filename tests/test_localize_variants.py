@@ -11,7 +11,6 @@ from typing import get_args
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from localize_synthetic import CLASSES, DIM, FPS, STRIDE, CLIP, make_videos, write_dataset
 from localizers.actionformer import Outputs, collate, decode_video, detect, video_detections
@@ -21,7 +20,7 @@ from localizers.blocks_v2 import apply_rotary, rotary_tables
 from localizers.config import PRESETS, ModelConfig, resolve
 from localizers.data import ArraySource, make_item
 from localizers.losses import distribution_focal_loss, expected_distance, iou_loss_1d
-from localizers.models import MODELS, build_model
+from localizers.models import MODELS, build_model, model_module
 from localizers.nms import batched_nms
 from localizers.train import fit
 from pipeline.annotations import load_temporal
@@ -82,7 +81,7 @@ def test_each_variant_trains_and_beats_a_trivial_baseline(tmp_path, variant):
     cfg = resolve({"preset": "demo", "epochs": 11, "warmup_epochs": 1, **VARIANTS[variant]}).with_dims(DIM, len(CLASSES))
     source = ArraySource({vid: f for vid, (f, _) in {**train, **test}.items()})
     result = fit(cfg, items_of(train), source, tmp_path, log=lambda m: None)
-    assert isinstance(result.model, MODELS[cfg.model.model])
+    assert type(result.model).__name__.lower() == cfg.model.model
     dets = {item.id: video_detections(result.model, source, item, cfg.test, CLASSES) for item in items_of(test)}
     ds, _ = write_dataset(tmp_path / "ds", {}, test)
     gt = load_temporal(ds.annotations)
@@ -309,6 +308,9 @@ def test_detect_applies_the_per_class_options():
 
 def test_the_registry_names_every_model_of_the_config():
     assert set(MODELS) == set(get_args(hints(ModelConfig)["model"]))
+    for name in MODELS:  # each module gives what the training loop and the evaluation stage call
+        module = model_module(ModelConfig(model=name))
+        assert all(callable(getattr(module, f)) for f in ("build_model", "compute_losses", "video_detections"))
 
 
 @pytest.mark.parametrize("params, message", [
