@@ -390,6 +390,19 @@ class Planner:
             out[n] = {**self._run_params(self.ws.graph[n], params), **runtime}
         return out
 
+    def check_inputs(self, names: list[str]) -> None:
+        """The ``check_inputs`` hook of each stage of ``names`` whose schema has one, given the outputs of
+        the stages it needs that are already complete (those not yet made are checked when they run)."""
+        hooked = [n for n in names if (s := self.ws.graph.schema(n)) is not None and s.checks_inputs]
+        if not hooked:
+            return
+        states = self.plan_all(hooked)
+        for name in hooked:
+            outputs = {n: states[n].dir for n in self.ws.graph.closure([name])
+                       if n != name and states[n].done and states[n].dir is not None}
+            params = self._run_params(self.ws.graph[name], self.resolved[name][0])
+            self.ws.graph.schema(name).check_inputs(params, outputs)
+
     def plan_all(self, names: list[str]) -> dict[str, StageState]:
         states: dict[str, StageState] = {}
         for name in self.ws.graph.closure(names):
@@ -463,6 +476,7 @@ def run(ws: Workspace, dataset: Dataset, targets: list[str], sets: list[Override
     for name in names:
         if ws.graph[name].per_item == "keyframes":
             planner.keyframe_inputs()  # a dataset without keyframes, or a malformed AVA file: exit 2 now
+    planner.check_inputs(names)  # params against outputs already made (released weights vs a store)
     from pipeline.locking import Holds
 
     with Holds(ws.cache.root) as holds:
