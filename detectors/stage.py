@@ -85,7 +85,7 @@ def released_weights(head: str, path: str, channels: int) -> dict:
     state = unwrap_state_dict(read_checkpoint(path, needed=cls.released_file), source=path)
     got = cls.released_channels(state)
     if got is not None and got != channels:
-        raise ConfigError(f"detect.weights: {path} is a {head} head for {got}-channel maps, but the keyframe "
+        raise ConfigError(f"detect.weights: {path} holds {head} weights for {got}-channel maps, but the keyframe "
                           f"store has {channels} channels")
     return state
 

@@ -63,7 +63,7 @@ def test_a_published_width_head_is_refused_on_the_demo_store_before_any_work(sto
     err = _cli(cache, "run", "eval", "--stage", "detect", "--dataset", str(manifest), "--set", "detect.head=acrn",
                "--set", f"detect.weights={published}", code=2)["stderr"].strip().splitlines()
     assert len(err) == 1, err
-    assert err[0] == (f"pipeline: error: detect.weights: {published} is a acrn head for 2304-channel maps, but the keyframe "
+    assert err[0] == (f"pipeline: error: detect.weights: {published} holds acrn weights for 2304-channel maps, but the keyframe "
                       f"store has {DEMO_CHANNELS} channels"), err
     assert not (cache / "detect").exists()  # nothing trained, loaded or written
 
