@@ -9,7 +9,7 @@ batch size by the linear rule), so ``--set detect.head=acar`` brings ACAR-Net's 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Callable, Literal, Mapping
 
 from pipeline.errors import ConfigError
 from pipeline.schema import Device, Range, SplitName, Threads, build
@@ -59,13 +59,13 @@ class DetectConfig:
         detect_config(params)  # head_kwargs are checked against the head's arguments when it is built
 
     @classmethod
-    def check_inputs(cls, params: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
+    def check_inputs(cls, params: Mapping[str, Any], outputs: Callable[[], Mapping[str, Any]]) -> None:
         """Released ``weights`` against the keyframe store's channels when the store is built: before
         any work (else ``detect`` checks it before loading anything)."""
         if params.get("weights") is not None:
             from detectors.stage import check_store
 
-            check_store(params, outputs)
+            check_store(params, outputs())
 
     def recipe(self, published, batch_clips: int):
         """The head's published ``Recipe`` scaled to ``batch_clips``, with this config's overrides.

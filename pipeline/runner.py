@@ -391,17 +391,19 @@ class Planner:
         return out
 
     def check_inputs(self, names: list[str]) -> None:
-        """The ``check_inputs`` hook of each stage of ``names`` whose schema has one, given the outputs of
-        the stages it needs that are already complete (those not yet made are checked when they run)."""
-        hooked = [n for n in names if (s := self.ws.graph.schema(n)) is not None and s.checks_inputs]
-        if not hooked:
-            return
-        states = self.plan_all(hooked)
-        for name in hooked:
-            outputs = {n: states[n].dir for n in self.ws.graph.closure([name])
-                       if n != name and states[n].done and states[n].dir is not None}
-            params = self._run_params(self.ws.graph[name], self.resolved[name][0])
-            self.ws.graph.schema(name).check_inputs(params, outputs)
+        """The ``check_inputs`` hook of each stage of ``names`` whose schema has one. It gets the outputs of
+        the stages it needs that are already complete (those not made yet are checked when they run) as a
+        call, since planning them reads their records: a hook with nothing to check costs nothing."""
+        for name in names:
+            schema = self.ws.graph.schema(name)
+            if schema is None or not schema.checks_inputs:
+                continue
+
+            def outputs(name=name) -> dict[str, Path]:
+                states = self.plan_all([name])
+                return {n: st.dir for n, st in states.items() if n != name and st.done and st.dir is not None}
+
+            schema.check_inputs(self._run_params(self.ws.graph[name], self.resolved[name][0]), outputs)
 
     def plan_all(self, names: list[str]) -> dict[str, StageState]:
         states: dict[str, StageState] = {}

@@ -12,9 +12,9 @@ same param (``--set localize.model.embed_dim=256`` and ``--set localize.embed_di
 A null section field means "not set here" (the stage keeps its preset's or its trained value). A
 schema class may define ``check_params(params)`` for what one field cannot say (a value against
 another, a preset merged in); it raises ConfigError naming the param. It may also define
-``check_inputs(params, outputs)``: the run's params (files resolved) against the outputs (stage ->
-directory) of the stages it needs that are already complete, checked before any stage runs (released
-weights against a stored feature dimension); it may import what it needs.
+``check_inputs(params, outputs)``: the run's params (files resolved) against what the stages it needs
+have already made (``outputs()``: stage -> directory of each complete one), checked before any stage
+runs (released weights against a stored feature dimension); it may import what it needs.
 
 Schema modules are imported while planning: they must be import-light (the standard library,
 ``pipeline.schema`` and ``pipeline.errors``; heavy imports inside functions), and so must their
@@ -33,7 +33,7 @@ import re
 import sys
 import types
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Mapping, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Callable, Literal, Mapping, Union, get_args, get_origin, get_type_hints
 
 from pipeline.errors import ConfigError
 
@@ -322,7 +322,7 @@ class StageSchema:
     def checks_inputs(self) -> bool:
         return hasattr(self.params_cls, "check_inputs")
 
-    def check_inputs(self, params: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
+    def check_inputs(self, params: Mapping[str, Any], outputs: Callable[[], Mapping[str, Any]]) -> None:
         if self.checks_inputs:
             self.params_cls.check_inputs(params, outputs)
 
