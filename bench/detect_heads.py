@@ -1,21 +1,34 @@
-"""Detection-head throughput: keyframes per second in training (forward, loss, backward, SGD step with the
-head's recipe groups) and in inference, and peak memory, per head on random inputs shaped like the
-keyframe cache (float16 maps and context tokens, several clips of 1-6 actors per batch).
+"""Detection heads side by side: keyframes per second in training (forward, loss, backward, SGD step with
+the head's recipe groups) and in inference, and peak memory, per head on random inputs shaped like the
+keyframe cache (float16 maps and context tokens, several clips of 1-6 actors per batch); then, in the
+same run, each head trained and scored on the generated AVA-style dataset (``--dataset demo_ava``):
+val frame-mAP@0.5, the relation classes' mean AP, keyframes per second in training and inference on
+the real keyframe store, and the peak resident memory of that pipeline process.
 
 Default: small widths (256-channel 8x8 maps, reduced head widths) that run in seconds on a laptop CPU.
 ``--full``: the published heads (2304-channel 16x16 maps, 32 context tokens) with the published clips per
 GPU (ACRN 8, ACAR-Net 1, CycleACR 4), meant for a GPU. Peak memory is the CPU resident-set high-water
 mark above the level before the head is built (Linux VmHWM), or torch.cuda.max_memory_allocated.
-``measure(head_name, batches, ...)`` is reusable (the mAP run adds its own batches from a store).
+``measure(head_name, batches, ...)`` is reusable.
+
+The mAP part runs the pipeline as a user does (``pipeline run eval --stage detect --dataset demo_ava
+--set detect.head=H``, the demo's recipe; CycleACR at its lr 3e-4 as in the README) in a fresh cache (or
+``--cache-dir``): the keyframe store is extracted once and every head trains on it. Its rates come from
+the stage's own timings (training epochs, inference), its memory from the process's rusage.
 
     python bench/detect_heads.py [--full] [--heads acrn,acar] [--device cuda] [--amp bf16] [--json]
+                                 [--dataset demo_ava|''] [--seeds 0,1] [--cache-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,8 +48,11 @@ SMALL = dict(channels=256, size=8, tokens=8, head_cfg={
 })
 FULL = dict(channels=2304, size=16, tokens=32, head_cfg={name: {} for name in HEADS})
 PUBLISHED_CLIPS = {"roi_linear": 8, "acrn": 8, "acar": 1, "cycleacr": 4}
-
-
+ROOT = Path(__file__).resolve().parents[1]
+# per head, what the README's demo table sets over data/demo_ava.yaml (CycleACR diverges at lr 0.003)
+DEMO_SETS = {"cycleacr": ["detect.lr=0.0003"]}
+# the demo's classes whose evidence lies outside the actor's box (pipeline/demo_ava.py)
+RELATION_CLASSES = ("touch", "carry", "approach", "near_person")
 
 
 def _status_bytes(field: str) -> int:
@@ -121,6 +137,40 @@ def measure(head_name: str, batches, *, cfg: dict | None = None, device: str = "
             "actors_per_batch": round(sum(len(b.rois) for b, _ in batches) / len(batches), 1)}
 
 
+def _pipeline(cache: Path, args: list[str], device: str) -> tuple[dict, int]:
+    """One ``pipeline --json`` run in a child process: (its report, its peak resident bytes)."""
+    cmd = [sys.executable, "-m", "pipeline", "--cache-dir", str(cache), "--json", *args,
+           "--set", f"detect.device={device}", "--set", f"detect_eval.device={device}"]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage: its memory high-water mark
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        if proc.returncode:
+            raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.read().decode()[-2000:]}")
+        return json.loads(out.read()), usage.ru_maxrss * 1024  # KiB on Linux
+
+
+def demo_map(head_name: str, dataset: str, seed: int, cache: Path, device: str) -> dict:
+    """``head_name`` trained (seed ``seed``) and scored on ``dataset`` through the pipeline."""
+    sets = [f"detect.head={head_name}", f"detect.seed={seed}", *DEMO_SETS.get(head_name, [])]
+    report, peak = _pipeline(cache, ["run", "eval", "--stage", "detect", "--dataset", dataset,
+                                     *(a for s in sets for a in ("--set", s))], device)
+    stages = {s["name"]: s for s in report["stages"]}
+    train_dir, eval_dir = Path(stages["detect"]["dir"]), Path(stages["detect_eval"]["dir"])
+    keyframes = json.loads((train_dir / "config.json").read_text())["keyframes"]
+    with open(train_dir / "train_log.csv", newline="") as f:
+        epochs = [float(r["seconds"]) for r in csv.DictReader(f)]
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    ap = {c["name"]: c["ap"] for c in metrics["per_class"]}
+    relation = [ap[c] for c in RELATION_CLASSES if ap.get(c) is not None]
+    return {"seed": seed, "sets": sets, "map": round(100 * metrics["mAP"], 2),
+            "relation_ap": round(100 * sum(relation) / len(relation), 2) if relation else None,
+            "store_train_kf_per_s": round(keyframes * len(epochs) / sum(epochs), 1),
+            "store_infer_kf_per_s": round(metrics["keyframes"] / metrics["inference_seconds"], 1),
+            "process_peak_mib": round(peak / 2**20, 1), "ran": stages["detect"]["status"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="published sizes (2304x16x16 maps)")
@@ -130,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", type=int, default=0, help="clips per batch (default: 4, or published)")
     parser.add_argument("--batches", type=int, default=2)
     parser.add_argument("--iters", type=int, default=2)
+    parser.add_argument("--dataset", default="demo_ava",
+                        help="train and score every head on this dataset for the mAP columns ('': skip)")
+    parser.add_argument("--seeds", default="0", help="training seeds of the mAP run, comma-separated")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="pipeline cache of the mAP run (default: a fresh temporary one; a reused one "
+                             "may hold the runs already, and then reports their timings, not new ones)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     heads = [h for h in args.heads.split(",") if h]
@@ -163,6 +219,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:11s} params {row['params_m']:8.3f} M  clips/batch {clips:2d}  "
                   f"actors/batch {row['actors_per_batch']:5.1f}  train {row['train_kf_per_s']:8.2f} kf/s  "
                   f"infer {row['infer_kf_per_s']:8.2f} kf/s  peak {row['peak_mib']:8.1f} MiB", flush=True)
+    if args.dataset:
+        seeds = [int(x) for x in args.seeds.split(",") if x]
+        with tempfile.TemporaryDirectory(prefix="detect_heads_") as tmp:
+            cache = args.cache_dir or Path(tmp)
+            # the keyframe store first, in a process of its own: the heads' processes only train and score
+            _pipeline(cache, ["run", "extract_keyframes", "--dataset", args.dataset], args.device)
+            if not args.json:
+                print(f"# {args.dataset}: val frame-mAP@0.5 (%), relation = mean AP of {', '.join(RELATION_CLASSES)}; "
+                      f"rates on its keyframe store, peak RSS of the pipeline process; {precision}", flush=True)
+            for row in rows:
+                row["demo"] = []
+                for seed in seeds:
+                    got = demo_map(row["head"], args.dataset, seed, cache, args.device)
+                    row["demo"].append(got)
+                    if not args.json:
+                        print(f"{row['head']:11s} seed {seed}  mAP {got['map']:6.2f}  relation {got['relation_ap']:6.2f}  "
+                              f"train {got['store_train_kf_per_s']:7.1f} kf/s  infer {got['store_infer_kf_per_s']:7.1f} "
+                              f"kf/s  peak {got['process_peak_mib']:7.1f} MiB  ({got['ran']}; {' '.join(got['sets'])})",
+                              flush=True)
     if args.json:
         print(json.dumps(rows, indent=1))
     return 0

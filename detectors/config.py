@@ -9,8 +9,9 @@ batch size by the linear rule), so ``--set detect.head=acar`` brings ACAR-Net's 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Callable, Literal, Mapping
 
+from pipeline.errors import ConfigError
 from pipeline.schema import Device, Range, SplitName, Threads, build
 
 # The names of the detectors.heads registry (kept here so that planning validates a head name without
@@ -45,10 +46,26 @@ class DetectConfig:
     min_score: Score = 0.9  # proposal score threshold for training
     box_jitter: Annotated[float, Range(ge=0, lt=0.5)] = 0.075  # each side moved by U(-j, j) x box size
     seed: Annotated[int, Range(ge=0)] = 0
+    # CycleACR's long-term memory: the actor features of the keyframes within the head's memory_length
+    # (published: +-30 s), from a bank the head fills from the cache once per epoch (at evaluation, from
+    # the trained head over the evaluated keyframes) instead of recomputing neighbours at every step
+    memory: bool = False
+    # a released head file (mmaction2 ACRN, ACAR-Net, CycleACR) loaded strictly instead of training: the
+    # stage keeps it as its model, so detect_eval scores the published head on the cached maps
+    weights: str | None = None
 
     @classmethod
     def check_params(cls, params: Mapping[str, Any]) -> None:
         detect_config(params)  # head_kwargs are checked against the head's arguments when it is built
+
+    @classmethod
+    def check_inputs(cls, params: Mapping[str, Any], outputs: Callable[[], Mapping[str, Any]]) -> None:
+        """Released ``weights`` against the keyframe store's channels when the store is built: before
+        any work (else ``detect`` checks it before loading anything)."""
+        if params.get("weights") is not None:
+            from detectors.stage import check_store
+
+            check_store(params, outputs())
 
     def recipe(self, published, batch_clips: int):
         """The head's published ``Recipe`` scaled to ``batch_clips``, with this config's overrides.
@@ -99,7 +116,10 @@ class DetectRuntime:
 def detect_config(params: Mapping[str, Any]) -> DetectConfig:
     """The ``detect`` params (None: the default) as a validated DetectConfig (also a saved run's
     ``config.json``)."""
-    return build(DetectConfig, params, "detect")
+    cfg = build(DetectConfig, params, "detect")
+    if cfg.memory and cfg.head != "cycleacr":
+        raise ConfigError(f"detect.memory: only cycleacr has a long-term memory (head is {cfg.head})")
+    return cfg
 
 
 def eval_config(params: Mapping[str, Any]) -> DetectEvalConfig:

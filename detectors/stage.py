@@ -5,7 +5,8 @@ head or head parameter retrains in seconds to minutes and never re-extracts. tor
 the functions: the CLI imports this module while planning.
 
 Outputs of ``detect``: ``config.json`` (resolved config, label ids, the keyframe store it read),
-``checkpoint.pt`` (after every epoch, for resuming), ``train_log.csv``, ``model.pt`` (final head).
+``checkpoint.pt`` (after every epoch, for resuming), ``train_log.csv``, ``model.pt`` (final head; with
+``weights``, the released head as loaded, nothing trained).
 Outputs of ``detect_eval``: ``detections.csv`` (official AVA format) and ``metrics.json``.
 """
 
@@ -70,6 +71,51 @@ def _build_head(cfg, reader, ids: tuple[int, ...]):
         raise ConfigError(f"detect.head: {cfg.head}: {exc}") from None
 
 
+def released_weights(head: str, path: str, channels: int) -> dict:
+    """The state dict of the released ``head`` file ``path`` (read weights-only), refused in one line
+    naming ``detect.weights`` when the head has no released layout or the file was built for maps with
+    other channels than the keyframe store's ``channels`` (the published heads take SlowFast R50's 2304)."""
+    from detectors.heads import HEADS
+    from pipeline.checkpoints import read_checkpoint, unwrap_state_dict
+
+    cls = HEADS[head]
+    if not cls.released:
+        known = ", ".join(n for n, c in HEADS.items() if c.released)
+        raise ConfigError(f"detect.weights: head {head} has no released weights (those of {known} do)")
+    state = unwrap_state_dict(read_checkpoint(path, needed=cls.released_file), source=path)
+    got = cls.released_channels(state)
+    if got is not None and got != channels:
+        raise ConfigError(f"detect.weights: {path} holds {head} weights for {got}-channel maps, but the keyframe "
+                          f"store has {channels} channels")
+    return state
+
+
+def check_store(params: dict, stores: dict[str, Path]) -> None:
+    """Planning check of ``detect`` (``DetectConfig.check_inputs``): released weights against the keyframe
+    store's channels when the store is already built, so a mismatch fails before any work."""
+    from pipeline.store.loader import RecordReader
+
+    if params.get("weights") is not None and STORE_STAGE in stores:
+        released_weights(params["head"], params["weights"],
+                         int(RecordReader(stores[STORE_STAGE]).attrs["feature_dim"]))
+
+
+def _load_released(ctx: StageContext, cfg, head, config: dict, n_params: int) -> dict:
+    """``detect`` with ``weights``: the released head loaded strictly and kept as the stage's model."""
+    from pipeline.checkpoints import load_state_dict_checked, sha256_file
+
+    state = released_weights(cfg.head, cfg.weights, config["feature_dim"])
+    fmt, _, _ = load_state_dict_checked(head, state, head.released, source=cfg.weights, target=cfg.head)
+    out = Path(ctx.out_dir)
+    write_json_atomic(out / CONFIG_FILE, {**config, "keyframes": 0, "weights_sha256": sha256_file(cfg.weights)})
+    save_torch_atomic({"head": head.state_dict(), "config": cfg.to_json(), "class_ids": config["class_ids"],
+                       "feature_dim": config["feature_dim"], "seconds_per_epoch": [], "train_seconds": 0.0},
+                      out / MODEL_FILE)
+    ctx.log(f"detect: {cfg.head} ({n_params:,} parameters) loaded from {cfg.weights} ({fmt} layout), not trained")
+    return {"summary": f"detect: released {cfg.head} ({n_params:,} parameters) from {cfg.weights}, not trained",
+            "head": cfg.head, "parameters": n_params, "keyframes": 0, "boxes": 0, "epochs": 0}
+
+
 def train(ctx: StageContext) -> dict:
     import torch
 
@@ -87,6 +133,14 @@ def train(ctx: StageContext) -> dict:
     feature_dim = int(reader.attrs["feature_dim"])
     torch.manual_seed(cfg.seed)
     head = _build_head(cfg, reader, ids).to(device)  # a bad head, loss or argument fails before any work
+    out = Path(ctx.out_dir)
+    config = {"config": cfg.to_json(), "class_ids": list(ids),
+              "labelmap": {str(i): split.labelmap[i] for i in ids}, "feature_dim": feature_dim,
+              "train_split": split.name,
+              "store_dir": os.path.relpath(store_dir, out.parent / ctx.key)}  # relative: the cache may move whole
+    n_params = sum(p.numel() for p in head.parameters())
+    if cfg.weights is not None:
+        return _load_released(ctx, cfg, head, config, n_params)
     recipe = cfg.recipe(head.recipe, cfg.batch_size)
     epochs = int(recipe.epochs)
     keyframes = training_keyframes(split, set(reader.ids), cfg.boxes, cfg.min_score, ctx.log)
@@ -94,13 +148,7 @@ def train(ctx: StageContext) -> dict:
         raise ConfigError(f"{ctx.dataset.path}: no keyframe of split {split.name} with boxes is in the keyframe "
                           f"store ({len(reader.ids)} records)")
     source = MapSource(reader, [k.rid for k in keyframes])
-    out = Path(ctx.out_dir)
-    write_json_atomic(out / CONFIG_FILE, {
-        "config": cfg.to_json(), "class_ids": list(ids), "labelmap": {str(i): split.labelmap[i] for i in ids},
-        "feature_dim": feature_dim, "train_split": split.name, "keyframes": len(keyframes),
-        "store_dir": os.path.relpath(store_dir, out.parent / ctx.key),  # relative: the cache may move whole
-    })
-    n_params = sum(p.numel() for p in head.parameters())
+    write_json_atomic(out / CONFIG_FILE, {**config, "keyframes": len(keyframes)})
     boxes = sum(len(k.boxes) for k in keyframes)
     if not (out / MODEL_FILE).exists():
         ctx.log(f"detect: training {cfg.head} ({n_params:,} parameters) on {len(keyframes)} keyframes, {boxes} "
@@ -146,7 +194,7 @@ def evaluate(ctx: StageContext) -> dict:
     head.to(device)
     source = MapSource(reader, [k.rid for k in keyframes])
     t0 = time.perf_counter()
-    detections = predict(head, keyframes, source, cfg.batch_size)
+    detections = predict(head, keyframes, source, cfg.batch_size, memory=cfg.memory)
     infer_s = time.perf_counter() - t0
     out = Path(ctx.out_dir)
     rows = DetectionRows.from_keyframes(detections, split.labelmap)

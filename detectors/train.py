@@ -5,7 +5,8 @@ atomically after every epoch.
 
 Determinism: the order and the jitter of epoch ``e`` come from seeds ``[seed, e]`` and the torch RNG
 state (dropout) is checkpointed, so a run resumed after epoch ``e`` continues as the uninterrupted run
-would (on CPU).
+would (on CPU). CycleACR's memory bank is rebuilt at the start of every epoch from the checkpointed
+head (in eval mode, which draws no random numbers), so it resumes the same way.
 """
 
 from __future__ import annotations
@@ -30,6 +31,38 @@ def _optimizer(head: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=recipe.lr)
 
 
+def actor_bank(head: nn.Module, keyframes: Sequence[Keyframe], source: MapSource,
+               batch_size: int) -> dict[tuple[str, int], torch.Tensor]:
+    """CycleACR's long-term memory bank: (video, timestamp) -> the head's pooled actor features (n, D) of
+    that keyframe's boxes (unjittered), computed from the cache in eval mode, kept on the CPU.
+
+    The published pool is refreshed with each step's detached features; one pass per epoch gives every
+    keyframe features of the same head, needs no neighbour's map at a step, and is reproducible."""
+    was_training = head.training
+    head.eval()
+    device = next(head.parameters()).device
+    bank = {}
+    with torch.no_grad():
+        for i in range(0, len(keyframes), batch_size):
+            chosen = keyframes[i:i + batch_size]
+            inputs, _ = collate(chosen, source)
+            feats = head.memory_features(inputs.to(device)).cpu()
+            start = 0
+            for k in chosen:
+                bank[(k.video, k.timestamp)] = feats[start:start + len(k.boxes)]
+                start += len(k.boxes)
+    head.train(was_training)
+    return bank
+
+
+def _remember(inputs, chosen: Sequence[Keyframe], head: nn.Module, bank) -> None:
+    """Attach the memory of the clips ``chosen`` (the head's window around each) from ``bank``."""
+    from detectors.heads import ActorMemory
+
+    inputs.memory = ActorMemory.gather(bank, [(k.video, k.timestamp) for k in chosen], head.memory_length,
+                                       head.max_per_sec, head.dim_inner)
+
+
 def fit(cfg: DetectConfig, recipe: Recipe, head: nn.Module, keyframes: Sequence[Keyframe], source: MapSource,
         out_dir: Path, log: Callable[[str], None] = print, max_epochs: int | None = None,
         board_dir: Path | None = None) -> list[float]:
@@ -44,9 +77,12 @@ def fit(cfg: DetectConfig, recipe: Recipe, head: nn.Module, keyframes: Sequence[
     def batches(epoch: int):
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(keyframes))
         generator = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+        bank = actor_bank(head, keyframes, source, batch) if cfg.memory else None
         for it in range(iters):
             chosen = [keyframes[i] for i in order[it * batch:(it + 1) * batch]]
             inputs, targets = collate(chosen, source, cfg.box_jitter, generator)
+            if bank is not None:
+                _remember(inputs, chosen, head, bank)
             yield inputs.to(device), targets.to(device)
 
     def step(net: nn.Module, b) -> dict[str, torch.Tensor]:
@@ -63,15 +99,19 @@ def fit(cfg: DetectConfig, recipe: Recipe, head: nn.Module, keyframes: Sequence[
 
 
 @torch.no_grad()
-def predict(head: nn.Module, keyframes: Sequence[Keyframe], source: MapSource,
-            batch_size: int) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
-    """(video, timestamp) -> (boxes (N, 4), class scores (N, K)) for every keyframe."""
+def predict(head: nn.Module, keyframes: Sequence[Keyframe], source: MapSource, batch_size: int,
+            memory: bool = False) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+    """(video, timestamp) -> (boxes (N, 4), class scores (N, K)) for every keyframe. ``memory``: CycleACR's
+    two-stage inference, a bank of the head's features over ``keyframes`` first, then the scores."""
     head.eval()
     device = next(head.parameters()).device
+    bank = actor_bank(head, keyframes, source, batch_size) if memory else None
     out = {}
     for i in range(0, len(keyframes), batch_size):
         chosen = keyframes[i:i + batch_size]
         inputs, _ = collate(chosen, source)
+        if bank is not None:
+            _remember(inputs, chosen, head, bank)
         scores = head.scores(head(inputs.to(device))).cpu().numpy()
         start = 0
         for k in chosen:

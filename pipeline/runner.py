@@ -391,6 +391,21 @@ class Planner:
             out[n] = {**self._run_params(self.ws.graph[n], params), **runtime}
         return out
 
+    def check_inputs(self, names: list[str]) -> None:
+        """The ``check_inputs`` hook of each stage of ``names`` whose schema has one. It gets the outputs of
+        the stages it needs that are already complete (those not made yet are checked when they run) as a
+        call, since planning them reads their records: a hook with nothing to check costs nothing."""
+        for name in names:
+            schema = self.ws.graph.schema(name)
+            if schema is None or not schema.checks_inputs:
+                continue
+
+            def outputs(name=name) -> dict[str, Path]:
+                states = self.plan_all([name])
+                return {n: st.dir for n, st in states.items() if n != name and st.done and st.dir is not None}
+
+            schema.check_inputs(self._run_params(self.ws.graph[name], self.resolved[name][0]), outputs)
+
     def plan_all(self, names: list[str]) -> dict[str, StageState]:
         states: dict[str, StageState] = {}
         for name in self.ws.graph.closure(names):
@@ -464,6 +479,7 @@ def run(ws: Workspace, dataset: Dataset, targets: list[str], sets: list[Override
     for name in names:
         if ws.graph[name].per_item == "keyframes":
             planner.keyframe_inputs()  # a dataset without keyframes, or a malformed AVA file: exit 2 now
+    planner.check_inputs(names)  # params against outputs already made (released weights vs a store)
     from pipeline.locking import Holds
 
     with Holds(ws.cache.root) as holds:

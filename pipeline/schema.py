@@ -11,7 +11,10 @@ the stage held under its own name (names are unique across sections), and ``sect
 same param (``--set localize.model.embed_dim=256`` and ``--set localize.embed_dim=256`` are one key).
 A null section field means "not set here" (the stage keeps its preset's or its trained value). A
 schema class may define ``check_params(params)`` for what one field cannot say (a value against
-another, a preset merged in); it raises ConfigError naming the param.
+another, a preset merged in); it raises ConfigError naming the param. It may also define
+``check_inputs(params, outputs)``: the run's params (files resolved) against what the stages it needs
+have already made (``outputs()``: stage -> directory of each complete one), checked before any stage
+runs (released weights against a stored feature dimension); it may import what it needs.
 
 Schema modules are imported while planning: they must be import-light (the standard library,
 ``pipeline.schema`` and ``pipeline.errors``; heavy imports inside functions), and so must their
@@ -30,7 +33,7 @@ import re
 import sys
 import types
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Mapping, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Callable, Literal, Mapping, Union, get_args, get_origin, get_type_hints
 
 from pipeline.errors import ConfigError
 
@@ -315,6 +318,14 @@ class StageSchema:
         hook = getattr(self.params_cls, "check_params", None)
         if hook is not None:
             hook(params)
+
+    @property
+    def checks_inputs(self) -> bool:
+        return hasattr(self.params_cls, "check_inputs")
+
+    def check_inputs(self, params: Mapping[str, Any], outputs: Callable[[], Mapping[str, Any]]) -> None:
+        if self.checks_inputs:
+            self.params_cls.check_inputs(params, outputs)
 
 
 def _kind(hint: Any, value: Any) -> bool:

@@ -58,6 +58,7 @@ class ACARHead(Head):
     recipe = ACAR_R50
     released = (KeyFormat("ACAR-Net", drop=(r"backbone\.",), prefixes=("head.module.",)),)
     released_file = "ACAR-Net AVA_SLOWFAST_R50_ACAR_HR2O.pth.tar (Siyu-C/ACAR-Net model zoo)"
+    released_input = ("conv_reduce.weight", 1, 1)
 
     def __init__(self, in_channels: int = 2304, num_classes: int = 60, reduce_dim: int | None = None,
                  hidden_dim: int | None = None, depth: int = 2, kernel_size: int = 3, mlp_1x1: bool = False,

@@ -38,6 +38,7 @@ class ACRNHead(Head):
                           prefixes=("roi_head.shared_head.", "roi_head.bbox_head.")),)
     released_file = ("mmaction2 slowfast-acrn_kinetics400-pretrained-r50_8xb8-8x8x1-cosine-10e_ava21-rgb "
                      "checkpoint (download.openmmlab.com)")
+    released_input = ("conv1.conv.weight", 1, 2)  # the 1x1 conv over [actor, context]
 
     def __init__(self, in_channels: int = 2304, num_classes: int = 80, hidden: int | None = None,
                  roi_size: int = 8, aligned: bool = True, sampling_ratio: int = 0, dropout: float = 0.5,

@@ -157,6 +157,8 @@ class Head(nn.Module):
     released: tuple[KeyFormat, ...] = ()
     #: what the published file is and where it comes from, for "file not found" messages
     released_file: str = ""
+    #: (our state-dict key, axis, divisor): where a released file shows the map channels it was built for
+    released_input: tuple[str, int, int] = ("", 0, 1)
 
     def __init__(self, loss: str, num_classes: int, num_pose: int = 0,
                  class_groups: tuple[int, ...] = (), loss_weights: tuple[float, ...] = (),
@@ -174,6 +176,17 @@ class Head(nn.Module):
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-class detection scores in [0, 1] as the published evaluation computes them."""
         return self.objective.scores(logits)
+
+    @classmethod
+    def released_channels(cls, state_dict: Mapping[str, torch.Tensor]) -> int | None:
+        """The input channels of a released state dict (keys as stored), or None when none of the
+        released formats finds the key that shows them (then strict loading names what is wrong)."""
+        key, axis, divisor = cls.released_input
+        for fmt in cls.released:
+            converted, _, _ = fmt.convert(state_dict)
+            if key in converted and converted[key].dim() > axis:
+                return int(converted[key].shape[axis]) // divisor
+        return None
 
     def load_released(self, path: str | Path, strict: bool = True) -> LoadReport:
         """Load the published head weights from ``path`` (read with ``weights_only=True``): container and

@@ -168,6 +168,7 @@ class CycleACRHead(Head):
     released = (KeyFormat("CycleACR", drop=(r"backbone\.",),
                           prefixes=("roi_heads.action.feature_extractor.", "roi_heads.action.predictor.")),)
     released_file = "CycleACR slowfast_r101_8x8f_cycleacr checkpoint (MCG-NJU/CycleACR model zoo)"
+    released_input = ("cycleacr_module.actor_dim_reduce.weight", 1, 1)
 
     def __init__(self, in_channels: int = 2304, num_classes: int = 80, dim_inner: int | None = None,
                  depth: int = 2, instance_depth: int = 2, temporal_len: int = 32, roi_size: int = 7,
