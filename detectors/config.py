@@ -55,7 +55,7 @@ class DetectConfig:
     weights: str | None = None
 
     @classmethod
-    def check_params(cls, params: Mapping[str, Any]) -> None:
+    def check_params(cls, params: Mapping[str, Any], upstream: Mapping[str, Mapping[str, Any]]) -> None:
         detect_config(params)  # head_kwargs are checked against the head's arguments when it is built
 
     @classmethod
@@ -101,7 +101,7 @@ class DetectEvalConfig:
     protocol: Literal["official", "mmaction2"] = "official"
 
     @classmethod
-    def check_params(cls, params: Mapping[str, Any]) -> None:
+    def check_params(cls, params: Mapping[str, Any], upstream: Mapping[str, Mapping[str, Any]]) -> None:
         eval_config(params)
 
 

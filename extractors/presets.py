@@ -218,7 +218,7 @@ class ExtractParams:
     dtype: Literal["float16", "float32"] = "float16"
 
     @classmethod
-    def check_params(cls, params: Mapping[str, Any]) -> None:
+    def check_params(cls, params: Mapping[str, Any], upstream: Mapping[str, Mapping[str, Any]]) -> None:
         preset = resolve_preset(params)  # the preset with the overrides merged in must be a valid preset
         # A RAFT checkpoint that no RAFT loads would only change the key. (The default thumos_i3d needs
         # one it is not given: that is said when extract runs, as for the backbone's checkpoint, since
@@ -248,7 +248,7 @@ class KeyframeParams(ExtractParams):
     compression: Literal["none", "zstd", "lz4"] = "none"
 
     @classmethod
-    def check_params(cls, params: Mapping[str, Any]) -> None:
+    def check_params(cls, params: Mapping[str, Any], upstream: Mapping[str, Mapping[str, Any]]) -> None:
         # Flow needs consecutive frames along extract's clip grid; a keyframe's clip is sampled alone.
         flow_set = [k for k in ("flow_weights", *FLOW_PARAMS) if params.get(k) is not None]
         if params.get("streams") not in (None, "rgb") or flow_set:

@@ -158,7 +158,7 @@ class LocalizeConfig:
                    test=build(TestConfig, obj["test"]))
 
     @classmethod
-    def check_params(cls, params: Mapping[str, Any]) -> None:
+    def check_params(cls, params: Mapping[str, Any], upstream: Mapping[str, Mapping[str, Any]]) -> None:
         """Planning's check of the ``localize`` params: the preset with them merged in must validate."""
         resolve(params)
 
@@ -294,6 +294,19 @@ class EvalParams:
     # point events (snapformer): time tolerances in seconds; null: 1, 2, 5
     tolerances: Annotated[tuple[Annotated[float, Range(gt=0, le=3600)], ...], Len(min=1)] | None = None
     test: TestConfig = TestConfig()
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any], upstream: Mapping[str, Mapping[str, Any]]) -> None:
+        """The test settings set here over the preset of the model they will evaluate (the run's
+        ``localize`` params) must validate: a wrong combination stops the run before training."""
+        cfg = resolve(upstream["localize"])
+        try:
+            validate(replace(cfg, test=apply(cfg.test, params)))
+        except ConfigError as e:  # named as the user set it
+            name, _, why = str(e).removeprefix("localize.").partition(": ")
+            if name in params or name in (params.get("test") or {}):
+                raise ConfigError(f"localize_eval.{name}: {why}") from None
+            raise
 
 
 @dataclass(frozen=True)

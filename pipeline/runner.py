@@ -115,7 +115,8 @@ def resolve_params(graph: StageGraph, dataset: Dataset | None, sets: list[Overri
         if o.stage not in graph.stages:
             raise ConfigError(f"{o.source}: unknown stage {o.stage!r}; known: {', '.join(graph.order)}")
     resolved = {}
-    for name, spec in graph.stages.items():
+    for name in graph.order:  # a stage's check_params sees the params of the stages it needs
+        spec = graph.stages[name]
         mine = [o for o in overrides + list(sets) if o.stage == name]
         schema = graph.schema(name)
         if schema is None:
@@ -124,7 +125,7 @@ def resolve_params(graph: StageGraph, dataset: Dataset | None, sets: list[Overri
         defaults = [Override(name, (k,), v, f"{graph.path}: stages.{name}.{part}.{k}")
                     for part in ("params", "runtime") for k, v in getattr(spec, part).items()]
         params, runtime = _apply_schema(schema, defaults + mine)
-        schema.check_params(params)
+        schema.check_params(params, {need: resolved[need][0] for need in spec.needs})
         resolved[name] = (params, runtime)
     return resolved
 

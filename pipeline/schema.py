@@ -10,8 +10,10 @@ A field typed with a dataclass is a *section* (``localize.model``): each of its 
 the stage held under its own name (names are unique across sections), and ``section.field`` names the
 same param (``--set localize.model.embed_dim=256`` and ``--set localize.embed_dim=256`` are one key).
 A null section field means "not set here" (the stage keeps its preset's or its trained value). A
-schema class may define ``check_params(params)`` for what one field cannot say (a value against
-another, a preset merged in); it raises ConfigError naming the param. It may also define
+schema class may define ``check_params(params, upstream)`` for what one field cannot say (a value
+against another, a preset merged in, the params of the stages it needs: ``upstream``, stage -> params,
+e.g. evaluation's test settings over the training preset they will apply to); it raises ConfigError
+naming the param. It may also define
 ``check_inputs(params, outputs)``: the run's params (files resolved) against what the stages it needs
 have already made (``outputs()``: stage -> directory of each complete one), checked before any stage
 runs (released weights against a stored feature dimension); it may import what it needs.
@@ -314,10 +316,10 @@ class StageSchema:
         if p := problem(param.hint, value):
             raise ConfigError(f"{where}: {p}")
 
-    def check_params(self, params: Mapping[str, Any]) -> None:
+    def check_params(self, params: Mapping[str, Any], upstream: Mapping[str, Mapping[str, Any]]) -> None:
         hook = getattr(self.params_cls, "check_params", None)
         if hook is not None:
-            hook(params)
+            hook(params, upstream)
 
     @property
     def checks_inputs(self) -> bool:

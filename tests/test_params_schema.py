@@ -16,6 +16,7 @@ from pipeline.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 
 BAD_SETS = {
+    "localize_eval.max_duration=0.01": "must exceed duration_thresh",  # over the trained preset's test settings
     "localize.epochs=x": "expected an integer",
     "localize.epochs=1.5": "expected an integer",
     "localize.epochs=true": "expected an integer",
@@ -261,7 +262,7 @@ class TotalParams:
     fmt: Format = Format()
 
     @classmethod
-    def check_params(cls, params):
+    def check_params(cls, params, upstream):
         if params.get("scale", 1) * 10 < (params.get("width") or 0):
             raise ConfigError("total.width: wider than ten times the scale")
 '''
