@@ -28,7 +28,7 @@ import torch
 from torch import distributed as dist
 from torch import nn
 
-from localizers.actionformer import ActionFormer, LossNormalizer, build_model, collate, compute_losses
+from localizers.actionformer import ActionFormer, LossNormalizer, build_model, collate, compute_losses, regressed_points
 from localizers.config import LocalizeConfig, TrainConfig
 from localizers.data import FeatureSource, VideoItem, batch_targets, random_crop, read_features
 from pipeline.context import append_csv_row, save_torch_atomic
@@ -178,8 +178,10 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
+                # the regression head runs at the positives only: the loss reads no other offsets
+                need = regressed_points(mc, x.shape[1], segs, labels, valid, tc.center_radius)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    out = net(x, mask)
+                    out = net(x, mask, need)
                 losses = compute_losses(out, segs, labels, valid, normalizer, tc,
                                         _all_sum if world > 1 else None)
                 (losses["loss"] * world if world > 1 else losses["loss"]).backward()
