@@ -70,12 +70,12 @@ class RegHead(_Trunk):
         self.scale = nn.ModuleList(Scale() for _ in range(num_levels))
         self.offset_head = MaskedConv1D(head_dim, 2, kernel)
 
-    def forward(self, x: torch.Tensor, pad: torch.Tensor, gaps: torch.Tensor,
-                level_lengths: list[int], gap: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pad: torch.Tensor, gaps: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """``level``: the pyramid level of each row (broadcast over ``x``'s leading dims), whose Scale
+        multiplies the row's offsets."""
         out = self.offset_head(self.trunk(x, pad, gaps), pad)
-        # each level's rows (and the gap after them) scaled by that level's Scale
-        scale = torch.cat([s.scale.expand(n + gap) for s, n in zip(self.scale, level_lengths)])[: x.shape[1]]
-        return F.relu(out * scale[:, None].to(out.dtype))
+        scale = torch.stack([s.scale for s in self.scale])[level]
+        return F.relu(out * scale[..., None].to(out.dtype))
 
 
 def run_heads(cls_head: ClsHead, reg_head: RegHead, feats: list[torch.Tensor], masks: list[torch.Tensor],
@@ -89,16 +89,18 @@ def run_heads(cls_head: ClsHead, reg_head: RegHead, feats: list[torch.Tensor], m
     gaps = torch.ones(x.shape[1], 1, dtype=torch.bool, device=x.device)
     gaps[rows] = False
     logits = cls_head(x, pad, gaps)[:, rows]
-    lengths = [f.shape[1] for f in feats]
+    lengths = torch.tensor([f.shape[1] for f in feats], device=x.device)
     if regress_at is None:
-        offsets = reg_head(x, pad, gaps, lengths, gap)[:, rows]
+        # each level's rows and the gap after them
+        level = torch.repeat_interleave(torch.arange(len(feats), device=x.device), lengths + gap)[: x.shape[1]]
+        offsets = reg_head(x, pad, gaps, level)[:, rows]
     else:
-        offsets = _regress_at(reg_head, x, pad, gaps, rows, lengths, gap, regress_at)
+        offsets = _regress_at(reg_head, x, pad, gaps, rows, lengths, regress_at)
     return logits, offsets, m[:, rows]
 
 
 def _regress_at(reg_head: RegHead, x: torch.Tensor, pad: torch.Tensor, gaps: torch.Tensor, rows: torch.Tensor,
-                lengths: list[int], gap: int, where: torch.Tensor) -> torch.Tensor:
+                lengths: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """The regression head at the points ``where`` only: each point's row with the ``r`` rows either
     side that its ``r`` stacked convolutions (kernel 3) read, as a batch of ``2r + 1``-row windows.
     Rows past either end of the sequence become gap rows (zero after every layer, as the convolutions'
@@ -115,10 +117,8 @@ def _regress_at(reg_head: RegHead, x: torch.Tensor, pad: torch.Tensor, gaps: tor
     win = x[batch[:, None], span].masked_fill(outside[..., None], 0.0)
     win_pad = pad[batch[:, None], span] | outside[..., None]
     win_gaps = gaps[span] | outside[..., None]
-    # each window is scaled by its centre's level (RegHead scales row by row through the level layout)
-    level = torch.bucketize(point, torch.tensor(lengths, device=x.device).cumsum(0), right=True)
-    scales = torch.stack([s.scale for s in reg_head.scale])[level]
-    out = reg_head.offset_head(reg_head.trunk(win, win_pad, win_gaps), win_pad)[:, r]
+    level = torch.bucketize(point, lengths.cumsum(0), right=True)  # of each window's centre
+    out = reg_head(win, win_pad, win_gaps, level[:, None])[:, r]
     offsets = x.new_zeros(b, p, out.shape[-1])
-    offsets[batch, point] = F.relu(out * scales[:, None].to(out.dtype))
+    offsets[batch, point] = out
     return offsets
