@@ -206,18 +206,20 @@ def run_ours(args) -> dict:
             f.unlink()
     why = _set_threads(torch, args.threads)
     turn = Turn()
-    epoch_cpu = []
+    epoch_cpu, started = [], []
 
     def log(message: str) -> None:  # after each epoch (its checkpoint written): the other side's turn
         print(message, file=sys.stderr)
         if message.startswith("localize: epoch"):
             epoch_cpu.append(time.process_time() - epoch_cpu.pop())
-            turn.done()
+            turn.done({"wall_s": time.perf_counter() - started.pop(), "cpu_s": epoch_cpu[-1]})
             turn.wait()
+            started.append(time.perf_counter())
             epoch_cpu.append(time.process_time())
 
     torch.manual_seed(0)
     turn.wait()
+    started.append(time.perf_counter())
     epoch_cpu.append(time.process_time())
     result = fit(cfg, train, source, out_dir, device="cpu", log=log)
     model = result.ema if args.weights == "ema" else result.model
@@ -293,7 +295,7 @@ def run_reference(args) -> dict:
         epoch_cpu.append(time.process_time() - c0)
         print(f"reference: epoch {epoch + 1} loss {float(losses['final_loss']):.4f} {epoch_s[-1]:.1f}s",
               file=sys.stderr)
-        turn.done()
+        turn.done({"wall_s": epoch_s[-1], "cpu_s": epoch_cpu[-1]})
 
     turn.wait()
     net = ema.module if args.weights == "ema" else model
@@ -401,9 +403,11 @@ def run_interleaved(ref_python: str, args) -> tuple[dict, dict]:
 
     try:
         for epoch in range(args.warmup_epochs + args.epochs):
-            for side in (("ours", "reference") if epoch % 2 == 0 else ("reference", "ours")):
-                turn(side)
-            print(f"epoch {epoch + 1} done by both", flush=True)
+            took = {side: turn(side) for side in (("ours", "reference") if epoch % 2 == 0 else ("reference", "ours"))}
+            o, r = took["ours"], took["reference"]  # ours' wall here includes its checkpoint write
+            print(f"epoch {epoch + 1}: ours {o['wall_s']:.1f} s ({o['cpu_s']:.1f} CPU s), reference {r['wall_s']:.1f} s "
+                  f"({r['cpu_s']:.1f} CPU s): ours/ref {o['wall_s'] / r['wall_s']:.3f} wall, "
+                  f"{o['cpu_s'] / r['cpu_s']:.3f} CPU; load average {os.getloadavg()[0]:.1f}", flush=True)
         ours, ref = turn("ours"), turn("reference")
     finally:
         for side, proc in procs.items():
