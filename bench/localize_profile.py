@@ -2,12 +2,14 @@
 
 Each side runs in its own process on the same synthetic THUMOS-sized videos (thumos_i3d recipe, batch 2,
 the reference's venv as in ``bench/localize_vs_reference.py``), a few warm-up iterations, then the mean
-wall time per iteration of each phase: data (crop, read, collate), the forward of every backbone block,
+CPU time (``--clock wall``: wall time) per iteration of each phase: data (crop, read, collate), the
+forward of every backbone block,
 the neck and the heads, the target assignment, the loss, backward and the optimizer (clipping, AdamW,
 schedule, EMA). Times come from forward hooks and wrapped functions (CPU: every op has finished when
 it returns; on CUDA each boundary synchronises, so the split costs a little speed there).
 
     python bench/localize_profile.py                       # fp32, 2304-step videos, 3 timed iterations
+    python bench/localize_profile.py --threads 1 --iters 2   # one thread: CPU seconds are the compute's
     python bench/localize_profile.py --length 1200 --iters 5 --threads 1
     python bench/localize_profile.py --torch-profiler      # also torch.profiler's top ops of ours
 """
@@ -31,24 +33,25 @@ from machine import cpu_summary  # noqa: E402
 
 
 class Phases:
-    """Wall seconds per named phase, nested phases included in their parents."""
+    """Seconds of ``clock`` per named phase, nested phases included in their parents."""
 
-    def __init__(self, sync=lambda: None):
+    def __init__(self, clock, sync=lambda: None):
         self.seconds = defaultdict(float)
+        self.clock = clock
         self.sync = sync
         self.order: list[str] = []
 
     @contextmanager
     def __call__(self, name: str):
         self.sync()
-        t0 = time.perf_counter()
+        t0 = self.clock()
         try:
             yield
         finally:
             self.sync()
             if name not in self.seconds:
                 self.order.append(name)
-            self.seconds[name] += time.perf_counter() - t0
+            self.seconds[name] += self.clock() - t0
 
     def wrap(self, name: str, fn):
         def timed(*a, **kw):
@@ -64,14 +67,14 @@ class Phases:
 
             def start(m, a, starts=starts) -> None:  # returning None keeps the inputs unchanged
                 self.sync()
-                starts.append(time.perf_counter())
+                starts.append(self.clock())
             module.register_forward_pre_hook(start)
 
             def done(m, a, out, starts=starts, phase=phase):
                 self.sync()
                 if phase not in self.seconds:
                     self.order.append(phase)
-                self.seconds[phase] += time.perf_counter() - starts.pop()
+                self.seconds[phase] += self.clock() - starts.pop()
             module.register_forward_hook(done)
 
 
@@ -122,7 +125,7 @@ def run_ours(args) -> dict:
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr)
     normalizer = LossNormalizer(tc.loss_norm_init, tc.loss_norm_momentum)
     bf16 = use_bf16(tc.precision, torch.device("cpu"))
-    ph = Phases()
+    ph = Phases(_clock(args))
     ph.hook_modules(model, block_names(model))
     af.assign_targets = ph.wrap("targets (assignment)", af.assign_targets)
     rng = np.random.default_rng(0)
@@ -172,7 +175,7 @@ def run_reference(args) -> dict:
     optimizer = make_optimizer(model, cfg["opt"])
     scheduler = make_scheduler(optimizer, cfg["opt"], 100)
     ema = ModelEma(model)
-    ph = Phases()
+    ph = Phases(_clock(args))
     ph.hook_modules(model, block_names(model))
     model.preprocessing = ph.wrap("data (crop, read, collate)", model.preprocessing)
     model.label_points = ph.wrap("loss + targets", ph.wrap("targets (assignment)", model.label_points))
@@ -194,6 +197,10 @@ def run_reference(args) -> dict:
         return float(losses["final_loss"])
 
     return _measure(args, ph, iteration, {"precision": "fp32"}, torch, profile_ours=False)
+
+
+def _clock(args):
+    return time.process_time if args.clock == "cpu" else time.perf_counter
 
 
 def _measure(args, ph: Phases, iteration, extra: dict, torch, profile_ours: bool) -> dict:
@@ -220,7 +227,7 @@ def _measure(args, ph: Phases, iteration, extra: dict, torch, profile_ours: bool
 def _side(side: str, python: str, args) -> dict:
     cmd = [python, str(Path(__file__).resolve()), "--side", side, "--workdir", args.workdir, "--length",
            str(args.length), "--videos", str(args.videos), "--iters", str(args.iters), "--warmup", str(args.warmup),
-           "--threads", str(args.threads), "--precision", args.precision] + (["--torch-profiler"] if args.torch_profiler else [])
+           "--threads", str(args.threads), "--precision", args.precision, "--clock", args.clock] + (["--torch-profiler"] if args.torch_profiler else [])
     env = dict(os.environ, PYTHONPATH=str(ROOT) if side == "ours" else "")
     done = subprocess.run(cmd, cwd=ROOT if side == "ours" else args.workdir, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -228,8 +235,8 @@ def _side(side: str, python: str, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def report(ours: dict, ref: dict | None) -> None:
-    print(f"{'phase (s per iteration)':<40}{'reference':>11}{'ours':>11}{'ours/ref':>10}")
+def report(ours: dict, ref: dict | None, clock: str) -> None:
+    print(f"{'phase (' + ('CPU' if clock == 'cpu' else 'wall') + ' s per iteration)':<40}{'reference':>11}{'ours':>11}{'ours/ref':>10}")
     names = list(dict.fromkeys((ref["phases"] if ref else {}) | ours["phases"]))
     for name in names:
         r = ref["phases"].get(name) if ref else None
@@ -259,6 +266,9 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="ours (the reference is fp32)")
     p.add_argument("--workdir", default=None, help="synthetic data (default /tmp/localize_profile_<length>)")
     p.add_argument("--ref-python", default=None, help="python of the reference's venv (default bench/.ref-venv/bin/python)")
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                   help="what the phases are timed by (default cpu: the process's CPU seconds, all threads; on a "
+                        "shared machine wall seconds per phase mostly measure the other processes)")
     p.add_argument("--ours-only", action="store_true", help="skip the reference")
     p.add_argument("--torch-profiler", action="store_true", help="also print torch.profiler's top ops of ours")
     args = p.parse_args(argv)
@@ -278,7 +288,7 @@ def main(argv=None) -> int:
     ref = None
     if not args.ours_only:
         ref = _side("reference", args.ref_python or lvr.reference_python(), args)
-    report(ours, ref)
+    report(ours, ref, args.clock)
     return 0
 
 
