@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -14,3 +15,12 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_summary() -> str:
+    """The model, the CPUs this process may use and whether AMX is there (bf16 GEMMs several times faster)."""
+    try:
+        amx = "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        amx = False
+    return f"{cpu_model()} ({len(os.sched_getaffinity(0))} CPUs, {'with' if amx else 'no'} AMX)"

@@ -110,7 +110,7 @@ class DetectRuntime:
     """Runtime values of ``detect`` and ``detect_eval``: how they run, never what they make."""
 
     device: Device = "auto"
-    threads: Threads | None = None  # torch intra-op threads (null: the free CPUs, from the load average)
+    threads: Threads | None = None  # torch intra-op threads (null: the free CPUs, from the load average and /proc/stat)
 
 
 def detect_config(params: Mapping[str, Any]) -> DetectConfig:

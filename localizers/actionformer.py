@@ -52,10 +52,11 @@ class ActionFormer(nn.Module):
     def make_reg_head(cfg: ModelConfig) -> nn.Module:
         return RegHead(cfg.embed_dim, cfg.embed_dim, cfg.num_levels, cfg.head_layers, cfg.head_kernel)
 
-    def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> Outputs:
+    def forward(self, feats: torch.Tensor, mask: torch.Tensor, regress_at: torch.Tensor | None = None) -> Outputs:
+        """``regress_at`` (training, :func:`regressed_points`): offsets at those points only, zero elsewhere."""
         levels, masks = self.backbone(feats, mask)
         levels, masks = self.neck(levels, masks)
-        logits, offsets, out_mask = run_heads(self.cls_head, self.reg_head, levels, masks)
+        logits, offsets, out_mask = run_heads(self.cls_head, self.reg_head, levels, masks, regress_at)
         lengths = [f.shape[1] for f in levels]
         points = make_points(lengths, self.cfg.strides, self.cfg.regression_ranges, feats.device)
         return Outputs(logits, offsets, out_mask, points, lengths)
@@ -93,6 +94,16 @@ def collate(feats: list[torch.Tensor], cfg: ModelConfig, training: bool) -> tupl
         batch[i, : f.shape[0]] = f
     mask = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
     return batch, mask
+
+
+def regressed_points(cfg: ModelConfig, length: int, segments: torch.Tensor, labels: torch.Tensor,
+                     seg_valid: torch.Tensor, radius: float) -> torch.Tensor:
+    """Bool ``(B, P)``: the points of a training batch padded to ``length`` steps whose offsets
+    :func:`compute_losses` reads (the positives of the assignment, padding aside). Known before the
+    forward: the model's ``regress_at``."""
+    points = make_points([length // s for s in cfg.strides], cfg.strides, cfg.regression_ranges, segments.device)
+    cls_t, _ = assign_targets(points, segments, labels, seg_valid, cfg.num_classes, radius)
+    return cls_t.sum(-1) > 0
 
 
 class LossNormalizer:

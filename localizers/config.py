@@ -278,7 +278,7 @@ class LocalizeRuntime:
     """Runtime values of ``localize`` (stages.yaml ``schema.runtime``): how it runs, never what it makes."""
 
     device: Device = "auto"
-    threads: Threads | None = None      # torch intra-op threads (null: the free CPUs, from the load average)
+    threads: Threads | None = None      # torch intra-op threads (null: the free CPUs, from the load average and /proc/stat)
     in_memory: bool | Literal["auto"] = "auto"
     nproc: Annotated[int, Range(ge=1, le=1024)] = 1   # data-parallel training processes on this machine
 

@@ -5,6 +5,11 @@ with zero gap rows between them, so a kernel never sees a neighbouring level (th
 again after every layer, as a level's own zero padding). Outputs come back concatenated over levels
 without the gaps: ``(B, sum T_l, K)``. The two heads are attributes of the model itself so the
 parameter names are the official ones (``cls_head.head.0.conv.weight``, ``reg_head.scale.0.scale``).
+
+In training the regression loss reads the offsets of the positive points only (a few per action), so
+the regression head may run on those alone (``regress_at``): each point with the rows its stacked
+convolutions see (its receptive field), as a batch of short windows, the same numbers at a tenth of
+the head's cost on THUMOS-like crops.
 """
 
 from __future__ import annotations
@@ -70,23 +75,56 @@ class RegHead(_Trunk):
         self.offset_head = MaskedConv1D(head_dim, out_channels, kernel)
         self.activation = activation
 
-    def forward(self, x: torch.Tensor, pad: torch.Tensor, gaps: torch.Tensor,
-                level_lengths: list[int], gap: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pad: torch.Tensor, gaps: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """``level``: the pyramid level of each row (broadcast over ``x``'s leading dims), whose Scale
+        multiplies the row's offsets."""
         out = self.offset_head(self.trunk(x, pad, gaps), pad)
-        # each level's rows (and the gap after them) scaled by that level's Scale
-        scale = torch.cat([s.scale.expand(n + gap) for s, n in zip(self.scale, level_lengths)])[: x.shape[1]]
-        out = out * scale[:, None].to(out.dtype)
+        scale = torch.stack([s.scale for s in self.scale])[level]
+        out = out * scale[..., None].to(out.dtype)
         return F.relu(out) if self.activation else out
 
 
-def run_heads(cls_head: ClsHead, reg_head: RegHead, feats: list[torch.Tensor], masks: list[torch.Tensor]):
+def run_heads(cls_head: ClsHead, reg_head: RegHead, feats: list[torch.Tensor], masks: list[torch.Tensor],
+              regress_at: torch.Tensor | None = None):
     """Both heads over all levels at once: logits ``(B, P, K)``, offsets ``(B, P, 2)`` and mask ``(B, P)``,
-    ``P = sum T_l``."""
+    ``P = sum T_l``. ``regress_at`` (bool ``(B, P)``): the offsets are computed at those points only
+    (zero elsewhere)."""
     gap = cls_head.cls_head.pad
     x, m, rows = concat_levels(feats, masks, gap)
     pad = ~m.unsqueeze(-1)
     gaps = torch.ones(x.shape[1], 1, dtype=torch.bool, device=x.device)
     gaps[rows] = False
     logits = cls_head(x, pad, gaps)[:, rows]
-    offsets = reg_head(x, pad, gaps, [f.shape[1] for f in feats], gap)[:, rows]
+    lengths = torch.tensor([f.shape[1] for f in feats], device=x.device)
+    if regress_at is None:
+        # each level's rows and the gap after them
+        level = torch.repeat_interleave(torch.arange(len(feats), device=x.device), lengths + gap)[: x.shape[1]]
+        offsets = reg_head(x, pad, gaps, level)[:, rows]
+    else:
+        offsets = _regress_at(reg_head, x, pad, gaps, rows, lengths, regress_at)
     return logits, offsets, m[:, rows]
+
+
+def _regress_at(reg_head: RegHead, x: torch.Tensor, pad: torch.Tensor, gaps: torch.Tensor, rows: torch.Tensor,
+                lengths: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """The regression head at the points ``where`` only: each point's row with the ``r`` rows either
+    side that its ``r`` stacked convolutions (kernel 3) read, as a batch of ``2r + 1``-row windows.
+    Rows past either end of the sequence become gap rows (zero after every layer, as the convolutions'
+    own zero padding), so the centre row of each window is the full head's value there."""
+    b, p = where.shape
+    if not bool(where.any()):  # still one point, so that every parameter takes part (DDP's reducer)
+        where = where.clone()
+        where[0, 0] = True
+    r = (len(reg_head.head) + 1) * reg_head.offset_head.pad
+    batch, point = where.nonzero(as_tuple=True)
+    span = rows[point][:, None] + torch.arange(-r, r + 1, device=x.device)       # (N, 2r + 1)
+    outside = (span < 0) | (span >= x.shape[1])
+    span = span.clamp(0, x.shape[1] - 1)
+    win = x[batch[:, None], span].masked_fill(outside[..., None], 0.0)
+    win_pad = pad[batch[:, None], span] | outside[..., None]
+    win_gaps = gaps[span] | outside[..., None]
+    level = torch.bucketize(point, lengths.cumsum(0), right=True)  # of each window's centre
+    out = reg_head(win, win_pad, win_gaps, level[:, None])[:, r]
+    offsets = x.new_zeros(b, p, out.shape[-1])
+    offsets[batch, point] = out
+    return offsets

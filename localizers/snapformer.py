@@ -56,7 +56,7 @@ class OffsetHead(_Trunk):
         super().__init__(dim, head_dim, layers, kernel)
         self.offset_head = MaskedConv1D(head_dim, 1, kernel)
 
-    def forward(self, x, pad, gaps, level_lengths, gap):
+    def forward(self, x, pad, gaps, level):  # no per-level scale: ``level`` is not needed
         return self.offset_head(self.trunk(x, pad, gaps), pad)
 
 

@@ -14,12 +14,12 @@ from torch import nn
 
 # its losses (the distribution focal loss is in compute_losses, on boundary_logits) and decoding are
 # ActionFormer's: the registry finds them here
-from localizers.actionformer import ActionFormer, Outputs, compute_losses, video_detections
+from localizers.actionformer import ActionFormer, Outputs, compute_losses, regressed_points, video_detections
 from localizers.config import LocalizeConfig, ModelConfig
 from localizers.heads import RegHead
 from localizers.losses import expected_distance
 
-__all__ = ["TBTFormer", "build_model", "compute_losses", "video_detections"]
+__all__ = ["TBTFormer", "build_model", "compute_losses", "regressed_points", "video_detections"]
 
 
 class TBTFormer(ActionFormer):
@@ -29,8 +29,8 @@ class TBTFormer(ActionFormer):
         return RegHead(cfg.embed_dim, cfg.embed_dim, cfg.num_levels, cfg.head_layers, cfg.head_kernel,
                        out_channels=2 * (cfg.reg_max + 1), activation=False)
 
-    def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> Outputs:
-        out = super().forward(feats, mask)
+    def forward(self, feats: torch.Tensor, mask: torch.Tensor, regress_at: torch.Tensor | None = None) -> Outputs:
+        out = super().forward(feats, mask, regress_at)
         logits = out.offsets.unflatten(-1, (2, self.cfg.reg_max + 1))
         return dataclasses.replace(out, offsets=expected_distance(logits), boundary_logits=logits)
 

@@ -111,6 +111,7 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
     torch.manual_seed(tc.seed)
     arch = model_module(cfg)  # ActionFormer or SnapFormer: the same loop, their own model and loss
     model = arch.build_model(cfg).to(device)
+    regressed = getattr(arch, "regressed_points", None)  # segment models; SnapFormer has no regression head
     ema = EMA(model, tc.ema_decay)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr)
     normalizer = LossNormalizer(tc.loss_norm_init, tc.loss_norm_momentum)
@@ -139,8 +140,10 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
 
     def step(net: nn.Module, b) -> dict[str, torch.Tensor]:
         x, mask, segs, labels, valid = b
+        # the regression head runs at the positives only where the loss reads no other offsets
+        need = regressed(mc, x.shape[1], segs, labels, valid, tc.center_radius) if regressed else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = net(x, mask)
+            out = net(x, mask) if need is None else net(x, mask, need)
         return arch.compute_losses(out, segs, labels, valid, normalizer, tc, all_sum if world > 1 else None)
 
     hooks = [ema, CsvLog(out_dir / LOG), TensorBoard(board_dir or out_dir / "tensorboard")]

@@ -4,13 +4,16 @@ Measured on a shared 2-core machine (localize, demo model): torch's default (one
 took 24-46 s per epoch while other processes kept the cores busy, one thread 3.3-3.8 s: threads that
 spin-wait for a core that another process holds stall every step. So the default is the cores this
 process may use (affinity, cgroup quota, at most the physical cores) less the load the other
-processes already put on them (the 1-minute load average), and at least one. No torch here: the
-caller applies the number.
+processes already put on them, and at least one. The load is the larger of the 1-minute load average
+and what a short look at /proc/stat sees busy right now: the average takes a minute to notice a job
+that just started (a busy loop pinned to one core, started 2 s before: load average 0.4, busy now 1.0).
+No torch here: the caller applies the number.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 
@@ -47,16 +50,50 @@ def available_cpus() -> int:
     return max(1, min(n, physical) if physical else n)
 
 
+def _cpu_times() -> dict[int, tuple[int, int]]:
+    """{cpu: (busy, total)} jiffies of /proc/stat."""
+    times = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu") and line[3:4].isdigit():
+            name, *fields = line.split()
+            ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+            times[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
+    return times
+
+
+def busy_cpus(seconds: float = 0.2) -> float | None:
+    """How many of this process's CPUs other processes keep busy now (this one sleeps while it looks):
+    the busy share of each over ``seconds``, summed; None where /proc/stat cannot be read."""
+    try:
+        mine = os.sched_getaffinity(0)
+        before = _cpu_times()
+        time.sleep(seconds)
+        after = _cpu_times()
+    except (OSError, AttributeError, ValueError):
+        return None
+    busy = 0.0
+    for cpu in mine & before.keys() & after.keys():
+        d_busy, d_total = (a - b for a, b in zip(after[cpu], before[cpu]))
+        busy += d_busy / d_total if d_total > 0 else 0.0
+    return busy
+
+
 def choose_threads(requested: int | None) -> tuple[int, str]:
     """(threads, why) for a ``threads`` runtime value: a number (>= 1, the schema's) is kept; null gives
-    the available CPUs less the busy ones (the load average, rounded), at least 1."""
+    the available CPUs less the busy ones (the larger of the load average and the CPUs busy now,
+    rounded), at least 1."""
     if requested is not None:
         return int(requested), "as set"
     cpus = available_cpus()
     try:
         load = os.getloadavg()[0]
     except OSError:
+        load = None
+    now = busy_cpus()
+    seen = [x for x in (load, now) if x is not None]
+    if not seen:
         return cpus, f"{cpus} CPUs available"
-    n = max(1, min(cpus, cpus - round(load)))
-    busy = f", load average {load:.1f}: busy" if n < cpus else f", load average {load:.1f}"
-    return n, f"{cpus} CPUs available{busy}"
+    n = max(1, min(cpus, cpus - round(max(seen))))
+    said = ", ".join(([f"load average {load:.1f}"] if load is not None else [])
+                     + ([f"{now:.1f} CPUs busy now"] if now is not None else []))
+    return n, f"{cpus} CPUs available, {said}" + (": busy" if n < cpus else "")

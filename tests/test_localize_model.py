@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from localizers.actionformer import Outputs, collate, compute_losses, detect, LossNormalizer
+from localizers.actionformer import LossNormalizer, Outputs, collate, compute_losses, detect, regressed_points
 from localizers.assign import assign_targets
 from localizers.blocks import attend, attention_mask_for
 from localizers.checkpoint_compat import load_checkpoint
@@ -112,6 +112,41 @@ def test_parity_with_the_official_implementation():
         losses = compute_losses(ref_out, segs, labels, valid, LossNormalizer(100, 0.9), TrainConfig())
         assert losses["cls_loss"].item() == pytest.approx(b["losses"]["cls_loss"], rel=1e-5)
         assert losses["reg_loss"].item() == pytest.approx(b["losses"]["reg_loss"], rel=1e-5)
+
+
+def test_regression_head_at_the_positives_only_gives_the_same_offsets_and_gradients():
+    """Training runs the regression head at the points the loss reads (windows of their receptive
+    field, edges and level boundaries included): the same offsets there, zero elsewhere, the same
+    gradients, the same logits."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = build_model(cfg).train()
+    with torch.no_grad():
+        for p in model.parameters():  # away from the zero / constant initialisation
+            p.add_(0.05 * torch.randn_like(p))
+    x, mask = collate([torch.randn(40, 16), torch.randn(64, 16)], cfg, training=True)
+    # actions at both ends of the videos and in the middle, on several levels
+    segs = torch.tensor([[[0.0, 3.0], [20.0, 38.0], [0.0, 0.0]], [[0.0, 3.0], [30.0, 63.0], [58.0, 63.5]]])
+    labels = torch.tensor([[0, 1, 0], [2, 1, 0]])
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    need = regressed_points(cfg, x.shape[1], segs, labels, valid, 1.5)
+    levels_hit = {int(torch.bucketize(i, torch.tensor([64, 96, 112, 120]), right=True)) for i in need.nonzero()[:, 1]}
+    assert need.sum() >= 10 and len(levels_hit) >= 3 and need[:, 1].any() and need[:, -1].any()
+    grads = []
+    for where in (None, need):
+        torch.manual_seed(1)  # the same drop-path draws
+        out = model(x, mask, where)
+        weights = torch.arange(2 * 120 * 2, dtype=torch.float32).view(2, 120, 2) % 7
+        (out.offsets[need] * weights[need]).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad(set_to_none=True)
+        if where is None:
+            full = out
+    assert torch.allclose(out.offsets[need], full.offsets[need], atol=1e-6) and (out.offsets[~need] == 0).all()
+    assert torch.equal(out.logits, full.logits)
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert torch.allclose(grads[1][name], g, atol=1e-6 * max(1.0, float(g.abs().max()))), name
 
 
 def test_blocked_local_attention_equals_banded_dense_attention():
