@@ -53,8 +53,95 @@ def parse_tious(spec: str | Sequence[float]) -> tuple[float, ...]:
     return values
 
 
+class APTable:
+    """Means, notes, the text table and the JSON of per-threshold, per-class APs: detection mAP over
+    tIoUs here, spotting mAP over time tolerances (localizers.point_map). A result dataclass holds the
+    fields (``ap``, ``classes``, ``n_gt``, ...) and names its thresholds."""
+
+    THRESHOLDS = "tious"  # the field holding the thresholds, and its JSON key
+    HEADER = "tIoU"       # their row title in the table
+    METRIC = "detection"
+
+    @staticmethod
+    def _format(t: float) -> str:
+        return f"{t:>6.2f}"
+
+    @property
+    def _thresholds(self) -> tuple[float, ...]:
+        return getattr(self, self.THRESHOLDS)
+
+    def notes(self) -> list[str]:
+        """What a reader must know to trust the numbers: videos left out or never detected, labels
+        that belong to no class of the ground truth."""
+        out = []
+        if self.n_videos_gt > self.n_videos:
+            out.append(f"evaluated {self.n_videos} of the {self.n_videos_gt} videos of the ground truth "
+                       f"(the others were left out)")
+        if self.n_videos_detected < self.n_videos:
+            out.append(f"detections cover {self.n_videos_detected} of the {self.n_videos} evaluated videos; "
+                       f"the ground truth of the other {self.n_videos - self.n_videos_detected} counts as missed")
+        if self.unknown_labels:
+            listed = ", ".join(f"{k!r} ({n})" for k, n in sorted(self.unknown_labels.items())[:5])
+            more = ", ..." if len(self.unknown_labels) > 5 else ""
+            out.append(f"{sum(self.unknown_labels.values())} detections with {len(self.unknown_labels)} labels "
+                       f"that are not classes of the ground truth were ignored: {listed}{more}")
+        return out
+
+    @property
+    def mAP(self) -> np.ndarray:
+        return self.ap.mean(axis=1) if self.ap.shape[1] else np.zeros(len(self._thresholds))
+
+    @property
+    def average_mAP(self) -> float:
+        return float(self.mAP.mean())
+
+    def pr_curves(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """class -> (precision, recall), each (n_thresholds, n_predictions of the class) in score order:
+        the points the official AP interpolates. Empty arrays for a class without predictions."""
+        return dict(zip(self.classes, self._curves))
+
+    def table(self, per_class: bool = True) -> str:
+        name = f"{self.dataset} " if self.dataset else ""
+        lines = [
+            f"{name}{self.METRIC} mAP (%) ({self.protocol}) over {len(self.classes)} classes, {self.n_videos} videos",
+            f"{self.HEADER:<9} " + " ".join(self._format(t) for t in self._thresholds) + "    avg",
+            "mAP       " + " ".join(f"{100 * m:6.2f}" for m in self.mAP) + f" {100 * self.average_mAP:6.2f}",
+        ]
+        if per_class and self.classes:
+            width = max(len(c) for c in self.classes)
+            lines += ["", f"{'class':<{width}} {'n_gt':>5} {'n_pred':>6}  AP (%) per {self.HEADER}, avg"]
+            for k, name in enumerate(self.classes):
+                aps = " ".join(f"{100 * a:6.2f}" for a in self.ap[:, k])
+                avg = 100 * float(self.ap[:, k].mean())
+                lines.append(f"{name:<{width}} {self.n_gt[k]:>5d} {self.n_pred[k]:>6d}  {aps} {avg:6.2f}")
+        return "\n".join(lines + [f"note: {n}" for n in self.notes()])
+
+    def to_json(self) -> dict:
+        return {
+            self.THRESHOLDS: list(self._thresholds),
+            "mAP": [float(m) for m in self.mAP],
+            "average_mAP": self.average_mAP,
+            "n_videos": self.n_videos,
+            "n_videos_gt": self.n_videos_gt,
+            "n_videos_detected": self.n_videos_detected,
+            "dataset": self.dataset,
+            "protocol": self.protocol,
+            "unknown_labels": dict(self.unknown_labels),
+            "notes": self.notes(),
+            "per_class": {
+                name: {
+                    "ap": [float(a) for a in self.ap[:, k]],
+                    "average_ap": float(self.ap[:, k].mean()),
+                    "n_gt": int(self.n_gt[k]),
+                    "n_pred": int(self.n_pred[k]),
+                }
+                for k, name in enumerate(self.classes)
+            },
+        }
+
+
 @dataclass(frozen=True)
-class MapResult:
+class MapResult(APTable):
     tious: tuple[float, ...]
     classes: tuple[str, ...]  # the classes present in the ground truth, in annotation order
     ap: np.ndarray  # (n_tiou, n_class)
@@ -76,76 +163,6 @@ class MapResult:
             if rounded == tuple(round(t, 4) for t in parse_tious(spec)):
                 return f"{name} protocol, {span}"
         return span
-
-    def notes(self) -> list[str]:
-        """What a reader must know to trust the numbers: videos left out or never detected, labels
-        that belong to no class of the ground truth."""
-        out = []
-        if self.n_videos_gt > self.n_videos:
-            out.append(f"evaluated {self.n_videos} of the {self.n_videos_gt} videos of the ground truth "
-                       f"(the others were left out)")
-        if self.n_videos_detected < self.n_videos:
-            out.append(f"detections cover {self.n_videos_detected} of the {self.n_videos} evaluated videos; "
-                       f"the ground truth of the other {self.n_videos - self.n_videos_detected} counts as missed")
-        if self.unknown_labels:
-            listed = ", ".join(f"{k!r} ({n})" for k, n in sorted(self.unknown_labels.items())[:5])
-            more = ", ..." if len(self.unknown_labels) > 5 else ""
-            out.append(f"{sum(self.unknown_labels.values())} detections with {len(self.unknown_labels)} labels "
-                       f"that are not classes of the ground truth were ignored: {listed}{more}")
-        return out
-
-    @property
-    def mAP(self) -> np.ndarray:
-        return self.ap.mean(axis=1) if self.ap.shape[1] else np.zeros(len(self.tious))
-
-    @property
-    def average_mAP(self) -> float:
-        return float(self.mAP.mean())
-
-    def pr_curves(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """class -> (precision, recall), each (n_tiou, n_predictions of the class) in score order:
-        the points the official AP interpolates. Empty arrays for a class without predictions."""
-        return dict(zip(self.classes, self._curves))
-
-    def table(self, per_class: bool = True) -> str:
-        head = "tIoU      " + " ".join(f"{t:>6.2f}" for t in self.tious) + "    avg"
-        name = f"{self.dataset} " if self.dataset else ""
-        lines = [
-            f"{name}detection mAP (%) ({self.protocol}) over {len(self.classes)} classes, {self.n_videos} videos",
-            head,
-            "mAP       " + " ".join(f"{100 * m:6.2f}" for m in self.mAP) + f" {100 * self.average_mAP:6.2f}",
-        ]
-        if per_class and self.classes:
-            width = max(len(c) for c in self.classes)
-            lines += ["", f"{'class':<{width}} {'n_gt':>5} {'n_pred':>6}  AP (%) per tIoU, avg"]
-            for k, name in enumerate(self.classes):
-                aps = " ".join(f"{100 * a:6.2f}" for a in self.ap[:, k])
-                avg = 100 * float(self.ap[:, k].mean())
-                lines.append(f"{name:<{width}} {self.n_gt[k]:>5d} {self.n_pred[k]:>6d}  {aps} {avg:6.2f}")
-        return "\n".join(lines + [f"note: {n}" for n in self.notes()])
-
-    def to_json(self) -> dict:
-        return {
-            "tious": list(self.tious),
-            "mAP": [float(m) for m in self.mAP],
-            "average_mAP": self.average_mAP,
-            "n_videos": self.n_videos,
-            "n_videos_gt": self.n_videos_gt,
-            "n_videos_detected": self.n_videos_detected,
-            "dataset": self.dataset,
-            "protocol": self.protocol,
-            "unknown_labels": dict(self.unknown_labels),
-            "notes": self.notes(),
-            "per_class": {
-                name: {
-                    "ap": [float(a) for a in self.ap[:, k]],
-                    "average_ap": float(self.ap[:, k].mean()),
-                    "n_gt": int(self.n_gt[k]),
-                    "n_pred": int(self.n_pred[k]),
-                }
-                for k, name in enumerate(self.classes)
-            },
-        }
 
 
 def evaluate_detections(

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from localizers.anet_map import _interpolated_ap
+from localizers.anet_map import APTable, _interpolated_ap
 from pipeline.annotations import TemporalAnnotations
 from pipeline.errors import ConfigError
 
@@ -37,7 +37,11 @@ def parse_tolerances(spec: str | Sequence[float]) -> tuple[float, ...]:
 
 
 @dataclass(frozen=True)
-class PointMapResult:
+class PointMapResult(APTable):
+    THRESHOLDS = "tolerances"
+    HEADER = "tolerance"
+    METRIC = "spotting"
+
     tolerances: tuple[float, ...]
     classes: tuple[str, ...]  # the classes present in the ground truth, in annotation order
     ap: np.ndarray  # (n_tolerance, n_class)
@@ -50,69 +54,13 @@ class PointMapResult:
     n_videos_detected: int = 0
     unknown_labels: Mapping[str, int] = field(default_factory=dict)
 
+    @staticmethod
+    def _format(t: float) -> str:
+        return f"{f'{t:g}s':>6}"
+
     @property
     def protocol(self) -> str:
         return "point events, tolerance " + ", ".join(f"{t:g}" for t in self.tolerances) + " s"
-
-    @property
-    def mAP(self) -> np.ndarray:
-        return self.ap.mean(axis=1) if self.ap.shape[1] else np.zeros(len(self.tolerances))
-
-    @property
-    def average_mAP(self) -> float:
-        return float(self.mAP.mean())
-
-    def pr_curves(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        return dict(zip(self.classes, self._curves))
-
-    def notes(self) -> list[str]:
-        out = []
-        if self.n_videos_gt > self.n_videos:
-            out.append(f"evaluated {self.n_videos} of the {self.n_videos_gt} videos of the ground truth "
-                       f"(the others were left out)")
-        if self.n_videos_detected < self.n_videos:
-            out.append(f"detections cover {self.n_videos_detected} of the {self.n_videos} evaluated videos; "
-                       f"the ground truth of the other {self.n_videos - self.n_videos_detected} counts as missed")
-        if self.unknown_labels:
-            listed = ", ".join(f"{k!r} ({n})" for k, n in sorted(self.unknown_labels.items())[:5])
-            out.append(f"{sum(self.unknown_labels.values())} detections with {len(self.unknown_labels)} labels "
-                       f"that are not classes of the ground truth were ignored: {listed}")
-        return out
-
-    def table(self, per_class: bool = True) -> str:
-        name = f"{self.dataset} " if self.dataset else ""
-        lines = [
-            f"{name}spotting mAP (%) ({self.protocol}) over {len(self.classes)} classes, {self.n_videos} videos",
-            "tolerance " + " ".join(f"{f'{t:g}s':>6}" for t in self.tolerances) + "    avg",
-            "mAP       " + " ".join(f"{100 * m:6.2f}" for m in self.mAP) + f" {100 * self.average_mAP:6.2f}",
-        ]
-        if per_class and self.classes:
-            width = max(len(c) for c in self.classes)
-            lines += ["", f"{'class':<{width}} {'n_gt':>5} {'n_pred':>6}  AP (%) per tolerance, avg"]
-            for k, c in enumerate(self.classes):
-                aps = " ".join(f"{100 * a:6.2f}" for a in self.ap[:, k])
-                lines.append(f"{c:<{width}} {self.n_gt[k]:>5d} {self.n_pred[k]:>6d}  {aps} "
-                             f"{100 * float(self.ap[:, k].mean()):6.2f}")
-        return "\n".join(lines + [f"note: {n}" for n in self.notes()])
-
-    def to_json(self) -> dict:
-        return {
-            "tolerances": list(self.tolerances),
-            "mAP": [float(m) for m in self.mAP],
-            "average_mAP": self.average_mAP,
-            "n_videos": self.n_videos,
-            "n_videos_gt": self.n_videos_gt,
-            "n_videos_detected": self.n_videos_detected,
-            "dataset": self.dataset,
-            "protocol": self.protocol,
-            "unknown_labels": dict(self.unknown_labels),
-            "notes": self.notes(),
-            "per_class": {
-                c: {"ap": [float(a) for a in self.ap[:, k]], "average_ap": float(self.ap[:, k].mean()),
-                    "n_gt": int(self.n_gt[k]), "n_pred": int(self.n_pred[k])}
-                for k, c in enumerate(self.classes)
-            },
-        }
 
 
 def detection_time(det: Mapping, where: str) -> float:

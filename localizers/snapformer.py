@@ -26,13 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localizers.actionformer import LossNormalizer, collate
-from localizers.backbone import ConvTransformerBackbone
+from localizers.actionformer import ActionFormer, LossNormalizer, collate
 from localizers.blocks import MaskedConv1D
 from localizers.config import LocalizeConfig, ModelConfig, TestConfig, TrainConfig
-from localizers.heads import ClsHead, _Trunk, run_heads
-from localizers.neck import IdentityFPN
-from localizers.points import make_points
+from localizers.heads import _Trunk
 
 # CornerNet's focal exponents: (1 - p)^ALPHA on the events' cells, (1 - y)^BETA p^ALPHA elsewhere
 ALPHA, BETA = 2.0, 4.0
@@ -60,25 +57,17 @@ class OffsetHead(_Trunk):
         return self.offset_head(self.trunk(x, pad, gaps), pad)
 
 
-class SnapFormer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        if cfg.input_dim == "auto" or cfg.num_classes == "auto":
-            raise ValueError("build the model from a config whose input_dim / num_classes are resolved")
-        self.cfg = cfg
-        self.backbone = ConvTransformerBackbone(cfg)
-        self.neck = IdentityFPN(cfg.embed_dim, cfg.num_levels)
-        self.cls_head = ClsHead(cfg.embed_dim, cfg.embed_dim, cfg.num_classes, cfg.head_layers, cfg.head_kernel,
-                                cfg.cls_prior_prob)
-        self.offset_head = OffsetHead(cfg.embed_dim, cfg.embed_dim, cfg.head_layers, cfg.head_kernel)
+class SnapFormer(ActionFormer):
+    """ActionFormer's backbone, neck and classification head (here the class heatmaps); the regression
+    slot holds the one-channel offset head."""
+
+    @staticmethod
+    def make_reg_head(cfg: ModelConfig) -> nn.Module:
+        return OffsetHead(cfg.embed_dim, cfg.embed_dim, cfg.head_layers, cfg.head_kernel)
 
     def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> Outputs:
-        levels, masks = self.backbone(feats, mask)
-        levels, masks = self.neck(levels, masks)
-        logits, offsets, out_mask = run_heads(self.cls_head, self.offset_head, levels, masks)
-        lengths = [f.shape[1] for f in levels]
-        points = make_points(lengths, self.cfg.strides, self.cfg.regression_ranges, feats.device)
-        return Outputs(logits, offsets, out_mask, points, lengths, self.cfg.strides)
+        out = super().forward(feats, mask)
+        return Outputs(out.logits, out.offsets, out.mask, out.points, out.level_lengths, self.cfg.strides)
 
 
 def build_model(cfg: LocalizeConfig | ModelConfig) -> SnapFormer:

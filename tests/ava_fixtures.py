@@ -42,3 +42,35 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 def csv_rows(rows) -> str:
     return "".join(",".join(str(f) for f in r) + "\n" for r in rows)
+
+
+class RandomMaps:
+    """An in-memory ``MapSource``: one random (C, H, W) map and (C, T) context per keyframe id, each
+    replaceable (:meth:`changed`)."""
+
+    feature_stride = 16
+
+    def __init__(self, rids, shape: tuple[int, int, int, int], seed: int = 0):
+        self.shape = shape
+        gen = _generator(seed)
+        self.records = {rid: self._draw(gen) for rid in rids}
+
+    def _draw(self, gen):
+        import torch
+
+        c, h, w, t = self.shape
+        return torch.randn(c, h, w, generator=gen), torch.randn(c, t, generator=gen), (h * 16, w * 16)
+
+    def get(self, rid):
+        return self.records[rid]
+
+    def changed(self, rid, seed: int = 9) -> "RandomMaps":
+        out = RandomMaps([], self.shape)
+        out.records = {**self.records, rid: self._draw(_generator(seed))}
+        return out
+
+
+def _generator(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed)

@@ -133,6 +133,17 @@ class Toy:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and far faster on a loaded machine (no spinning)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def toy(tmp_path: Path) -> Toy:
     t = Toy(tmp_path)
     t.write("stages.yaml", TOY_STAGES)

@@ -8,12 +8,23 @@ from pathlib import Path
 
 import numpy as np
 
+from localizers.data import make_item
 from pipeline.context import StageContext
 from pipeline.datasets import Dataset
 from pipeline.store import create_store
+from pipeline.timemap import TimeGrid
 
 FPS, STRIDE, CLIP = 8.0, 4, 8           # 2 features per second; feature i centred at (4i + 4) / 8 s
 DIM, CLASSES = 16, ("jump", "run", "throw")
+GRID = TimeGrid(fps=FPS, stride=STRIDE, clip_len=CLIP)
+INDEX = {c: i for i, c in enumerate(CLASSES)}
+
+
+def items_of(videos: dict, points: bool = False) -> list:
+    """The training items of :func:`make_videos` output (``points``: its actions as point events)."""
+    return [make_item(vid, f.shape, GRID, (STRIDE * len(f) + CLIP) / FPS, np.array([a[:2] for a in acts]),
+                      [a[2] for a in acts], INDEX, DIM, 8, points=points)
+            for vid, (f, acts) in videos.items()]
 
 
 def make_videos(n: int, seed: int, length=(96, 160)) -> dict:

@@ -13,32 +13,12 @@ from detectors.data import Keyframe
 from detectors.heads import build_head
 from detectors.train import actor_bank, fit, predict
 from pipeline.errors import ConfigError
+from ava_fixtures import RandomMaps
 
 C, H, W, T = 12, 4, 5, 6
 WINDOW = (2, 2)  # seconds before / after (published: 30 / 30)
 SMALL = dict(in_channels=C, dim_inner=8, temporal_len=T, num_classes=5, class_groups=(2, 2, 1), mlp_dim=16,
              memory_length=WINDOW, max_per_sec=3)
-
-
-class Maps:
-    """An in-memory ``MapSource``: one random map and context per keyframe id, replaceable."""
-
-    feature_stride = 16
-
-    def __init__(self, rids, seed=0):
-        gen = torch.Generator().manual_seed(seed)
-        self.records = {rid: (torch.randn(C, H, W, generator=gen), torch.randn(C, T, generator=gen),
-                              (H * 16, W * 16)) for rid in rids}
-
-    def get(self, rid):
-        return self.records[rid]
-
-    def changed(self, rid, seed=9) -> "Maps":
-        out = Maps([])
-        out.records = dict(self.records)
-        gen = torch.Generator().manual_seed(seed)
-        out.records[rid] = (torch.randn(C, H, W, generator=gen), torch.randn(C, T, generator=gen), (H * 16, W * 16))
-        return out
 
 
 def keyframes():
@@ -71,7 +51,7 @@ def scores(h, kfs, source, memory, batch_size=2):
 @pytest.mark.parametrize("mask_padding", [False, True])
 def test_memory_changes_predictions_only_through_neighbouring_keyframes(mask_padding):
     h, kfs = head(mask_padding=mask_padding), keyframes()
-    source = Maps([k.rid for k in kfs])
+    source = RandomMaps([k.rid for k in kfs], (C, H, W, T))
     without = scores(h, kfs, source, memory=False)
     with_mem = scores(h, kfs, source, memory=True)
     # no neighbour of the same video within the window: the output is the memoryless one
@@ -97,7 +77,7 @@ def test_memory_changes_predictions_only_through_neighbouring_keyframes(mask_pad
 
 def test_the_bank_holds_each_keyframes_actor_features_in_box_order():
     h, kfs = head(), keyframes()
-    source = Maps([k.rid for k in kfs])
+    source = RandomMaps([k.rid for k in kfs], (C, H, W, T))
     bank = actor_bank(h, kfs, source, batch_size=2)
     assert set(bank) == {(k.video, k.timestamp) for k in kfs}
     assert all(bank[(k.video, k.timestamp)].shape == (len(k.boxes), 8) for k in kfs)
@@ -108,7 +88,7 @@ def test_the_bank_holds_each_keyframes_actor_features_in_box_order():
 
 def test_training_feeds_the_memory_and_resumes_as_if_never_stopped(tmp_path):
     kfs = keyframes()
-    source = Maps([k.rid for k in kfs])
+    source = RandomMaps([k.rid for k in kfs], (C, H, W, T))
     base = {"head": "cycleacr", "optimizer": "adamw", "lr": 1e-3, "epochs": 3, "batch_size": 2, "box_jitter": 0.05}
 
     def train(memory, out, **kw):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from detectors.heads import HEADS, ActorMemory, HeadInput, build_head
 from pipeline.checkpoints import load_state_dict_checked
 from pipeline.errors import ConfigError
+from ava_fixtures import RandomMaps
 from tests.layout_fixtures import layout, public_state_dict
 
 LAYOUTS = {"acar": "heads_acar_r50.json", "acrn": "heads_acrn_r50.json", "cycleacr": "heads_cycleacr_r101.json"}
@@ -274,20 +275,6 @@ def test_a_batch_moves_to_a_device_whole():
     assert moved.feature_stride == batch.feature_stride and moved.memory.before == 1
 
 
-class _Maps:
-    """An in-memory ``MapSource``: one random map and context per keyframe id."""
-
-    feature_stride = 16
-
-    def __init__(self, rids, seed=0):
-        gen = torch.Generator().manual_seed(seed)
-        self.records = {rid: (torch.randn(C, H, W, generator=gen), torch.randn(C, T, generator=gen),
-                              (H * 16, W * 16)) for rid in rids}
-
-    def get(self, rid):
-        return self.records[rid]
-
-
 # the demo's optimiser (data/demo_ava.yaml); CycleACR at its own AdamW lr (README, Detection)
 DEMO_LR = {"roi_linear": 3e-3, "acrn": 3e-3, "acar": 3e-3, "cycleacr": 3e-4}
 
@@ -312,7 +299,8 @@ def test_every_head_fits_a_tiny_fixed_problem_with_the_demo_recipe(name, tmp_pat
                          "warmup_epochs": 1, "epochs": 8, "batch_size": 2, "box_jitter": 0.0})
     torch.manual_seed(0)
     head = build_head(name, **SMALL[name])  # the published initialisation
-    fit(cfg, cfg.recipe(head.recipe, cfg.batch_size), head, kfs, _Maps([k.rid for k in kfs]), tmp_path,
+    maps = RandomMaps([k.rid for k in kfs], (C, H, W, T))
+    fit(cfg, cfg.recipe(head.recipe, cfg.batch_size), head, kfs, maps, tmp_path,
         log=lambda m: None)
     lines = (tmp_path / LOG).read_text().splitlines()
     column = lines[0].split(",").index("loss")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from localize_synthetic import CLASSES, DIM, FPS, STRIDE, CLIP, finish, make_videos, stage_context, write_dataset
+from localize_synthetic import finish, items_of, make_videos, stage_context, write_dataset, CLASSES, DIM, GRID, INDEX
 from localizers import stage
 from localizers.actionformer import video_detections
 from localizers.anet_map import evaluate_detections
@@ -20,16 +20,7 @@ from localizers.data import ArraySource, make_item
 from localizers.train import fit, lr_at
 from pipeline.annotations import load_temporal
 from pipeline.errors import ConfigError
-from pipeline.timemap import TimeGrid
 
-GRID = TimeGrid(fps=FPS, stride=STRIDE, clip_len=CLIP)
-INDEX = {c: i for i, c in enumerate(CLASSES)}
-
-
-def items_of(videos):
-    return [make_item(vid, feats.shape, GRID, (STRIDE * len(feats) + CLIP) / FPS,
-                      np.array([a[:2] for a in acts]), [a[2] for a in acts], INDEX, DIM, 8)
-            for vid, (feats, acts) in videos.items()]
 
 
 def small_config(**train):
@@ -37,13 +28,7 @@ def small_config(**train):
     return replace(cfg, train=replace(cfg.train, **train))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and far faster on a loaded machine (no spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_loss_goes_down_and_the_model_localises(tmp_path):

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from localize_synthetic import CLASSES, DIM, FPS, STRIDE, CLIP, make_videos, write_dataset
+from localize_synthetic import items_of, make_videos, write_dataset, CLASSES, CLIP, DIM, FPS, STRIDE
 from localizers.actionformer import Outputs, collate, decode_video, detect, video_detections
 from localizers.anet_map import evaluate_detections
 from localizers.blocks import attend, attention_mask_for
 from localizers.blocks_v2 import apply_rotary, rotary_tables
 from localizers.config import PRESETS, ModelConfig, resolve
-from localizers.data import ArraySource, make_item
+from localizers.data import ArraySource
 from localizers.losses import distribution_focal_loss, expected_distance, iou_loss_1d
 from localizers.models import MODELS, build_model, model_module
 from localizers.nms import batched_nms
@@ -26,26 +26,11 @@ from localizers.train import fit
 from pipeline.annotations import load_temporal
 from pipeline.errors import ConfigError
 from pipeline.schema import hints
-from pipeline.timemap import TimeGrid
 from test_params_schema import _keys, mini  # noqa: F401 (a fixture)
 
-GRID = TimeGrid(fps=FPS, stride=STRIDE, clip_len=CLIP)
-INDEX = {c: i for i, c in enumerate(CLASSES)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and far faster on a loaded machine (no spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def items_of(videos):
-    return [make_item(vid, feats.shape, GRID, (STRIDE * len(feats) + CLIP) / FPS,
-                      np.array([a[:2] for a in acts]), [a[2] for a in acts], INDEX, DIM, 8)
-            for vid, (feats, acts) in videos.items()]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trivial_detections(train: dict, test: dict) -> dict:

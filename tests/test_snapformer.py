@@ -11,38 +11,24 @@ import numpy as np
 import pytest
 import torch
 
-from localize_synthetic import CLASSES, CLIP, DIM, FPS, STRIDE, finish, make_videos, stage_context, write_dataset
+from localize_synthetic import finish, items_of, make_videos, stage_context, write_dataset, CLASSES, DIM
 from localizers import snapformer, stage
 from localizers.actionformer import LossNormalizer
 from localizers.config import PRESETS
-from localizers.data import ArraySource, make_item
+from localizers.data import ArraySource
 from localizers.point_map import evaluate_points
 from localizers.train import fit
 from pipeline.annotations import load_temporal
 from pipeline.errors import ConfigError
-from pipeline.timemap import TimeGrid
-
-GRID = TimeGrid(fps=FPS, stride=STRIDE, clip_len=CLIP)
-INDEX = {c: i for i, c in enumerate(CLASSES)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def onsets(videos):
     """The synthetic actions' onsets as point events: ``{vid: (features, [(t, t, label)])}``."""
     return {vid: (f, [(a, a, c) for a, _, c in acts]) for vid, (f, acts) in videos.items()}
-
-
-def items_of(videos):
-    return [make_item(vid, f.shape, GRID, (STRIDE * len(f) + CLIP) / FPS, np.array([a[:2] for a in acts]),
-                      [a[2] for a in acts], INDEX, DIM, 8, points=True)
-            for vid, (f, acts) in videos.items()]
 
 
 def snap_config(**train):
@@ -101,17 +87,17 @@ def test_trains_on_synthetic_points_and_beats_a_trivial_baseline(tmp_path):
     train, test = onsets(make_videos(24, 0)), onsets(make_videos(6, 1))
     cfg = snap_config(epochs=11, warmup_epochs=1)
     source = ArraySource({vid: f for vid, (f, _) in {**train, **test}.items()})
-    result = fit(cfg, items_of(train), source, tmp_path, log=lambda m: None)
+    result = fit(cfg, items_of(train, points=True), source, tmp_path, log=lambda m: None)
     with open(tmp_path / "train_log.csv") as f:
         losses = [float(r["loss"]) for r in csv.DictReader(f)]
     assert losses[-1] < 0.5 * losses[0]
     ds, _ = write_dataset(tmp_path / "ds", {}, make_videos(6, 1), points=True)
     gt = load_temporal(ds.annotations)
     dets = {item.id: snapformer.video_detections(result.model, source, item, cfg.test, CLASSES)
-            for item in items_of(test)}
+            for item in items_of(test, points=True)}
     res = evaluate_points(gt, dets, subset="test", tolerances=(1, 2))
     baseline = {item.id: [{"label": c, "score": 0.5, "timestamp": float(t)} for c in CLASSES
-                          for t in np.arange(0, item.duration, 1.0)] for item in items_of(test)}
+                          for t in np.arange(0, item.duration, 1.0)] for item in items_of(test, points=True)}
     base = evaluate_points(gt, baseline, subset="test", tolerances=(1, 2))
     assert res.mAP[0] > 0.8 and res.mAP[0] > base.mAP[0] + 0.3, (res.table(), base.table())
 
