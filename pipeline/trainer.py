@@ -2,7 +2,7 @@
 
 The loop itself only sets the learning rate, runs the domain's ``step`` (forward and loss), steps the
 optimizer and checkpoints; everything else is a :class:`Hook` (EMA weights, CSV and TensorBoard logs,
-periodic validation, early stopping). Losses are summed on the device and read once per epoch: no
+periodic validation, early stopping, and the divergence warning every run gets). Losses are summed on the device and read once per epoch: no
 per-step host sync beyond what the domain's own loss needs.
 
 Checkpoint and resume: after every epoch ``checkpoint.pt`` is written atomically with the model, the
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -81,7 +82,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.schedule, self.clip_grad = schedule, clip_grad
         self.world, self.rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-        self.hooks = [h for h in hooks if self.rank == 0 or not h.rank0_only]
+        self.hooks = [h for h in [*hooks, Divergence()] if self.rank == 0 or not h.rank0_only]
         self.stateful = dict(stateful or {})
         self.identity, self.name, self.log, self.epoch_values = identity, name, log, epoch_values
         for g in optimizer.param_groups:
@@ -274,6 +275,46 @@ class TensorBoard(Hook):
         if self.writer:
             self.writer.close()
         self.writer = None
+
+
+class Divergence(Hook):
+    """Says once when an epoch's mean loss is not finite, or is above the first epoch's and ``factor``
+    times the lowest so far: a run that diverged late (an lr at the edge of stability, met on some seeds
+    and CPUs and not others) otherwise ends with a normal-looking log and a poor model. Above the first
+    epoch's: a loss fitted close to 0 may wobble by large ratios without diverging."""
+
+    name = "divergence"
+    rank0_only = True
+
+    def __init__(self, factor: float = 10.0):
+        self.factor = factor
+        self.first: float | None = None
+        self.lowest: tuple[float, int] | None = None  # (loss, epoch)
+        self.warned = False
+
+    def state_dict(self):
+        return {"first": self.first, "lowest": self.lowest, "warned": self.warned}
+
+    def load_state_dict(self, state) -> None:
+        if state:
+            self.first, self.warned = state["first"], state["warned"]
+            self.lowest = tuple(state["lowest"]) if state["lowest"] else None
+
+    def after_epoch(self, trainer: Trainer, row: dict) -> None:
+        loss = row["loss"]
+        finite = math.isfinite(loss)
+        if finite and self.first is None:
+            self.first = loss
+        if finite and (self.lowest is None or loss < self.lowest[0]):
+            self.lowest = (loss, trainer.epoch)
+            return
+        if self.warned or (finite and (loss <= self.first or loss <= self.factor * self.lowest[0])):
+            return
+        self.warned = True
+        since = (f" is {loss / self.lowest[0]:.0f}x the lowest so far ({self.lowest[0]:.4f} after epoch "
+                 f"{self.lowest[1]})" if finite and self.lowest[0] > 0 else "")
+        trainer.log(f"{trainer.name}: warning: training diverged: the loss of epoch {trainer.epoch} ({loss:.4g})"
+                    f"{since}; a lower {trainer.name}.lr or {trainer.name}.clip_grad keeps it stable")
 
 
 class Validate(Hook):

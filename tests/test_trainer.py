@@ -170,3 +170,18 @@ def test_two_processes_train_as_one_validate_on_process_0_and_stop_together(tmp_
     a, b = rows(tmp_path / "one" / "log.csv"), rows(tmp_path / "two" / "log.csv")  # written once, by process 0
     assert [r["val_x"] for r in b] == ["0.5", "0.7", "0.6"]
     assert [float(r["loss"]) for r in b] == pytest.approx([float(r["loss"]) for r in a], rel=1e-6)
+
+
+def test_divergence_is_said_once(tmp_path):
+    messages = []
+    trainer, batches = toy(tmp_path / "a", lambda m: [], log=messages.append)
+    trainer.fit(batches, 5, 8)
+    assert not any("diverged" in m for m in messages)  # a loss that falls says nothing
+    messages.clear()
+    trainer, batches = toy(tmp_path / "b", lambda m: [CsvLog(tmp_path / "b" / "log.csv")], log=messages.append)
+    trainer.schedule = lambda s: 1.0 if s < 15 else 200.0  # the lr jumps after 3 epochs
+    trainer.fit(batches, 5, 8)
+    losses = [float(r["loss"]) for r in rows(tmp_path / "b" / "log.csv")]
+    warned = [m for m in messages if "diverged" in m]
+    assert len(warned) == 1 and "toy.lr or toy.clip_grad" in warned[0], (losses, warned)
+    assert "the loss of epoch 4 " in warned[0] and losses[3] > 10 * min(losses[:3])
