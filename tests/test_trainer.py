@@ -4,7 +4,6 @@ uninterrupted run, a checkpoint of another identity refused; the localizer's val
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import replace
 
 import pytest
