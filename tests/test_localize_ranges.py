@@ -56,19 +56,22 @@ def test_auto_ranges_need_segments():
         auto_regression_ranges(empty, 4, 256)
 
 
-def _manifest(tmp_path):
+def _train(tmp_path, capsys, setting: str):
+    """``run train --stage localize`` with one ``--set`` on a small generated dataset: (exit code, stderr,
+    cache directory)."""
     videos = make_videos(8, seed=3, length=(60, 90))
     train, test = dict(list(videos.items())[:6]), dict(list(videos.items())[6:])
-    return _dataset(tmp_path, train, test, "{preset: demo, embed_dim: 16, epochs: 1, warmup_epochs: 0, threads: 1}")
+    manifest = _dataset(tmp_path, train, test, "{preset: demo, embed_dim: 16, epochs: 1, warmup_epochs: 0, threads: 1}")
+    cache = tmp_path / "cache"
+    capsys.readouterr()
+    code = main(["--cache-dir", str(cache), "run", "train", "--stage", "localize", "--dataset", str(manifest),
+                 "--set", setting])
+    return code, capsys.readouterr().err, cache
 
 
 def test_auto_ranges_through_the_cli_are_logged_and_recorded(tmp_path, capsys):
-    manifest = _manifest(tmp_path)
-    cache = tmp_path / "cache"
-    capsys.readouterr()
-    assert main(["--cache-dir", str(cache), "run", "train", "--stage", "localize", "--dataset", str(manifest),
-                 "--set", "localize.regression_ranges=auto"]) == 0
-    err = capsys.readouterr().err
+    code, err, cache = _train(tmp_path, capsys, "localize.regression_ranges=auto")
+    assert code == 0
     (out,) = (cache / "localize").iterdir()
     saved = json.loads((out / "config.json").read_text())
     auto = saved["regression_ranges_auto"]
@@ -80,12 +83,9 @@ def test_auto_ranges_through_the_cli_are_logged_and_recorded(tmp_path, capsys):
 
 
 def test_input_dim_other_than_the_stores_is_refused_in_one_line(tmp_path, capsys):
-    manifest = _manifest(tmp_path)
-    cache = tmp_path / "cache"
-    capsys.readouterr()
-    assert main(["--cache-dir", str(cache), "run", "train", "--stage", "localize", "--dataset", str(manifest),
-                 "--set", "localize.input_dim=99"]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
+    code, err, cache = _train(tmp_path, capsys, "localize.input_dim=99")
+    assert code == 2
+    lines = err.strip().splitlines()
     assert lines[-1] == "pipeline: error: localize.input_dim: set to 99 but the feature store's feature_dim is 16", lines
     # refused before anything of localize is written (the runner's empty .partial directory aside)
     assert [list(p.iterdir()) for p in (cache / "localize").iterdir()] == [[]]
