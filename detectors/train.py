@@ -20,6 +20,7 @@ from torch import nn
 
 from detectors.config import DetectConfig
 from detectors.data import Keyframe, MapSource, collate
+from detectors.heads.base import ActorMemory
 from detectors.recipes import Recipe
 from pipeline.trainer import LOG, CsvLog, TensorBoard, Trainer
 
@@ -57,8 +58,6 @@ def actor_bank(head: nn.Module, keyframes: Sequence[Keyframe], source: MapSource
 
 def _remember(inputs, chosen: Sequence[Keyframe], head: nn.Module, bank) -> None:
     """Attach the memory of the clips ``chosen`` (the head's window around each) from ``bank``."""
-    from detectors.heads import ActorMemory
-
     inputs.memory = ActorMemory.gather(bank, [(k.video, k.timestamp) for k in chosen], head.memory_length,
                                        head.max_per_sec, head.dim_inner)
 

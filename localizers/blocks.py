@@ -47,8 +47,8 @@ class MaskedConv1D(nn.Module):
             # than unfold's), weights reordered to (out, tap, in) to match
             cols = torch.cat([x[:, j: j + self.stride * (t_out - 1) + 1: self.stride] for j in range(k)], dim=-1)
             out = F.linear(cols, w.transpose(1, 2).flatten(1), b)
-        elif self.conv.groups == 1 and self.stride == 1:
-            # fp32: one GEMM of every tap's weights, (B, T, C_in) x (C_in, k * C_out), then the taps'
+        elif self.conv.groups == 1 and self.stride == 1 and x.device.type == "cpu":
+            # fp32 on CPU: one GEMM of every tap's weights, (B, T, C_in) x (C_in, k * C_out), then the taps'
             # products shifted into place and summed (col2im on the output side). Measured fwd + bwd on
             # an AMD EPYC (AVX-512): oneDNN's conv1d on the transposed view ran the heads' and embedding
             # convs at a third to half of GEMM speed inside the model (layout reorders of every input and

@@ -254,7 +254,7 @@ def _check_variants(cfg: LocalizeConfig) -> None:
         _check((m.embed_dim // m.n_head) % 2 == 0, "n_head", f"backbone v2 rotates channel pairs: embed_dim / "
                f"n_head must be even, got {m.embed_dim} / {m.n_head}")
         _check(not m.abs_pe, "abs_pe", "backbone v2 has rotary positions; set abs_pe false")
-    if m.model == "tbtformer":
+    if m.model == "tbtformer" and m.regression_ranges != "auto":  # auto: checked once drawn
         # a positive's farther boundary lies at most its level's range high away; the coarsest level's
         # open range is clamped (actions up to 2 * reg_max of its strides)
         need = max((hi / s for (_, hi), s in zip(m.regression_ranges[:-1], m.strides)), default=0)

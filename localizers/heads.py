@@ -98,7 +98,9 @@ def run_heads(cls_head: ClsHead, reg_head: RegHead, feats: list[torch.Tensor], m
     lengths = torch.tensor([f.shape[1] for f in feats], device=x.device)
     if regress_at is None:
         # each level's rows and the gap after them
-        level = torch.repeat_interleave(torch.arange(len(feats), device=x.device), lengths + gap)[: x.shape[1]]
+        # output_size: no device sync to learn the length
+        level = torch.repeat_interleave(torch.arange(len(feats), device=x.device), lengths + gap,
+                                        output_size=x.shape[1] + gap)[: x.shape[1]]
         offsets = reg_head(x, pad, gaps, level)[:, rows]
     else:
         offsets = _regress_at(reg_head, x, pad, gaps, rows, lengths, regress_at)

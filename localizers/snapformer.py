@@ -81,6 +81,7 @@ def heatmap_targets(level_lengths: list[int], strides: tuple[int, ...], times: t
     b = times.shape[0]
     onehot = F.one_hot(labels, num_classes).to(times.dtype) * valid[..., None]
     heats, offs, cells = [], [], []
+    bi, ei = torch.nonzero(valid, as_tuple=True)  # once: every level places the same events
     for n, s in zip(level_lengths, strides):
         pos = times / s
         c = pos.round().clamp(0, n - 1)
@@ -90,7 +91,6 @@ def heatmap_targets(level_lengths: list[int], strides: tuple[int, ...], times: t
                      times.new_zeros(b, n, num_classes))
         off = times.new_zeros(b, n)
         cell = torch.zeros(b, n, dtype=torch.bool, device=times.device)
-        bi, ei = torch.nonzero(valid, as_tuple=True)
         ci = c[bi, ei].long()
         off[bi, ci] = (pos - c)[bi, ei]
         cell[bi, ci] = True

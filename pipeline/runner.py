@@ -228,6 +228,7 @@ class Planner:
         self._keyframes: tuple[list[tuple[str, str, str]], list[str]] | None = None
         self._imports: dict | None | bool = False  # False: not looked up yet
         self._annotations_fp: str | None | bool = False
+        self._reachable: dict[str, list] = {}  # stage -> its code files (one import-graph walk each)
 
     def inputs(self) -> list[tuple[str, str, str]]:
         """(id, absolute path, fingerprint) of every item of the dataset (Path objects are built only
@@ -342,13 +343,17 @@ class Planner:
 
     def _code_files(self, spec: StageSpec) -> dict[str, str]:
         """The source files of ``spec.code`` its entry can reach (pipeline.code_graph) by digest."""
+        if spec.name not in self._reachable:
+            self._reachable[spec.name] = self._reachable_files(spec)
+        return dict(sorted(code_files(self._reachable[spec.name], self.ws.index).items()))
+
+    def _reachable_files(self, spec: StageSpec) -> list:
         packages = {pkg: self.ws.graph.locate_package(spec.name, pkg) for pkg in spec.code}
         entry_module = spec.entry.split(":")[0]
         top = entry_module.split(".")[0]
         if top not in packages and (origin := locate_module(top, self.ws.graph.search_path())) is not None:
             packages[top] = origin.parent if origin.name == "__init__.py" else origin
-        files = list(reachable_modules(spec.entry, packages).values())
-        return dict(sorted(code_files(files, self.ws.index).items()))
+        return list(reachable_modules(spec.entry, packages).values())
 
     def _file_param(self, spec: StageSpec, where: str, value: Any, as_key: bool) -> Any:
         """A file param (a path, or a mapping / list of paths such as two-stream weights) with every

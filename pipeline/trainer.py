@@ -220,7 +220,7 @@ class EMA(Hook):
 
     def after_step(self, trainer: Trainer) -> None:
         with torch.no_grad():
-            torch._foreach_lerp_(self._dst, [p.detach() for p in self._src], 1.0 - self.decay)
+            torch._foreach_lerp_(self._dst, self._src, 1.0 - self.decay)
 
 
 class CsvLog(Hook):
