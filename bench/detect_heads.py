@@ -152,6 +152,11 @@ def _pipeline(cache: Path, args: list[str], device: str) -> tuple[dict, int]:
         return json.loads(out.read()), usage.ru_maxrss * 1024  # KiB on Linux
 
 
+def _ap(value: float | None) -> str:
+    """An AP for the table: ``-`` where no class of the group had one."""
+    return f"{value:6.2f}" if value is not None else f"{'-':>6}"
+
+
 def demo_map(head_name: str, dataset: str, seed: int, cache: Path, device: str) -> dict:
     """``head_name`` trained (seed ``seed``) and scored on ``dataset`` through the pipeline."""
     sets = [f"detect.head={head_name}", f"detect.seed={seed}", *DEMO_SETS.get(head_name, [])]
@@ -235,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                     got = demo_map(row["head"], args.dataset, seed, cache, args.device)
                     row["demo"].append(got)
                     if not args.json:
-                        print(f"{row['head']:11s} seed {seed}  mAP {got['map']:6.2f}  relation {got['relation_ap']:6.2f}  "
+                        print(f"{row['head']:11s} seed {seed}  mAP {got['map']:6.2f}  relation {_ap(got['relation_ap'])}  "
                               f"train {got['store_train_kf_per_s']:7.1f} kf/s  infer {got['store_infer_kf_per_s']:7.1f} "
                               f"kf/s  peak {got['process_peak_mib']:7.1f} MiB  ({got['ran']}; {' '.join(got['sets'])})",
                               flush=True)

@@ -129,7 +129,6 @@ def run_ours(args) -> dict:
     ph.hook_modules(model, block_names(model))
     af.assign_targets = ph.wrap("targets (assignment)", af.assign_targets)
     rng = np.random.default_rng(0)
-    prof = None
 
     def iteration(i):
         with ph("data (crop, read, collate)"):
@@ -244,13 +243,12 @@ def report(ours: dict, ref: dict | None, clock: str) -> None:
         cell = lambda v: f"{v:>11.3f}" if v is not None else f"{'-':>11}"
         ratio = f"{o / r:>10.2f}" if o is not None and r else ""
         print(f"{name:<40}{cell(r)}{cell(o)}{ratio}")
-    r_it = ref["iter_s"] if ref else None
     for key, label in (("iter_s", "iteration, wall"), ("iter_cpu_s", "iteration, CPU (all threads)")):
         r = ref[key] if ref else None
         print(f"{label:<40}{(f'{r:>11.3f}' if r else f'{chr(45):>11}')}{ours[key]:>11.3f}"
               + (f"{ours[key] / r:>10.2f}" if r else ""))
     print("the reference's forward (total) includes its batching, target assignment and loss (listed above it); "
-          "ours are outside the forward")
+          "ours includes one target assignment (the points to regress at), counted in targets too")
     if ours.get("torch_top"):
         print("\ntorch.profiler, ours, one iteration (self CPU time):\n" + ours["torch_top"])
 

@@ -23,9 +23,8 @@ DIGEST = Path(__file__).parent / "fixtures" / "localize_digest.json"
 
 
 def run_digest(out_dir: Path) -> dict:
-    from test_localize_train import items_of
+    from localize_synthetic import items_of
 
-    torch.set_num_threads(1)
     videos = make_videos(6, 5, length=(40, 70))
     cfg = PRESETS["demo"].with_dims(DIM, len(CLASSES))
     cfg = replace(cfg, model=replace(cfg.model, embed_dim=16, drop_path=0.1),
@@ -45,6 +44,7 @@ def run_digest(out_dir: Path) -> dict:
     return digest
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_plain_model_digest_unchanged(tmp_path):
     stored = json.loads(DIGEST.read_text())
     now = run_digest(tmp_path)
@@ -56,5 +56,6 @@ if __name__ == "__main__":
     import tempfile
 
     sys.path.insert(0, str(Path(__file__).parent))
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
         DIGEST.write_text(json.dumps(run_digest(Path(d)), indent=1) + "\n")

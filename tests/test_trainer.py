@@ -151,10 +151,10 @@ def _toy_rank(out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_two_processes_train_as_one_validate_on_process_0_and_stop_together(tmp_path):
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    torch.set_num_threads(1)
     one, batches, calls = _shared_toy(tmp_path / "one", 1, 0, SCORES)
     one.fit(batches, 4, 10)
     assert one.epoch == 3 and calls == [1, 2, 3]
