@@ -321,6 +321,11 @@ def test_invalid_combinations_name_the_param(params, message):
         resolve({"preset": "demo", **params})
 
 
+def test_tbtformer_bins_are_checked_once_auto_ranges_are_drawn():
+    cfg = resolve({"preset": "demo", "model": "tbtformer", "regression_ranges": "auto"})  # nothing to check yet
+    assert cfg.model.regression_ranges == "auto" and cfg.with_dims(DIM, 3).model.model == "tbtformer"
+
+
 def test_per_class_lists_are_checked_against_the_classes():
     ok = resolve({"preset": "demo", "class_nms_sigma": [0.5, 0.7, 0.9], "min_gap": [1.0, 0.0, 2.0]})
     assert ok.with_dims(DIM, 3).test.class_nms_sigma == (0.5, 0.7, 0.9)
