@@ -175,14 +175,19 @@ def compute_losses(out: Outputs, segments: torch.Tensor, labels: torch.Tensor, s
 
 
 @torch.no_grad()
+def video_scores(out: Outputs, index: int, cfg: TestConfig) -> torch.Tensor:
+    """``(P, K)`` class scores of one video's points, ``sigmoid(logit / score_temperature)``, 0 at padding."""
+    logits = out.logits[index].float()
+    if cfg.score_temperature != 1.0:
+        logits = logits / cfg.score_temperature
+    return torch.sigmoid(logits) * out.mask[index, :, None]
+
+
 def decode_video(out: Outputs, index: int, cfg: TestConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Candidates of one video before NMS: per level, points scoring above pre_nms_thresh, the top
     pre_nms_topk of them, lasting more than duration_thresh (and at most max_duration); segments on the
     input grid, scores (``sigmoid(logit / score_temperature)``), class ids."""
-    logits = out.logits[index].float()
-    if cfg.score_temperature != 1.0:
-        logits = logits / cfg.score_temperature
-    probs = torch.sigmoid(logits) * out.mask[index, :, None]
+    probs = video_scores(out, index, cfg)
     offsets = out.offsets[index].float()
     k = probs.shape[1]
     segs, scores, labels = [], [], []

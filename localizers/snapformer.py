@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localizers.actionformer import ActionFormer, LossNormalizer, collate
+from localizers.actionformer import ActionFormer, LossNormalizer, collate, video_scores
 from localizers.blocks import MaskedConv1D
 from localizers.config import LocalizeConfig, ModelConfig, TestConfig, TrainConfig
 from localizers.heads import _Trunk
@@ -132,7 +132,7 @@ def compute_losses(out: Outputs, segments: torch.Tensor, labels: torch.Tensor, s
 def decode_video(out: Outputs, index: int, cfg: TestConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Peaks of one video's heatmaps, every level: times on the input grid, scores, class ids (before
     the merge across levels)."""
-    probs = torch.sigmoid(out.logits[index].float()) * out.mask[index, :, None]
+    probs = video_scores(out, index, cfg)
     offsets = out.offsets[index, :, 0].float()
     k = probs.shape[1]
     times, scores, labels = [], [], []

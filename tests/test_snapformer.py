@@ -76,6 +76,10 @@ def test_peaks_are_local_maxima_merged_across_levels():
     assert np.allclose(found, [(2.0, 0.8), (2.0, 0.9), (6.3, 0.6)])
     t, s, _ = snapformer.merge_peaks(times, scores, labels, radius=2.0, min_score=0.0, max_num=10)
     assert t.tolist() == pytest.approx([2.0, 6.3]) and s.tolist() == pytest.approx([0.9, 0.6])
+    # score_temperature applies to peaks as to segments: sigmoid(logit / T), same peaks
+    _, cold, _ = snapformer.decode_video(out, 0, replace(cfg, pre_nms_thresh=0.0))
+    _, hot, _ = snapformer.decode_video(out, 0, replace(cfg, pre_nms_thresh=0.0, score_temperature=2.0))
+    assert hot.tolist() == pytest.approx(torch.sigmoid(torch.logit(cold) / 2).tolist(), abs=1e-6)
 
 
 def test_trains_on_synthetic_points_and_beats_a_trivial_baseline(tmp_path):
