@@ -24,11 +24,11 @@ import torch
 from torch import distributed as dist
 from torch import nn
 
-from localizers.actionformer import ActionFormer, LossNormalizer, collate
-from localizers.config import LocalizeConfig, TrainConfig
+from localizers.actionformer import ActionFormer, LossNormalizer, collate, padded_length
+from localizers.config import LocalizeConfig, ModelConfig, TrainConfig
 from localizers.data import FeatureSource, VideoItem, batch_targets, random_crop, read_features
 from localizers.models import model_module
-from pipeline.trainer import LOG, EMA, CsvLog, EarlyStop, TensorBoard, Trainer, Validate, all_sum
+from pipeline.trainer import LOG, EMA, Accumulated, CsvLog, EarlyStop, TensorBoard, Trainer, Validate, all_sum
 
 
 def lr_at(step: int, cfg: TrainConfig, iters_per_epoch: int) -> float:
@@ -39,6 +39,60 @@ def lr_at(step: int, cfg: TrainConfig, iters_per_epoch: int) -> float:
         return cfg.lr * step / max(warm - 1, 1)
     progress = (step - warm) / max(total - warm, 1)
     return cfg.eta_min + 0.5 * (cfg.lr - cfg.eta_min) * (1 + math.cos(math.pi * progress))
+
+
+# A batch of unequal lengths is split into parts (one optimizer step accumulated over them, see
+# ``Accumulated``) so that short videos are not padded to the longest: padded steps cost what valid
+# ones cost. On THUMOS-like crops (2304 and 1000 steps, thumos_i3d, fp32, 2 threads, AMD EPYC) one padded
+# batch took 6.4-6.9 CPU s per step, two parts 4.5-4.8; two equal lengths took the same either way. But
+# a part also costs a fixed overhead, a few hundred ops dispatched each way: +25 ms per step with the
+# demo's tiny model (0.6 -> 1.0 s per epoch, 2-core EPYC), which the padding it saves must outweigh.
+# In forward multiply-adds (~30 G per CPU second for the forward and backward of thumos_i3d):
+PART_OVERHEAD_MACS = 3e8
+
+
+def forward_macs_per_step(mc: ModelConfig) -> float:
+    """Rough forward multiply-adds per input step of the plain model: embedding convs, transformer blocks
+    (projections and MLP) over the pyramid, the classification head's convs over every level."""
+    d = mc.embed_dim
+    n_embd, n_stem, n_branch = mc.backbone_arch
+    block = (4 + 2 * mc.mlp_ratio) * d * d
+    levels = sum(0.5 ** level for level in range(n_branch + 1))
+    embed = (int(mc.input_dim) + (n_embd - 1) * d) * d * mc.embed_kernel
+    return embed + (n_stem + levels - 1) * block + levels * (mc.head_layers - 1) * d * d * mc.head_kernel
+
+
+def length_parts(lengths: Sequence[int], cfg: ModelConfig) -> list[list[int]]:
+    """Indices of a training batch grouped into the parts that cost least: each part pays the overhead
+    and its videos' steps padded to its longest. The best parts are runs of the videos sorted by padded
+    length (found exactly by dynamic programming over the runs); in batch order within a part."""
+    padded = [padded_length([n], cfg, training=True) for n in lengths]
+    order = sorted(range(len(lengths)), key=lambda i: -padded[i])
+    per_step = forward_macs_per_step(cfg)
+    # best[j]: the cost of the first j sorted videos; cut[j]: where their last part starts
+    best, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j):  # the last part: sorted videos i .. j-1, padded to video i's length
+            cost = best[i] + PART_OVERHEAD_MACS + (j - i) * padded[order[i]] * per_step
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    parts, j = [], len(order)
+    while j:
+        parts.append(sorted(order[cut[j]:j]))
+        j = cut[j]
+    return parts[::-1]
+
+
+class _PartCount:
+    """The normaliser of a part of an accumulated step: counts its positives and divides by 1 (the
+    summed gradients are divided by the batch's normaliser once every part has counted)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def update(self, num_pos: int) -> float:
+        self.count += num_pos
+        return 1.0
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -123,28 +177,48 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
     bf16 = use_bf16(tc.precision, device)
     non_blocking = device.type == "cuda"
 
+    # the adaptive regression weight balances the whole batch's losses: it cannot be summed over parts
+    split = tc.reg_loss_weight > 0
+
+    def tensors(chosen, crops, norm):
+        feats = [read_features(source, v, c.start, c.stop) for v, c in zip(chosen, crops)]
+        x, mask = collate(feats, mc, training=True)
+        if non_blocking:
+            x = x.pin_memory()
+        return (x.to(device, non_blocking=non_blocking), mask.to(device),
+                *(t.to(device) for t in batch_targets(crops)), norm)
+
     def batches(epoch: int):
         rng = np.random.default_rng([tc.seed, epoch])
         order = rng.permutation(len(items))
         for it in range(iters):
             chosen = [items[i] for i in order[it * batch:(it + 1) * batch]]
-            # every process draws every crop: the rng stays the same in all of them
+            # every process draws every crop and splits the whole batch alike: the rng stays the same in
+            # all of them, and all take an accumulated step (its collectives) or none
             crops = [random_crop(v, mc.max_seq_len, cfg.data.trunc_thresh, cfg.data.crop_ratio, rng) for v in chosen]
-            chosen, crops = [chosen[i] for i in mine], [crops[i] for i in mine]
-            feats = [read_features(source, v, c.start, c.stop) for v, c in zip(chosen, crops)]
-            x, mask = collate(feats, mc, training=True)
-            if non_blocking:
-                x = x.pin_memory()
-            yield (x.to(device, non_blocking=non_blocking), mask.to(device),
-                   *(t.to(device) for t in batch_targets(crops)))
+            parts = length_parts([c.stop - c.start for c in crops], mc) if split else [list(range(len(crops)))]
+            if len(parts) == 1:
+                yield tensors([chosen[i] for i in mine], [crops[i] for i in mine], normalizer)
+                continue
+            count = _PartCount()
+
+            def finish(count: _PartCount = count) -> float:
+                total = count.count if world == 1 else int(all_sum(torch.tensor(count.count, device=device)))
+                return 1.0 / normalizer.update(total)
+
+            parts = [[i for i in p if i in mine] for p in parts]
+            yield Accumulated([tensors([chosen[i] for i in p], [crops[i] for i in p], count) for p in parts if p],
+                              finish)
 
     def step(net: nn.Module, b) -> dict[str, torch.Tensor]:
-        x, mask, segs, labels, valid = b
+        x, mask, segs, labels, valid, norm = b
         # the regression head runs at the positives only where the loss reads no other offsets
         need = regressed(mc, x.shape[1], segs, labels, valid, tc.center_radius) if regressed else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = net(x, mask) if need is None else net(x, mask, need)
-        return arch.compute_losses(out, segs, labels, valid, normalizer, tc, all_sum if world > 1 else None)
+        # a part's loss is its plain sum (its count is no collective); the whole batch's is normalised here
+        return arch.compute_losses(out, segs, labels, valid, norm, tc,
+                                   all_sum if world > 1 and norm is normalizer else None)
 
     hooks = [ema, CsvLog(out_dir / LOG), TensorBoard(board_dir or out_dir / "tensorboard")]
     if validate is not None and tc.val_every:

@@ -11,6 +11,10 @@ optimizer, the torch RNG state, every hook's and every stateful object's state a
 another identity. With epoch-seeded batches (the domain's ``batches(epoch)``) a resumed run continues
 exactly as the uninterrupted run would (on CPU).
 
+Accumulation: ``batches(epoch)`` may yield an :class:`Accumulated` step, whose parts go through ``step``
+and backward one after the other (one part's graph alive at a time) before the optimizer steps once;
+a domain uses it to split a batch of unequal lengths so that no part computes on padding.
+
 Data parallelism: called in every process of a ``torch.distributed`` group, the trainer wraps the model in
 DistributedDataParallel; ``batches(epoch)`` then yields this process's slice of each batch and ``step``
 returns this process's share of the batch's losses (the shares sum to the batch's loss, see
@@ -25,6 +29,8 @@ import copy
 import csv
 import math
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -65,6 +71,16 @@ class Hook:
 
     def close(self) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class Accumulated:
+    """One optimizer step over ``parts`` of a batch. Each part's losses are backpropagated as they are;
+    then ``finish()`` gives the factor that the summed gradients and losses take (e.g. 1 / the batch's
+    loss normaliser, known once every part has counted its positives). In a data-parallel group every
+    process yields an Accumulated step at the same steps (``finish`` may use collectives)."""
+    parts: Sequence[Any]
+    finish: Callable[[], float] = lambda: 1.0
 
 
 class Trainer:
@@ -154,6 +170,31 @@ class Trainer:
         self.model.eval()
         return self.epoch - start
 
+    def _gradients(self, net: nn.Module, batch: Any, params: list) -> Mapping[str, torch.Tensor]:
+        """Forward and backward of one step's batch (every part of an :class:`Accumulated` one); its losses."""
+        if not isinstance(batch, Accumulated):
+            return self._backward(net, batch)
+        sums: dict[str, torch.Tensor] = {}
+        last = len(batch.parts) - 1
+        for i, part in enumerate(batch.parts):
+            # DDP reduces the summed gradients once, in the last part's backward
+            with net.no_sync() if self.world > 1 and i < last else nullcontext():
+                losses = self._backward(net, part)
+            for key, value in losses.items():
+                value = value.detach()
+                sums[key] = sums[key] + value if key in sums else value
+        factor = batch.finish()
+        if factor != 1.0:
+            torch._foreach_mul_([p.grad for p in params if p.grad is not None], factor)
+            sums = {key: value * factor for key, value in sums.items()}
+        return sums
+
+    def _backward(self, net: nn.Module, batch: Any) -> Mapping[str, torch.Tensor]:
+        losses = self.step_fn(net, batch)
+        # DDP averages the gradients of the processes' shares: times the processes, the batch's
+        (losses["loss"] * self.world if self.world > 1 else losses["loss"]).backward()
+        return losses
+
     def _epoch(self, net: nn.Module, batches: Iterable, steps: int, total: int, end: int, params: list) -> None:
         t0 = time.perf_counter()
         sums: dict[str, torch.Tensor] = {}
@@ -164,9 +205,7 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = g["initial_lr"] * factor
             self.optimizer.zero_grad(set_to_none=True)
-            losses = self.step_fn(net, batch)
-            # DDP averages the gradients of the processes' shares: times the processes, the batch's
-            (losses["loss"] * self.world if self.world > 1 else losses["loss"]).backward()
+            losses = self._gradients(net, batch, params)
             if self.clip_grad > 0:
                 nn.utils.clip_grad_norm_(params, self.clip_grad)
             self.optimizer.step()

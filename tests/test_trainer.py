@@ -12,7 +12,7 @@ from torch import nn
 
 from localize_synthetic import finish, make_videos, stage_context, write_dataset
 from localizers import stage
-from pipeline.trainer import EMA, CsvLog, EarlyStop, Trainer, Validate
+from pipeline.trainer import EMA, Accumulated, CsvLog, EarlyStop, Trainer, Validate
 
 
 def toy(out_dir, hooks_of, identity="a", log=None):
@@ -51,6 +51,36 @@ def test_loss_falls_and_hooks_log(tmp_path):
     assert log[0]["loss"] == log[0]["mse_loss"] and "toy: epoch 6/6 loss" in messages[-1] and "(mse " in messages[-1]
     ema = trainer.hooks[0].model
     assert not torch.equal(ema[0].weight, trainer.model[0].weight)
+
+
+def test_an_accumulated_step_takes_the_whole_batchs_gradient(tmp_path):
+    """The parts of an Accumulated batch, backpropagated one at a time and scaled by ``finish()``, make one
+    optimizer step with the batch's gradient and log the batch's loss."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 4, generator=g), torch.randn(12, 1, generator=g)
+
+    def train(out_dir, batch):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+
+        def step(net, b):  # b[2]: the normaliser (1 in a part: the sum, scaled once every part is in)
+            sse = ((net(b[0]) - b[1]) ** 2).sum() * b[2]
+            return {"loss": sse, "sse_loss": sse}
+
+        trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), step, out_dir=out_dir,
+                          hooks=[CsvLog(out_dir / "log.csv")])
+        trainer.fit(lambda epoch: [batch], 1, 1)
+        return trainer, model
+
+    whole, ref = train(tmp_path / "whole", (x, y, 1 / 12))
+    parts, acc = train(tmp_path / "parts", Accumulated([(x[:5], y[:5], 1.0), (x[5:], y[5:], 1.0)], lambda: 1 / 12))
+    assert parts.step == whole.step == 1
+    torch.manual_seed(0)
+    assert not torch.equal(ref.weight, nn.Linear(4, 1).weight)  # it did move
+    for a, b in zip(acc.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b)
+    (logged,), (expected,) = rows(tmp_path / "parts" / "log.csv"), rows(tmp_path / "whole" / "log.csv")
+    assert float(logged["loss"]) == pytest.approx(float(expected["loss"]))
 
 
 def test_validation_and_early_stop(tmp_path):
