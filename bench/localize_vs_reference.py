@@ -1,6 +1,6 @@
 """Our ActionFormer against the reference (PyPI `actionformer==1.5.0`, a fork of the official code) on CPU.
 
-One run: a synthetic THUMOS-sized feature set in the reference's format (per-video `<id>.npy` (T, 2048)
+One run: a synthetic THUMOS-sized feature set (the lengths of real THUMOS14 videos by default) in the reference's format (per-video `<id>.npy` (T, 2048)
 float32 + ActionFormer JSON), then each side in its own process (so peak memory is its own): train with
 the same thumos_i3d configuration and the same epochs, detect on the test videos, and evaluate. Both
 detection sets are scored by both evaluators (numbers must be identical; times compared).
@@ -23,7 +23,8 @@ Its console scripts crash on CPU (torch.cuda.synchronize, storage.cuda), so a sm
 file drives its library instead (`--side reference`, run by the venv's python).
 
     python bench/localize_vs_reference.py --quick            # 6 train / 4 test videos, 1 + 1 epochs
-    python bench/localize_vs_reference.py --size mid         # 40 / 20 videos of 300-6000 steps, 1 + 1 epochs
+    python bench/localize_vs_reference.py --size mid         # 40 / 20 videos of THUMOS14's lengths, 1 + 1 epochs
+    python bench/localize_vs_reference.py --size mid --lengths uniform   # ... of 300-6000 steps instead
     python bench/localize_vs_reference.py --size mid --contention   # the same beside a busy core
     python bench/localize_vs_reference.py                    # 200 / 210 videos, 5 + 30 epochs (hours)
     python bench/localize_vs_reference.py --warmup-epochs 1 --epochs 1   # full size, 2 epochs
@@ -48,7 +49,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from machine import cpu_summary  # noqa: E402
 FPS, STRIDE, CLIP = 30.0, 4, 16  # THUMOS14 I3D features: 16-frame clips every 4 frames at 30 fps
 DIM, N_CLASSES = 2048, 20
-SIZES = {  # name: (train videos, test videos, min steps, max steps, warm-up epochs, cosine epochs)
+SIZES = {  # name: (train videos, test videos, min and max steps (--lengths uniform), warm-up epochs, cosine epochs)
     "quick": (6, 4, 300, 1200, 1, 1),
     "mid": (40, 20, 300, 6000, 1, 1),
     "full": (200, 210, 300, 6000, 5, 30),
@@ -57,8 +58,26 @@ TIOUS = tuple(np.linspace(0.3, 0.7, 5))
 
 
 # ----------------------------------------------------------------------------- data
-def make_dataset(folder: Path, n_train: int, n_test: int, min_len: int, max_len: int, seed: int = 0) -> Path:
-    """Features: N(0, 1) noise plus a class prototype inside each action; actions of 2-20 s."""
+def thumos14_steps(n_train: int, n_test: int, seed: int = 0) -> list[int]:
+    """Feature steps of real THUMOS14 videos (the embedded annotation file's durations at 30 fps, stride
+    4): ``n_train`` of its 200 validation videos (ActionFormer's training split), ``n_test`` of its 212
+    test videos, each drawn without replacement in a seeded order. Mean 1527 steps for validation (median
+    1129; 15 % longer than the 2304-step training crop)."""
+    gt = json.loads((ROOT / "data/annotations/thumos14/thumos14.json").read_text())["database"]
+    rng = np.random.default_rng(seed)
+    steps = []
+    for subset, n in (("Validation", n_train), ("Test", n_test)):
+        lengths = sorted(round(v["duration"] * v["fps"] / STRIDE) for v in gt.values() if v["subset"] == subset)
+        if n > len(lengths):
+            raise SystemExit(f"THUMOS14 has {len(lengths)} {subset} videos, asked for {n}")
+        steps += [lengths[i] for i in rng.permutation(len(lengths))[:n]]
+    return steps
+
+
+def make_dataset(folder: Path, n_train: int, n_test: int, min_len: int, max_len: int, seed: int = 0,
+                 lengths: str = "uniform") -> Path:
+    """Features: N(0, 1) noise plus a class prototype inside each action; actions of 2-20 s. Video
+    lengths: ``thumos14`` (:func:`thumos14_steps`) or ``uniform`` in [min_len, max_len]."""
     ann_path = folder / "annotations.json"
     if ann_path.exists():
         return ann_path
@@ -66,11 +85,12 @@ def make_dataset(folder: Path, n_train: int, n_test: int, min_len: int, max_len:
     feat_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     prototypes = rng.standard_normal((N_CLASSES, DIM)).astype(np.float32)
+    real = thumos14_steps(n_train, n_test, seed) if lengths == "thumos14" else None
     database = {}
     for i in range(n_train + n_test):
         subset = "Validation" if i < n_train else "Test"
         vid = f"video_{subset.lower()}_{i:07d}"
-        steps = int(rng.integers(min_len, max_len + 1))
+        steps = real[i] if real else int(rng.integers(min_len, max_len + 1))
         duration = (steps * STRIDE + CLIP / 2) / FPS
         feats = rng.standard_normal((steps, DIM), dtype=np.float32)
         anns = []
@@ -473,8 +493,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="--size quick: 6 train / 4 test videos, 1 + 1 epochs")
     p.add_argument("--size", choices=sorted(SIZES), default=None,
-                   help="quick (minutes), mid (40 / 20 videos of 300-6000 steps, 1 + 1 epochs: tens of minutes "
+                   help="quick (minutes), mid (40 / 20 videos, 1 + 1 epochs: tens of minutes "
                         "on 2 cores) or full (200 / 210 videos, 5 + 30 epochs: hours); default full")
+    p.add_argument("--lengths", choices=["thumos14", "uniform"], default="thumos14",
+                   help="video lengths: thumos14 (default: those of real THUMOS14 videos, from the embedded "
+                        "annotations) or uniform (300-6000 steps, as the issue first measured)")
     p.add_argument("--contention", action="store_true",
                    help="a busy-loop process pinned to one core beside both sides for the whole run")
     p.add_argument("--threads", default=None,
@@ -505,7 +528,7 @@ def main(argv=None) -> int:
     args.warmup_epochs = warm if args.warmup_epochs is None else args.warmup_epochs
     if args.weights is None:
         args.weights = "ema" if args.warmup_epochs + args.epochs >= 20 else "trained"
-    args.workdir = args.workdir or f"/tmp/localize_bench_{size}"
+    args.workdir = args.workdir or f"/tmp/localize_bench_{size}_{args.lengths}"
 
     if args.side:
         run = {"ours": run_ours, "reference": run_reference, "reference-evaluator": run_reference_evaluator}[args.side]
@@ -523,7 +546,8 @@ def main(argv=None) -> int:
     if args.evaluators_only:
         print("evaluators only: THUMOS14 test ground truth, 200 detections per video", flush=True)
     else:
-        print(f"size: {size} ({n_train} train / {n_test} test videos, {min_len}-{max_len} steps of {DIM}-d features), "
+        spread = "THUMOS14's lengths" if args.lengths == "thumos14" else f"{min_len}-{max_len} steps"
+        print(f"size: {size} ({n_train} train / {n_test} test videos, {spread} of {DIM}-d features), "
               f"epochs: {args.warmup_epochs} warm-up + {args.epochs} cosine, weights evaluated: {args.weights}, "
               f"workdir {work}", flush=True)
     make_eval_set(work)
@@ -533,7 +557,7 @@ def main(argv=None) -> int:
         compare_evaluators(work, run_reference_evaluator_side(ref_python, args))
         return 0
     t0 = time.perf_counter()
-    make_dataset(work, n_train, n_test, min_len, max_len)
+    make_dataset(work, n_train, n_test, min_len, max_len, lengths=args.lengths)
     print(f"data ready in {time.perf_counter() - t0:.0f} s", flush=True)
     saved = work / f"sides{'_contention' if args.contention else ''}.json"
     if args.report_only:

@@ -71,14 +71,16 @@ def padded_length(lengths: list[int], cfg: ModelConfig, training: bool) -> int:
 
     Shorter than max_seq_len: the official model pads to max_seq_len. Outputs at valid steps depend on
     the padding only through whether each level has at least one padded step after the video (the
-    padded steps all hold the same values), so padding to the next multiple of the coarsest stride plus
-    one more stride gives the same numbers with less work. Longer (inference only): the next multiple of
-    max_div_factor, as the official model.
+    padded steps all hold the same values), so the shortest length that keeps one at every level gives
+    the same numbers with less work: ``T = s * ceil(L / s) + 1`` for the coarsest stride ``s``, whose
+    levels, halved rounding up as the strided layers do, have ``ceil(T / 2^l) >= ceil(L / 2^l) + 1``
+    steps (at most max_seq_len, where the official model has no padded step either). Longer (inference
+    only): the next multiple of max_div_factor, as the official model.
     """
     top = cfg.strides[-1]
     longest = max(lengths)
     if longest <= cfg.max_seq_len:
-        return min(cfg.max_seq_len, -(-longest // top) * top + top)
+        return min(cfg.max_seq_len, -(-longest // top) * top + 1)
     if training:
         raise ValueError(f"training input of {longest} steps exceeds max_seq_len {cfg.max_seq_len}")
     div = cfg.max_div_factor
@@ -101,7 +103,7 @@ def regressed_points(cfg: ModelConfig, length: int, segments: torch.Tensor, labe
     """Bool ``(B, P)``: the points of a training batch padded to ``length`` steps whose offsets
     :func:`compute_losses` reads (the positives of the assignment, padding aside). Known before the
     forward: the model's ``regress_at``."""
-    points = make_points([length // s for s in cfg.strides], cfg.strides, cfg.regression_ranges, segments.device)
+    points = make_points([-(-length // s) for s in cfg.strides], cfg.strides, cfg.regression_ranges, segments.device)
     cls_t, _ = assign_targets(points, segments, labels, seg_valid, cfg.num_classes, radius)
     return cls_t.sum(-1) > 0
 

@@ -245,9 +245,10 @@ def _pointwise(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
 
 
 def _max_pool_3_2(x: torch.Tensor) -> torch.Tensor:
-    """MaxPool1d(kernel 3, stride 2, padding 1) over time of a channels-last tensor."""
-    xp = F.pad(x, (0, 0, 1, 1), value=float("-inf"))
-    t_out = x.shape[1] // 2
+    """MaxPool1d(kernel 3, stride 2, padding 1) over time of a channels-last tensor. An odd length gives
+    ``ceil(T / 2)`` steps, as the strided convolutions do (the last one, past the end, is a padded step)."""
+    t_out = -(-x.shape[1] // 2)
+    xp = F.pad(x, (0, 0, 1, 2 * t_out - x.shape[1] + 1), value=float("-inf"))
     a = xp[:, 0: 2 * t_out: 2]
     b = xp[:, 1: 2 * t_out + 1: 2]
     c = xp[:, 2: 2 * t_out + 2: 2]

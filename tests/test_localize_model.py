@@ -81,7 +81,8 @@ def test_official_checkpoint_layout_loads_strictly(tmp_path):
 
 def test_parity_with_the_official_implementation():
     """Logits, offsets, targets and losses equal those of the official code (fork 1.5.0) with the same
-    weights, also when we pad less than it does (first batch: 20 and 37 steps, it pads to 64)."""
+    weights, also when we pad less than it does (first batch: 20 and 37 steps, it pads to 64, we to 41,
+    whose levels of 41, 21, 11 and 6 steps each keep one padded step)."""
     ref = torch.load(FIXTURES / "actionformer_parity.pt", weights_only=False)
     cfg = tiny_config()
     model = build_model(cfg).eval()
@@ -95,6 +96,7 @@ def test_parity_with_the_official_implementation():
     for b in ref["batches"]:
         feats = [b["x"][i, :n_i] for i, n_i in enumerate(b["lengths"].tolist())]
         x, mask = collate(feats, cfg, training=True)
+        assert x.shape[1] == (41 if max(b["lengths"]) == 37 else 64)
         with torch.no_grad():
             out = model(x, mask)
         m = b["mask"]
