@@ -179,8 +179,9 @@ def fit(cfg: LocalizeConfig, items: Sequence[VideoItem], source: FeatureSource, 
     bf16 = use_bf16(tc.precision, device)
     non_blocking = device.type == "cuda"
 
-    # the adaptive regression weight balances the whole batch's losses: it cannot be summed over parts
-    split = tc.reg_loss_weight > 0
+    # the adaptive regression weight balances the whole batch's losses: it cannot be summed over parts.
+    # CPU only: on a GPU a part's kernel launches cost more than THUMOS-sized padding's FLOPs (not measured)
+    split = tc.reg_loss_weight > 0 and device.type == "cpu"
 
     def tensors(chosen, crops, norm):
         feats = [read_features(source, v, c.start, c.stop) for v, c in zip(chosen, crops)]
