@@ -191,7 +191,7 @@ class Trainer:
 
     def _backward(self, net: nn.Module, batch: Any) -> Mapping[str, torch.Tensor]:
         losses = self.step_fn(net, batch)
-        # DDP averages the gradients of the processes' shares: times the processes, the batch's
+        # DDP averages the processes' gradients: scaled by the processes, their shares sum to the batch's
         (losses["loss"] * self.world if self.world > 1 else losses["loss"]).backward()
         return losses
 
