@@ -12,6 +12,11 @@ it returns; on CUDA each boundary synchronises, so the split costs a little spee
     python bench/localize_profile.py --threads 1 --iters 2   # one thread: CPU seconds are the compute's
     python bench/localize_profile.py --length 1200 --iters 5 --threads 1
     python bench/localize_profile.py --torch-profiler      # also torch.profiler's top ops of ours
+    python bench/localize_profile.py --device cuda --precision bf16 --iters 20   # a GPU: both in bf16
+
+``--device cuda`` is the GPU check: both sides on the GPU (the reference under bf16 autocast too when
+``--precision bf16``), phases timed by the wall clock with a synchronise at each boundary, iterations per
+second and the peak GPU memory (``torch.cuda.max_memory_allocated``) of each.
 """
 
 from __future__ import annotations
@@ -120,12 +125,15 @@ def run_ours(args) -> dict:
     torch.manual_seed(0)
     model = build_model(cfg)
     model.train()
+    normalizer = LossNormalizer(tc.loss_norm_init, tc.loss_norm_momentum)
+    device = torch.device(args.device)
+    model.to(device)
     ema = [p.detach().clone() for p in model.parameters()]
     params = list(model.parameters())
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr)
-    normalizer = LossNormalizer(tc.loss_norm_init, tc.loss_norm_momentum)
-    bf16 = use_bf16(tc.precision, torch.device("cpu"))
-    ph = Phases(_clock(args))
+    # as localizers.train: fused AdamW, bf16 where the precision asks for it
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, fused=True)
+    bf16 = use_bf16(tc.precision, device)
+    ph = Phases(_clock(args), _sync(torch, device))
     ph.hook_modules(model, block_names(model))
     af.assign_targets = ph.wrap("targets (assignment)", af.assign_targets)
     rng = np.random.default_rng(0)
@@ -135,10 +143,10 @@ def run_ours(args) -> dict:
             chosen = [items[(2 * i + k) % len(items)] for k in range(2)]
             crops = [random_crop(v, mc.max_seq_len, cfg.data.trunc_thresh, cfg.data.crop_ratio, rng) for v in chosen]
             x, mask = collate([read_features(source, v, c.start, c.stop) for v, c in zip(chosen, crops)], mc, True)
-            segs, labels, valid = batch_targets(crops)
+            x, mask, segs, labels, valid = (t.to(device) for t in (x, mask, *batch_targets(crops)))
         with ph("forward (total)"):  # as localizers.train: the regression head at the positives only
             need = regressed_points(mc, x.shape[1], segs, labels, valid, tc.center_radius)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = model(x, mask, need)
         with ph("loss + targets"):
             losses = af.compute_losses(out, segs, labels, valid, normalizer, tc)
@@ -152,7 +160,7 @@ def run_ours(args) -> dict:
                 torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - tc.ema_decay)
         return float(losses["loss"])
 
-    return _measure(args, ph, iteration, {"precision": "bf16" if bf16 else "fp32"}, torch,
+    return _measure(args, ph, iteration, {"precision": "bf16" if bf16 else "fp32"}, torch, device,
                     profile_ours=args.torch_profiler)
 
 
@@ -169,12 +177,14 @@ def run_reference(args) -> dict:
     fix_random_seed(0, include_cuda=False)
     train_set = af_dataset(cfg["dataset_name"], True, cfg["train_split"], **cfg["dataset"])
     cfg["model"]["train_cfg"]["head_empty_cls"] = train_set.get_attributes()["empty_label_ids"]
-    model = make_meta_arch(cfg["model_name"], **cfg["model"])
+    device = torch.device(args.device)
+    model = make_meta_arch(cfg["model_name"], **cfg["model"]).to(device)  # its batching follows the weights
     model.train()
+    bf16 = device.type == "cuda" and args.precision == "bf16"
     optimizer = make_optimizer(model, cfg["opt"])
     scheduler = make_scheduler(optimizer, cfg["opt"], 100)
     ema = ModelEma(model)
-    ph = Phases(_clock(args))
+    ph = Phases(_clock(args), _sync(torch, device))
     ph.hook_modules(model, block_names(model))
     model.preprocessing = ph.wrap("data (crop, read, collate)", model.preprocessing)
     model.label_points = ph.wrap("loss + targets", ph.wrap("targets (assignment)", model.label_points))
@@ -184,7 +194,8 @@ def run_reference(args) -> dict:
         with ph("data (crop, read, collate)"):
             video_list = [train_set[(2 * i + k) % len(train_set)] for k in range(2)]
         with ph("forward (total)"):  # its forward also batches the inputs, assigns targets and computes the loss
-            losses = model(video_list)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                losses = model(video_list)
         with ph("backward"):
             losses["final_loss"].backward()
         with ph("optimizer (clip, AdamW, EMA)"):
@@ -195,23 +206,36 @@ def run_reference(args) -> dict:
             ema.update(model)
         return float(losses["final_loss"])
 
-    return _measure(args, ph, iteration, {"precision": "fp32"}, torch, profile_ours=False)
+    return _measure(args, ph, iteration, {"precision": "bf16" if bf16 else "fp32"}, torch, device,
+                    profile_ours=False)
 
 
 def _clock(args):
     return time.process_time if args.clock == "cpu" else time.perf_counter
 
 
-def _measure(args, ph: Phases, iteration, extra: dict, torch, profile_ours: bool) -> dict:
+def _sync(torch, device):
+    """What each phase boundary waits for: the GPU's queued kernels (nothing to wait for on CPU)."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def _measure(args, ph: Phases, iteration, extra: dict, torch, device, profile_ours: bool) -> dict:
     torch.set_num_threads(args.threads)
     for i in range(args.warmup):
         iteration(i)
     ph.seconds.clear()
     ph.order.clear()
+    sync = _sync(torch, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync()
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(args.iters):
         iteration(args.warmup + i)
+    sync()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if device.type == "cuda":
+        extra = {**extra, "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20}
     phases = {k: ph.seconds[k] / args.iters for k in ph.order}  # before the profiled iteration adds to them
     top = None
     if profile_ours:
@@ -226,7 +250,7 @@ def _measure(args, ph: Phases, iteration, extra: dict, torch, profile_ours: bool
 def _side(side: str, python: str, args) -> dict:
     cmd = [python, str(Path(__file__).resolve()), "--side", side, "--workdir", args.workdir, "--length",
            str(args.length), "--videos", str(args.videos), "--iters", str(args.iters), "--warmup", str(args.warmup),
-           "--threads", str(args.threads), "--precision", args.precision, "--clock", args.clock] + (["--torch-profiler"] if args.torch_profiler else [])
+           "--threads", str(args.threads), "--precision", args.precision, "--clock", args.clock, "--device", args.device] + (["--torch-profiler"] if args.torch_profiler else [])
     env = dict(os.environ, PYTHONPATH=str(ROOT) if side == "ours" else "")
     done = subprocess.run(cmd, cwd=ROOT if side == "ours" else args.workdir, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -243,10 +267,15 @@ def report(ours: dict, ref: dict | None, clock: str) -> None:
         cell = lambda v: f"{v:>11.3f}" if v is not None else f"{'-':>11}"
         ratio = f"{o / r:>10.2f}" if o is not None and r else ""
         print(f"{name:<40}{cell(r)}{cell(o)}{ratio}")
-    for key, label in (("iter_s", "iteration, wall"), ("iter_cpu_s", "iteration, CPU (all threads)")):
-        r = ref[key] if ref else None
-        print(f"{label:<40}{(f'{r:>11.3f}' if r else f'{chr(45):>11}')}{ours[key]:>11.3f}"
-              + (f"{ours[key] / r:>10.2f}" if r else ""))
+    for key, label in (("iter_s", "iteration, wall"), ("iter_cpu_s", "iteration, CPU (all threads)"),
+                       ("iters_per_s", "iterations per second (wall)"), ("peak_gpu_mib", "peak GPU memory (MiB)")):
+        if key == "iters_per_s":
+            o, r = 1 / ours["iter_s"], (1 / ref["iter_s"] if ref else None)
+        elif key in ours:
+            o, r = ours[key], (ref.get(key) if ref else None)
+        else:
+            continue
+        print(f"{label:<40}{(f'{r:>11.3f}' if r else f'{chr(45):>11}')}{o:>11.3f}" + (f"{o / r:>10.2f}" if r else ""))
     print("the reference's forward (total) includes its batching, target assignment and loss (listed above it); "
           "ours includes one target assignment (the points to regress at), counted in targets too")
     if ours.get("torch_top"):
@@ -261,7 +290,9 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=3, help="timed iterations (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
     p.add_argument("--threads", default="auto", help="intra-op threads of both (default: pipeline.threads' choice)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="ours (the reference is fp32)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="ours (the reference is fp32, or bf16 autocast too with --device cuda --precision bf16)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: both sides on that GPU, wall clock")
     p.add_argument("--workdir", default=None, help="synthetic data (default /tmp/localize_profile_<length>)")
     p.add_argument("--ref-python", default=None, help="python of the reference's venv (default bench/.ref-venv/bin/python)")
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
@@ -271,6 +302,8 @@ def main(argv=None) -> int:
     p.add_argument("--torch-profiler", action="store_true", help="also print torch.profiler's top ops of ours")
     args = p.parse_args(argv)
     args.workdir = args.workdir or f"/tmp/localize_profile_{args.length}"
+    if args.device != "cpu":
+        args.clock = "wall"  # CPU seconds say nothing of a GPU's work
     if args.side:
         args.threads = int(args.threads)
         print(json.dumps((run_ours if args.side == "ours" else run_reference)(args)))
@@ -281,7 +314,8 @@ def main(argv=None) -> int:
     args.threads = threads
     print(f"{cpu_summary()}, {threads} threads ({why}), load average {os.getloadavg()[0]:.2f}; "
           f"{args.videos} videos of {args.length} steps x {lvr.DIM}, batch 2, thumos_i3d; "
-          f"ours {args.precision}, reference fp32; mean of {args.iters} iterations after {args.warmup}", flush=True)
+          f"ours {args.precision}, reference {'bf16' if args.device != 'cpu' and args.precision == 'bf16' else 'fp32'}; "
+          f"{args.device}; mean of {args.iters} iterations after {args.warmup}", flush=True)
     ours = _side("ours", sys.executable, args)
     ref = None
     if not args.ours_only:
